@@ -1,0 +1,195 @@
+"""Settings, read from the environment and ``.env`` when first asked for (never at import time)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from decimal import Decimal
+from functools import lru_cache
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .codes import ResponseCodeTable
+from .exceptions import PaymentConfigurationError
+from .signing import load_public_key
+from .simulator_keys import (
+    SIMULATOR_API_KEY,
+    SIMULATOR_INITIATOR_IDENTIFIER,
+    SIMULATOR_PUBLIC_KEY,
+    SIMULATOR_SECURITY_CREDENTIAL,
+)
+
+Environment = Literal["sandbox", "production", "simulator"]
+
+#: The real gateways. Each operation listens on its own port (see ``client.OPERATIONS``).
+PROVIDER_HOSTS: dict[str, str] = {
+    "sandbox": "api.sandbox.vm.co.mz",
+    "production": "api.vm.co.mz",
+}
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class PaymentSettings(BaseSettings):
+    """Every variable the module reads; `.env.example` documents each one."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    # Provider
+    mpesa_environment: Environment = "sandbox"
+    mpesa_api_key: SecretStr | None = None
+    mpesa_public_key: str | None = None
+    mpesa_service_provider_code: str = "171717"
+    mpesa_initiator_identifier: str | None = None
+    mpesa_security_credential: SecretStr | None = None
+    mpesa_callback_url: str | None = None
+    mpesa_base_url: str | None = None
+    mpesa_origin: str = "developer.mpesa.vm.co.mz"
+    mpesa_response_code_overrides: str | None = None
+
+    # Payments
+    payment_default_currency: Literal["MZN"] = "MZN"
+    payment_min_amount: Decimal = Decimal("1")
+    payment_max_amount: Decimal = Decimal("150000")
+    payment_request_timeout: float = Field(default=30.0, gt=0)
+    payment_c2b_timeout: float = Field(default=120.0, gt=0)
+    payment_connect_timeout: float = Field(default=10.0, gt=0)
+    payment_query_max_attempts: int = Field(default=3, ge=1, le=10)
+    payment_retry_backoff_base: float = Field(default=0.5, ge=0)
+    payment_retry_backoff_max: float = Field(default=5.0, ge=0)
+    payment_max_connections: int = Field(default=1000, ge=1)
+
+    # Logging
+    payment_log_dir: str = "logs"
+    payment_log_format: Literal["text", "json"] = "text"
+    payment_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    @field_validator("mpesa_environment", mode="before")
+    @classmethod
+    def _known_environment(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().lower()
+            if value not in ("sandbox", "production", "simulator"):
+                raise ValueError(
+                    f"MPESA_ENVIRONMENT must be sandbox, production or simulator, not {value!r}"
+                )
+        return value
+
+    @field_validator("mpesa_base_url", "mpesa_api_key", "mpesa_public_key", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> PaymentSettings:
+        if self.mpesa_environment == "simulator":
+            if self.mpesa_api_key is None:
+                self.mpesa_api_key = SecretStr(SIMULATOR_API_KEY)
+            if self.mpesa_public_key is None:
+                self.mpesa_public_key = SIMULATOR_PUBLIC_KEY
+            if self.mpesa_initiator_identifier is None:
+                self.mpesa_initiator_identifier = SIMULATOR_INITIATOR_IDENTIFIER
+            if self.mpesa_security_credential is None:
+                self.mpesa_security_credential = SecretStr(SIMULATOR_SECURITY_CREDENTIAL)
+        if self.mpesa_api_key is None:
+            raise ValueError(
+                f"MPESA_API_KEY is required when MPESA_ENVIRONMENT={self.mpesa_environment}"
+            )
+        if self.mpesa_public_key is None:
+            raise ValueError(
+                f"MPESA_PUBLIC_KEY is required when MPESA_ENVIRONMENT={self.mpesa_environment}"
+            )
+        try:
+            load_public_key(self.mpesa_public_key)
+        except PaymentConfigurationError as exc:
+            raise ValueError(exc.message) from None
+        code = self.mpesa_service_provider_code.strip()
+        if not (code.isdigit() and code.isascii() and 5 <= len(code) <= 6):
+            raise ValueError("MPESA_SERVICE_PROVIDER_CODE must be 5 or 6 digits")
+        self.mpesa_service_provider_code = code
+        if self.payment_min_amount <= 0:
+            raise ValueError("PAYMENT_MIN_AMOUNT must be greater than zero")
+        if self.payment_min_amount > self.payment_max_amount:
+            raise ValueError("PAYMENT_MIN_AMOUNT must not be greater than PAYMENT_MAX_AMOUNT")
+        if self.mpesa_base_url is not None:
+            self.mpesa_base_url = _checked_base_url(self.mpesa_base_url)
+        if not self.mpesa_origin.strip():
+            raise ValueError("MPESA_ORIGIN must not be empty")
+        try:
+            self.response_codes()
+        except (ValueError, json.JSONDecodeError) as exc:
+            raise ValueError(f"MPESA_RESPONSE_CODE_OVERRIDES is invalid: {exc}") from None
+        return self
+
+    def response_codes(self) -> ResponseCodeTable:
+        return ResponseCodeTable.from_json_overrides(self.mpesa_response_code_overrides)
+
+    @property
+    def api_key(self) -> str:
+        assert self.mpesa_api_key is not None  # guaranteed by the validator
+        return self.mpesa_api_key.get_secret_value()
+
+    @property
+    def public_key(self) -> str:
+        assert self.mpesa_public_key is not None
+        return self.mpesa_public_key
+
+    @property
+    def security_credential(self) -> str | None:
+        credential = self.mpesa_security_credential
+        return credential.get_secret_value() if credential is not None else None
+
+    def secret_values(self) -> list[str]:
+        """Values that must never appear in a log line, audit row or error message."""
+        values = [self.api_key]
+        if self.security_credential:
+            values.append(self.security_credential)
+        return [value for value in values if value]
+
+
+def _checked_base_url(raw: str) -> str:
+    url = raw.strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("MPESA_BASE_URL must be an http(s) URL such as https://proxy.example.com")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        raise ValueError(
+            "MPESA_BASE_URL may use plain http:// only for a loopback host (127.0.0.1, localhost);"
+            " use https:// for anything else"
+        )
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("MPESA_BASE_URL must be an origin only (scheme, host and port, no path)")
+    return url
+
+
+def load_settings(**overrides: object) -> PaymentSettings:
+    """Build settings, turning validation errors into one message that names the variable."""
+    try:
+        return PaymentSettings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            location = ".".join(str(part) for part in error["loc"]).upper()
+            message = str(error["msg"]).removeprefix("Value error, ")
+            problems.append(f"{location}: {message}" if location else message)
+        raise PaymentConfigurationError(
+            "invalid payments configuration: " + "; ".join(problems),
+            details={"problems": problems},
+        ) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> PaymentSettings:
+    return load_settings()
