@@ -71,6 +71,10 @@ class PaymentSettings(BaseSettings):
     payment_retry_backoff_max: float = Field(default=5.0, ge=0)
     payment_max_connections: int = Field(default=1000, ge=1)
 
+    # Database (the module's own engine; hosts may pass their own sessions instead)
+    payment_database_url: str = "sqlite:///./payments.db"
+    payment_database_pool_size: int = Field(default=10, ge=1, le=1000)
+
     # Logging
     payment_log_dir: str = "logs"
     payment_log_format: Literal["text", "json"] = "text"

@@ -1,0 +1,125 @@
+"""Database plumbing: URL normalisation, the module's own engine, and running ORM work from async
+code on either a host's synchronous ``Session`` or an ``AsyncSession``.
+
+Persistence functions (``repository.py``) are written once against the synchronous ``Session``
+API. ``run_db`` runs them on an ``AsyncSession`` through ``run_sync`` (no thread), or on a
+synchronous ``Session`` in a worker thread, so blocking database work never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+from collections.abc import AsyncIterator, Callable
+from functools import lru_cache
+from typing import Any, TypeVar
+
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.orm import Session
+
+from .exceptions import PaymentConfigurationError
+
+T = TypeVar("T")
+DbSession = Session | AsyncSession
+
+_ASYNC_DRIVERS = {"aiosqlite", "asyncpg", "psycopg", "psycopg_async"}
+
+
+def normalize_database_url(url: str) -> str:
+    """Turn the URLs people paste into async ones: ``sqlite:///x.db`` → ``sqlite+aiosqlite``,
+    ``postgres://`` / ``postgresql://`` → ``postgresql+asyncpg`` (or ``+psycopg`` when only
+    psycopg is installed). Explicit async drivers are kept as they are."""
+    raw = url.strip()
+    if raw.startswith("postgres://"):
+        raw = "postgresql://" + raw.removeprefix("postgres://")
+    try:
+        parsed = make_url(raw)
+    except Exception as exc:  # sqlalchemy raises ArgumentError with the URL inside
+        raise PaymentConfigurationError(
+            "PAYMENT_DATABASE_URL is not a valid database URL",
+            details={"variable": "PAYMENT_DATABASE_URL"},
+        ) from exc
+    backend, _, driver = parsed.drivername.partition("+")
+    if driver in _ASYNC_DRIVERS:
+        return parsed.render_as_string(hide_password=False)
+    if backend == "sqlite":
+        drivername = "sqlite+aiosqlite"
+    elif backend == "postgresql":
+        if importlib.util.find_spec("asyncpg") is not None:
+            drivername = "postgresql+asyncpg"
+        elif importlib.util.find_spec("psycopg") is not None:
+            drivername = "postgresql+psycopg"
+        else:
+            raise PaymentConfigurationError(
+                "PAYMENT_DATABASE_URL points at PostgreSQL but neither asyncpg nor psycopg is"
+                " installed (pip install asyncpg)",
+                details={"variable": "PAYMENT_DATABASE_URL"},
+            )
+    else:
+        raise PaymentConfigurationError(
+            f"PAYMENT_DATABASE_URL: unsupported database {backend!r} (use sqlite or postgresql)",
+            details={"variable": "PAYMENT_DATABASE_URL"},
+        )
+    return parsed.set(drivername=drivername).render_as_string(hide_password=False)
+
+
+def create_engine_for(url: str, *, pool_size: int = 10, echo: bool = False) -> AsyncEngine:
+    """An async engine for ``url``; SQLite gets WAL and a busy timeout so writers wait."""
+    async_url = normalize_database_url(url)
+    if async_url.startswith("sqlite"):
+        engine = create_async_engine(
+            async_url, echo=echo, connect_args={"timeout": 30}, pool_size=pool_size
+        )
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return create_async_engine(
+        async_url, echo=echo, pool_size=pool_size, max_overflow=0, pool_pre_ping=True
+    )
+
+
+@lru_cache(maxsize=1)
+def get_engine() -> AsyncEngine:
+    """The module's own engine from ``PAYMENT_DATABASE_URL`` (hosts may bring their own)."""
+    from .config import get_settings
+
+    settings = get_settings()
+    return create_engine_for(
+        settings.payment_database_url, pool_size=settings.payment_database_pool_size
+    )
+
+
+@lru_cache(maxsize=1)
+def get_sessionmaker() -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(get_engine(), expire_on_commit=False)
+
+
+async def get_db() -> AsyncIterator[AsyncSession]:
+    """FastAPI dependency: one ``AsyncSession`` per request from the module's own engine.
+
+    Hosts replace it with ``app.dependency_overrides[get_db] = host_get_db`` (sync or async)."""
+    async with get_sessionmaker()() as session:
+        yield session
+
+
+async def run_db(db: DbSession, work: Callable[[Session], T]) -> T:
+    """Run synchronous ORM ``work`` on either kind of session without blocking the loop."""
+    if isinstance(db, AsyncSession):
+        return await db.run_sync(work)
+    if isinstance(db, Session):
+        return await asyncio.to_thread(work, db)
+    raise TypeError(f"db must be a SQLAlchemy Session or AsyncSession, not {type(db).__name__}")
