@@ -129,6 +129,8 @@ class PaymentTransaction(Base):
     attention_required: Mapped[bool] = mapped_column(Boolean, default=False)
     reconcile_attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_reconcile_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: Optimistic lock: every update checks it, so two writers never both apply a transition.
+    version: Mapped[int] = mapped_column(Integer, default=1)
 
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(
@@ -139,6 +141,8 @@ class PaymentTransaction(Base):
     original: Mapped[PaymentTransaction | None] = relationship(
         remote_side=[id], lazy="raise", foreign_keys=[original_id]
     )
+
+    __mapper_args__ = {"version_id_col": version}
 
     __table_args__ = (
         CheckConstraint(f"status IN ({_in(PaymentStatus)})", name="status"),

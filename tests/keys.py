@@ -8,7 +8,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 
 @lru_cache(maxsize=1)
-def test_key_pair() -> tuple[rsa.RSAPrivateKey, str, str]:
+def rsa_key_pair() -> tuple[rsa.RSAPrivateKey, str, str]:
     """(private key, public key as the portal's one-line base64 DER, public key as PEM)."""
     private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     public = private_key.public_key()

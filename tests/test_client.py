@@ -27,7 +27,7 @@ from payments.exceptions import (
 from payments.signing import decrypt_bearer_token
 from payments.values import Msisdn
 
-from .keys import test_key_pair
+from .keys import rsa_key_pair
 
 SANDBOX = "https://api.sandbox.vm.co.mz"
 OK_BODY = {
@@ -40,7 +40,7 @@ OK_BODY = {
 
 
 def make_client(**overrides: object) -> tuple[MpesaClient, list[float]]:
-    _, der_b64, _ = test_key_pair()
+    _, der_b64, _ = rsa_key_pair()
     sleeps: list[float] = []
 
     async def record_sleep(seconds: float) -> None:
@@ -63,7 +63,7 @@ def make_client(**overrides: object) -> tuple[MpesaClient, list[float]]:
 
 
 def assert_common_headers(request: httpx.Request) -> None:
-    private_key, _, _ = test_key_pair()
+    private_key, _, _ = rsa_key_pair()
     assert request.headers["Content-Type"] == "application/json"
     assert request.headers["Origin"] == "developer.mpesa.vm.co.mz"
     token = request.headers["Authorization"].removeprefix("Bearer ")

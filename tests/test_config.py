@@ -6,7 +6,7 @@ from payments.config import get_settings, load_settings
 from payments.exceptions import PaymentConfigurationError
 from payments.simulator_keys import SIMULATOR_API_KEY
 
-from .keys import test_key_pair
+from .keys import rsa_key_pair
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +32,7 @@ def test_simulator_environment_needs_no_credentials() -> None:
 
 
 def test_reads_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
-    _, der_b64, _ = test_key_pair()
+    _, der_b64, _ = rsa_key_pair()
     monkeypatch.setenv("MPESA_ENVIRONMENT", "production")
     monkeypatch.setenv("MPESA_API_KEY", "abc123")
     monkeypatch.setenv("MPESA_PUBLIC_KEY", der_b64)

@@ -1,0 +1,80 @@
+"""M-Pesa Mozambique (Vodacom) payments for FastAPI + SQLAlchemy.
+
+Copy this folder into your app (``app/payments/``) or install it as a package; see README.md.
+"""
+
+from .client import ClientConfig, MpesaClient
+from .config import PaymentSettings, get_settings
+from .exceptions import (
+    DuplicateTransactionError,
+    IdempotencyConflictError,
+    InsufficientFundsError,
+    InvalidPaymentRequestError,
+    InvalidStateTransitionError,
+    PaymentCancelledError,
+    PaymentConfigurationError,
+    PaymentError,
+    PaymentInitiationError,
+    PaymentNotFoundError,
+    PaymentOutcomeUnknownError,
+    PaymentProviderError,
+    PaymentStorageError,
+    PaymentValidationError,
+    ProviderUnavailableError,
+)
+from .logger import payment_logger
+from .models import (
+    Base,
+    PaymentAuditLog,
+    PaymentOperation,
+    PaymentStatus,
+    PaymentTransaction,
+    PaymentWebhookLog,
+)
+from .repository import PaymentRecord
+from .schemas import (
+    PaymentInitiateRequest,
+    PaymentResponse,
+    PayoutRequest,
+    ReversalRequest,
+    TransferRequest,
+)
+from .service import PaymentService
+from .values import Msisdn
+
+__all__ = [
+    "Base",
+    "ClientConfig",
+    "DuplicateTransactionError",
+    "IdempotencyConflictError",
+    "InsufficientFundsError",
+    "InvalidPaymentRequestError",
+    "InvalidStateTransitionError",
+    "MpesaClient",
+    "Msisdn",
+    "PaymentAuditLog",
+    "PaymentCancelledError",
+    "PaymentConfigurationError",
+    "PaymentError",
+    "PaymentInitiateRequest",
+    "PaymentInitiationError",
+    "PaymentNotFoundError",
+    "PaymentOperation",
+    "PaymentOutcomeUnknownError",
+    "PaymentProviderError",
+    "PaymentRecord",
+    "PaymentResponse",
+    "PaymentService",
+    "PaymentSettings",
+    "PaymentStatus",
+    "PaymentStorageError",
+    "PaymentTransaction",
+    "PaymentValidationError",
+    "PaymentWebhookLog",
+    "PayoutRequest",
+    "ProviderUnavailableError",
+    "ReversalRequest",
+    "TransferRequest",
+    "get_settings",
+    "payment_logger",
+]

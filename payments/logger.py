@@ -1,0 +1,585 @@
+"""Payment logging: one logger, daily files, and masking that no call site can bypass.
+
+``payment_logger.info("Payment initiated", transaction_id="TXN-1", phone=msisdn)`` writes::
+
+    2025-01-15 12:34:56 - PAYMENT - INFO - Payment initiated | transaction_id=TXN-1 | phone=…
+
+with the phone as ``2588412*****``, to the console and to ``PAYMENT_LOG_DIR/payment_<date>.log``
+(``payment_2025-01-15.log``), or one JSON object per line when ``PAYMENT_LOG_FORMAT=json``.
+
+Every line the module's handlers write passes through :func:`sanitize_text` *after* it is
+formatted, so a full phone number, a bearer token, an API key or a ``password=...`` pair is masked
+even inside an exception traceback or a hand-built message. :func:`sanitize` applies the same rules
+to structured data (the audit trail's request/response JSON).
+
+The logger configures itself from the settings on first use; :func:`configure_logging` does it
+explicitly (and may be called again: it replaces its own handlers, never duplicates them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from datetime import date, datetime, time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import quote
+
+from .exceptions import PaymentConfigurationError
+from .values import Msisdn, mask_msisdn
+
+__all__ = [
+    "DailyFileHandler",
+    "JsonLinesFormatter",
+    "PaymentLogger",
+    "SanitizingFormatter",
+    "configure_logging",
+    "payment_logger",
+    "register_secret",
+    "sanitize",
+    "sanitize_text",
+    "shutdown_logging",
+]
+
+MASK = "***"
+TEXT_FORMAT = "%(asctime)s - PAYMENT - %(levelname)s - %(message)s"
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DEFAULT_LOG_DIR = "logs"
+DEFAULT_LOG_FORMAT = "text"
+DEFAULT_LOG_LEVEL = "INFO"
+FILE_PREFIX = "payment_"
+MIN_SECRET_LENGTH = 4
+
+#: Set on every handler this module installs, so reconfiguring removes exactly those.
+_OWNED = "_payments_owned_handler"
+
+# --------------------------------------------------------------------------------------------------
+# Sanitising
+# --------------------------------------------------------------------------------------------------
+
+#: A Mozambican mobile number: 2588XXXXXXXX with an optional + or 00, or a bare 8[2-7]XXXXXXX,
+#: never a piece of a longer run of digits.
+_MSISDN = re.compile(
+    r"(?<![0-9])(?:(?:\+|00)?258(?P<full>8[0-9]{8})|(?P<local>8[2-7][0-9]{7}))(?![0-9])"
+)
+_BEARER = re.compile(r"\b(?P<scheme>bearer)\s+[A-Za-z0-9\-._~+/]+=*", re.IGNORECASE)
+#: Words that make a key secret: api_key, apikey, x-api-key, password, passwd, secret, token,
+#: x-callback-token, authorization, security_credential, input_SecurityCredential, ...
+_SECRET_KEY_WORD = re.compile(
+    r"api[_-]?key|passw(?:or)?d|secret|token|authori[sz]ation|credential", re.IGNORECASE
+)
+#: ``key=``, ``key:``, ``"key":``, ``'key':``, ``\"key\":``. The key is a whole word (possessive, so
+#: a failed match never backtracks into it), which keeps the scan linear.
+_KEY_SEPARATOR = re.compile(r"""(?<![\w-])(?P<key>[\w-]++)(?:\\?["'])?\s*+[=:]\s*+""")
+#: The value after a secret key; the named group is the part replaced by ``***``.
+_SECRET_VALUE = re.compile(
+    r'"(?P<dq>(?:[^"\\\n]|\\.)*+)"'
+    r"|'(?P<sq>(?:[^'\\\n]|\\.)*+)'"
+    r'|\\"(?P<eq>(?:[^"\\\n]|\\[^"\n])*+)\\"'
+    r"""|\\?["']?(?P<bare>(?:(?:bearer|basic|digest|token)\s++)?[^\s,;&|"'\\<>(){}\[\]]++)""",
+    re.IGNORECASE,
+)
+_VALUE_GROUPS = ("dq", "sq", "eq", "bare")
+_UNMASKED_VALUES = frozenset({"", "null", "None", MASK})
+
+
+class _SecretRegistry:
+    """Literal secret values, matched by one compiled alternation (longest first)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: set[str] = set()
+        self._pattern: re.Pattern[str] | None = None
+
+    def add(self, value: str) -> None:
+        if not isinstance(value, str):
+            return
+        value = value.strip()
+        if len(value) < MIN_SECRET_LENGTH:
+            return
+        # The forms a secret takes when it is URL-encoded or embedded in a JSON string.
+        variants = {value, quote(value, safe=""), json.dumps(value)[1:-1]}
+        with self._lock:
+            if variants <= self._values:
+                return
+            self._values |= variants
+            ordered = sorted(self._values, key=len, reverse=True)
+            self._pattern = re.compile("|".join(re.escape(item) for item in ordered))
+
+    def redact(self, text: str) -> str:
+        pattern = self._pattern  # one read: a concurrent add() swaps in a new pattern whole
+        return pattern.sub(MASK, text) if pattern is not None else text
+
+
+_secrets = _SecretRegistry()
+
+
+def register_secret(value: str) -> None:
+    """Redact ``value`` wherever it appears from now on (values under 4 characters are ignored)."""
+    _secrets.add(value)
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a field or header name looks secret (``api_key``, ``Authorization``, …)."""
+    return _SECRET_KEY_WORD.search(key) is not None
+
+
+def _masked_msisdn(match: re.Match[str]) -> str:
+    return mask_msisdn("258" + (match.group("full") or match.group("local")))
+
+
+def _bearer(match: re.Match[str]) -> str:
+    return f"{match.group('scheme')} {MASK}"
+
+
+def _mask_secret_pairs(text: str) -> str:
+    parts: list[str] = []
+    copied = 0
+    position = 0
+    while (pair := _KEY_SEPARATOR.search(text, position)) is not None:
+        position = pair.end()
+        if not is_secret_key(pair.group("key")):
+            continue
+        value = _SECRET_VALUE.match(text, position)
+        if value is None:
+            continue
+        group = next(name for name in _VALUE_GROUPS if value.group(name) is not None)
+        if value.group(group) not in _UNMASKED_VALUES:
+            parts.append(text[copied : value.start(group)])
+            parts.append(MASK)
+            copied = value.end(group)
+        position = max(value.end(), position + 1)
+    if not parts:
+        return text
+    parts.append(text[copied:])
+    return "".join(parts)
+
+
+def sanitize_text(text: str) -> str:
+    """Mask phone numbers, bearer tokens, registered secrets and ``secret_key=value`` pairs.
+
+    The order matters: literal secrets first (before phone masking could alter the digits in one),
+    then bearer tokens and secret key/value pairs, then phone numbers. Each step is one linear scan.
+    """
+    if not text:
+        return text
+    text = _secrets.redact(text)
+    text = _BEARER.sub(_bearer, text)
+    if _SECRET_KEY_WORD.search(text) is not None:
+        text = _mask_secret_pairs(text)
+    return _MSISDN.sub(_masked_msisdn, text)
+
+
+def sanitize(value: Any) -> Any:
+    """A log- and audit-safe copy of ``value``; the input is never modified.
+
+    Dicts, lists, tuples and sets are rebuilt recursively; a dict entry whose key looks secret
+    gets ``"***"`` (``None`` stays ``None``). Strings go through :func:`sanitize_text`, ``Msisdn``
+    becomes its masked form, ``Decimal`` a string, dates and times ISO 8601 strings, an ``int``
+    that is a phone number its masked string. Other values are returned unchanged.
+    """
+    if isinstance(value, str):
+        clean = sanitize_text(value)
+        return value if clean == value else clean
+    if value is None or isinstance(value, bool | float):
+        return value
+    if isinstance(value, Msisdn):
+        return value.masked
+    if isinstance(value, int):
+        digits = str(value)
+        return _masked_msisdn(match) if (match := _MSISDN.fullmatch(digits)) else value
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime | date | time):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        return {
+            sanitize(key): (
+                MASK
+                if isinstance(key, str) and is_secret_key(key) and item is not None
+                else sanitize(item)
+            )
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [sanitize(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(sanitize(item) for item in value)
+    if isinstance(value, set | frozenset):
+        return type(value)(sanitize(item) for item in value)
+    if isinstance(value, bytes | bytearray):
+        return sanitize_text(bytes(value).decode("utf-8", errors="replace"))
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Formatters and handlers
+# --------------------------------------------------------------------------------------------------
+
+
+class SanitizingFormatter(logging.Formatter):
+    """The text line format; sanitises the whole formatted record, traceback included."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT, DATE_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return sanitize_text(super().format(record))
+
+
+_JSON_RESERVED = frozenset({"timestamp", "level", "logger", "message", "exception", "stack"})
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, set | frozenset):
+        return list(value)
+    return sanitize_text(str(value))
+
+
+class JsonLinesFormatter(logging.Formatter):
+    """One JSON object per line: timestamp, level, logger, message, the fields, any exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = getattr(record, "payment_message", None)
+        payload: dict[str, Any] = {
+            "timestamp": datetime.fromtimestamp(record.created)
+            .astimezone()
+            .isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": message if isinstance(message, str) else record.getMessage(),
+        }
+        fields = getattr(record, "payment_fields", None)
+        if isinstance(fields, Mapping):
+            for key, value in fields.items():
+                name = str(key)
+                payload[f"field_{name}" if name in _JSON_RESERVED else name] = value
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            payload["exception"] = record.exc_text
+        if record.stack_info:
+            payload["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(sanitize(payload), ensure_ascii=False, default=_json_default)
+
+
+class DailyFileHandler(logging.Handler):
+    """Appends to ``<directory>/payment_<YYYY-MM-DD>.log``, switching files when the date changes.
+
+    The directory is created when the first record is written. ``clock`` (local ``datetime.now`` by
+    default) decides the date; tests inject their own.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        prefix: str = FILE_PREFIX,
+        clock: Callable[[], datetime] | None = None,
+        encoding: str = "utf-8",
+    ) -> None:
+        super().__init__()
+        self.directory = Path(directory)
+        self.prefix = prefix
+        self.encoding = encoding
+        self._clock: Callable[[], datetime] = clock or datetime.now
+        self._stream: TextIO | None = None
+        self._stream_date: date | None = None
+
+    def path_for(self, day: date) -> Path:
+        return self.directory / f"{self.prefix}{day.isoformat()}.log"
+
+    @property
+    def current_path(self) -> Path:
+        return self.path_for(self._clock().date())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+            stream = self._stream_for(self._clock().date())
+            stream.write(line + "\n")
+            stream.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+    def _stream_for(self, day: date) -> TextIO:
+        if self._stream is None or day != self._stream_date:
+            self._close_stream()
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._stream = self.path_for(day).open("a", encoding=self.encoding)
+            self._stream_date = day
+        return self._stream
+
+    def _close_stream(self) -> None:
+        stream, self._stream, self._stream_date = self._stream, None, None
+        if stream is not None:
+            stream.close()
+
+    def close(self) -> None:
+        self.acquire()
+        try:
+            self._close_stream()
+        finally:
+            self.release()
+        super().close()
+
+
+class _ConsoleHandler(logging.StreamHandler[TextIO]):
+    """Writes to whatever ``sys.stderr`` is at the time (test runners and servers swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+class _BootstrapHandler(logging.Handler):
+    """Sits on the logger until it is configured, so a record logged straight through
+    ``logging.getLogger("payments.…")`` configures the module and is written sanitised."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _ensure_configured()
+        if record.levelno < _logger.getEffectiveLevel():
+            return
+        for handler in list(_logger.handlers):
+            if not isinstance(handler, _BootstrapHandler) and record.levelno >= handler.level:
+                handler.handle(record)
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+
+_logger = logging.getLogger(__package__ or "payments")
+
+
+class _State:
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.configured = False
+        self.configuring = False
+
+
+_state = _State()
+
+
+def _owned(handler: logging.Handler) -> logging.Handler:
+    setattr(handler, _OWNED, True)
+    return handler
+
+
+def _install(handlers: list[logging.Handler]) -> None:
+    """Swap the module's handlers in one assignment, so no record meets an empty logger."""
+    old = [handler for handler in _logger.handlers if getattr(handler, _OWNED, False)]
+    _logger.handlers = [h for h in _logger.handlers if h not in old] + handlers
+    for handler in old:
+        handler.close()
+
+
+def _from_settings() -> tuple[str, str, str, list[str]]:
+    """(log dir, format, level, secrets) from the settings, or the defaults if they are invalid."""
+    from .config import get_settings
+
+    try:
+        settings = get_settings()
+    except PaymentConfigurationError:
+        return DEFAULT_LOG_DIR, DEFAULT_LOG_FORMAT, DEFAULT_LOG_LEVEL, []
+    return (
+        settings.payment_log_dir,
+        settings.payment_log_format,
+        settings.payment_log_level,
+        settings.secret_values(),
+    )
+
+
+def configure_logging(
+    *,
+    log_dir: str | None = None,
+    log_format: str | None = None,
+    level: str | None = None,
+    console: bool = True,
+    secrets: Iterable[str] = (),
+    clock: Callable[[], datetime] | None = None,
+) -> None:
+    """Install the module's handlers (daily file, and console unless ``console=False``).
+
+    Arguments left as ``None`` come from the settings (``PAYMENT_LOG_DIR``, ``PAYMENT_LOG_FORMAT``,
+    ``PAYMENT_LOG_LEVEL``), or the defaults (``logs``, ``text``, ``INFO``) when the settings are
+    invalid. The settings' secrets and ``secrets`` are registered for redaction. Calling it again
+    replaces the handlers it installed before.
+    """
+    with _state.lock:
+        _state.configuring = True
+        try:
+            settings_dir, settings_format, settings_level, settings_secrets = _from_settings()
+            chosen_format = (log_format or settings_format).strip().lower()
+            if chosen_format not in LOG_FORMATS:
+                raise ValueError(f"log_format must be one of {LOG_FORMATS}, not {log_format!r}")
+            chosen_level = (level or settings_level).strip().upper()
+            if chosen_level not in LOG_LEVELS:
+                raise ValueError(f"level must be one of {LOG_LEVELS}, not {level!r}")
+            for secret in [*settings_secrets, *secrets]:
+                register_secret(secret)
+
+            formatter: logging.Formatter = (
+                JsonLinesFormatter() if chosen_format == "json" else SanitizingFormatter()
+            )
+            handlers: list[logging.Handler] = [
+                DailyFileHandler(log_dir or settings_dir, clock=clock)
+            ]
+            if console:
+                handlers.append(_ConsoleHandler())
+            for handler in handlers:
+                handler.setFormatter(formatter)
+                _owned(handler)
+            _install(handlers)
+            _logger.setLevel(chosen_level)
+            _logger.propagate = False
+            _logger.disabled = False  # dictConfig(disable_existing_loggers=True) must not mute us
+            _state.configured = True
+        finally:
+            _state.configuring = False
+
+
+def shutdown_logging() -> None:
+    """Close and remove the module's handlers; the next record configures logging again."""
+    with _state.lock:
+        _install([_owned(_BootstrapHandler())])
+        _logger.setLevel(logging.DEBUG)
+        _state.configured = False
+
+
+def _ensure_configured() -> None:
+    if _state.configured:
+        return
+    with _state.lock:
+        if not _state.configured and not _state.configuring:
+            configure_logging()
+
+
+# Until configured, records from ``payments.*`` loggers reach only the bootstrap handler, never the
+# root logger's unsanitising handlers.
+# The level lets every record reach it; once configured, the configured level applies.
+_logger.propagate = False
+if not any(getattr(handler, _OWNED, False) for handler in _logger.handlers):
+    _logger.addHandler(_owned(_BootstrapHandler()))
+    if _logger.level == logging.NOTSET:
+        _logger.setLevel(logging.DEBUG)
+
+
+# --------------------------------------------------------------------------------------------------
+# The logger
+# --------------------------------------------------------------------------------------------------
+
+
+def _render(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict | list | tuple):
+        try:
+            return json.dumps(value, ensure_ascii=False, default=str)
+        except (TypeError, ValueError):
+            return str(value)
+    return str(value)
+
+
+def _clean_field(key: str, value: object) -> Any:
+    if is_secret_key(key):
+        return MASK
+    try:
+        return sanitize(value)
+    except Exception:  # a log call must never raise
+        return "<unprintable>"
+
+
+class PaymentLogger:
+    """``payment_logger.info("Payment completed", transaction_id=..., phone=...)``.
+
+    Fields are appended as `` | key=value`` (``None`` values are skipped), sanitised, and attached
+    to the record as ``payment_fields`` for the JSON format. ``exc_info=`` is passed to logging.
+    The leading arguments are positional-only, so any name (``message=``, ``url=``) can be a field.
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+
+    @property
+    def logger(self) -> logging.Logger:
+        return self._logger
+
+    def debug(self, message: str, /, **fields: object) -> None:
+        self._log(logging.DEBUG, message, fields)
+
+    def info(self, message: str, /, **fields: object) -> None:
+        self._log(logging.INFO, message, fields)
+
+    def warning(self, message: str, /, **fields: object) -> None:
+        self._log(logging.WARNING, message, fields)
+
+    def error(self, message: str, /, **fields: object) -> None:
+        self._log(logging.ERROR, message, fields)
+
+    def critical(self, message: str, /, **fields: object) -> None:
+        self._log(logging.CRITICAL, message, fields)
+
+    def exception(self, message: str, /, **fields: object) -> None:
+        """Log at ERROR with the traceback of the exception being handled."""
+        fields.setdefault("exc_info", True)
+        self._log(logging.ERROR, message, fields)
+
+    def api_request(self, method: str, url: str, /, **fields: object) -> None:
+        """``API Request: POST https://…``"""
+        verb = method.upper()
+        self._log(logging.INFO, f"API Request: {verb} {url}", fields, {"method": verb, "url": url})
+
+    def api_response(self, status: int | str, duration_ms: float, /, **fields: object) -> None:
+        """``API Response: 201 (1234ms)``"""
+        try:
+            elapsed: int | float = round(duration_ms)
+        except (TypeError, ValueError, OverflowError):
+            elapsed = duration_ms
+        self._log(
+            logging.INFO,
+            f"API Response: {status} ({elapsed}ms)",
+            fields,
+            {"status": status, "duration_ms": elapsed},
+        )
+
+    def _log(
+        self,
+        level: int,
+        message: str,
+        fields: dict[str, object],
+        structured: dict[str, object] | None = None,
+    ) -> None:
+        _ensure_configured()
+        if not self._logger.isEnabledFor(level):
+            return
+        exc_info = fields.pop("exc_info", None)
+        clean = {
+            key: _clean_field(key, value) for key, value in fields.items() if value is not None
+        }
+        text = sanitize_text(str(message))
+        line = text + "".join(f" | {key}={_render(value)}" for key, value in clean.items())
+        extra_fields = {key: _clean_field(key, value) for key, value in (structured or {}).items()}
+        self._logger.log(
+            level,
+            line,
+            exc_info=exc_info,  # type: ignore[arg-type]
+            stacklevel=3,  # the caller of info()/api_request()/..., not this module
+            extra={"payment_fields": {**extra_fields, **clean}, "payment_message": text},
+        )
+
+
+payment_logger = PaymentLogger(_logger)

@@ -1,0 +1,241 @@
+"""Persistence functions: the only place that builds queries. No business rules, no commits.
+
+Functions take a synchronous ``Session``; ``database.run_db`` runs them for async callers.
+They return ``PaymentRecord`` snapshots (plain values) so nothing lazy-loads after a commit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Select, func, select
+from sqlalchemy.orm import Session, aliased
+
+from .models import AuditAction, PaymentAuditLog, PaymentStatus, PaymentTransaction
+from .schemas import PaymentFilters
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentRecord:
+    """A payment's values at one moment. What hooks receive and responses are built from."""
+
+    id: int
+    transaction_id: str
+    operation: str
+    status: str
+    amount: Decimal
+    reversed_amount: Decimal
+    currency: str
+    phone_number: str | None
+    receiver_party_code: str | None
+    conversation_id: str | None
+    provider_transaction_id: str | None
+    third_party_reference: str
+    transaction_reference: str | None
+    account_reference: str | None
+    description: str | None
+    entity_type: str | None
+    entity_id: str | None
+    customer_name: str | None
+    customer_email: str | None
+    user_id: str | None
+    idempotency_key: str | None
+    request_fingerprint: str | None
+    response_code: str | None
+    response_description: str | None
+    status_description: str | None
+    original_id: int | None
+    metadata: dict[str, Any] | None
+    attention_required: bool
+    reconcile_attempts: int
+    created_at: datetime
+    updated_at: datetime | None
+    completed_at: datetime | None
+    original_transaction_id: str | None = None
+
+    @classmethod
+    def of(
+        cls, row: PaymentTransaction, original_transaction_id: str | None = None
+    ) -> PaymentRecord:
+        values = {
+            f.name: getattr(row, f.name)
+            for f in fields(cls)
+            if f.name not in ("metadata", "original_transaction_id")
+        }
+        for key in ("created_at", "updated_at", "completed_at"):
+            values[key] = as_utc(values[key])
+        return cls(
+            **values, metadata=row.metadata_, original_transaction_id=original_transaction_id
+        )
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes for timezone-aware columns; they were stored in UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def get(
+    session: Session, transaction_id: str, *, for_update: bool = False
+) -> PaymentTransaction | None:
+    query = select(PaymentTransaction).where(PaymentTransaction.transaction_id == transaction_id)
+    if for_update:
+        query = query.with_for_update()
+    return session.scalars(query).one_or_none()
+
+
+def get_by_id(session: Session, id_: int, *, for_update: bool = False) -> PaymentTransaction:
+    query = select(PaymentTransaction).where(PaymentTransaction.id == id_)
+    if for_update:
+        query = query.with_for_update()
+    # populate_existing: a row read earlier in this session must not hide a concurrent change.
+    return session.scalars(query.execution_options(populate_existing=True)).one()
+
+
+def get_by_idempotency_key(session: Session, key: str) -> PaymentTransaction | None:
+    return session.scalars(
+        select(PaymentTransaction).where(PaymentTransaction.idempotency_key == key)
+    ).one_or_none()
+
+
+def transaction_id_of(session: Session, id_: int | None) -> str | None:
+    if id_ is None:
+        return None
+    return session.scalar(
+        select(PaymentTransaction.transaction_id).where(PaymentTransaction.id == id_)
+    )
+
+
+def record_of(session: Session, row: PaymentTransaction) -> PaymentRecord:
+    return PaymentRecord.of(row, transaction_id_of(session, row.original_id))
+
+
+def add(session: Session, row: PaymentTransaction) -> PaymentTransaction:
+    session.add(row)
+    session.flush()
+    return row
+
+
+def add_audit(
+    session: Session,
+    transaction_pk: int,
+    action: AuditAction,
+    *,
+    status_before: str | None = None,
+    status_after: str | None = None,
+    request_body: Any = None,
+    response_body: Any = None,
+    http_status: int | None = None,
+    error_message: str | None = None,
+    response_time_ms: float | None = None,
+    actor: str | None = None,
+    client_ip: str | None = None,
+) -> None:
+    session.add(
+        PaymentAuditLog(
+            transaction_id=transaction_pk,
+            action=action.value,
+            status_before=status_before,
+            status_after=status_after,
+            request_body=request_body,
+            response_body=response_body,
+            http_status=http_status,
+            error_message=error_message,
+            response_time_ms=round(response_time_ms) if response_time_ms is not None else None,
+            actor=actor,
+            client_ip=client_ip,
+        )
+    )
+
+
+def reversals_in_flight_amount(session: Session, original_pk: int) -> Decimal:
+    """Amount of reversals of this payment that were sent but are not settled yet."""
+    total = session.scalar(
+        select(func.coalesce(func.sum(PaymentTransaction.amount), 0)).where(
+            PaymentTransaction.original_id == original_pk,
+            PaymentTransaction.status.in_(
+                [PaymentStatus.PENDING, PaymentStatus.PROCESSING, PaymentStatus.UNKNOWN]
+            ),
+        )
+    )
+    return Decimal(total or 0)
+
+
+def _day_start(day: date) -> datetime:
+    return datetime.combine(day, time.min, tzinfo=UTC)
+
+
+def _filtered(query: Select[Any], filters: PaymentFilters) -> Select[Any]:
+    table = PaymentTransaction
+    if filters.status:
+        query = query.where(table.status == filters.status)
+    if filters.operation:
+        query = query.where(table.operation == filters.operation)
+    if filters.phone_number is not None:
+        query = query.where(table.phone_number == filters.phone_number.digits)
+    if filters.entity_type:
+        query = query.where(table.entity_type == filters.entity_type)
+    if filters.entity_id:
+        query = query.where(table.entity_id == filters.entity_id)
+    if filters.user_id:
+        query = query.where(table.user_id == filters.user_id)
+    if filters.attention_required is not None:
+        query = query.where(table.attention_required.is_(filters.attention_required))
+    if filters.from_date:
+        query = query.where(table.created_at >= _day_start(filters.from_date))
+    if filters.to_date:
+        query = query.where(table.created_at < _day_start(filters.to_date) + timedelta(days=1))
+    return query
+
+
+def list_page(
+    session: Session, filters: PaymentFilters, *, page: int, per_page: int
+) -> tuple[list[PaymentRecord], int, int]:
+    """One page, newest first: (records, total, pages)."""
+    total = session.scalar(_filtered(select(func.count(PaymentTransaction.id)), filters)) or 0
+    original = aliased(PaymentTransaction)
+    rows = session.execute(
+        _filtered(select(PaymentTransaction, original.transaction_id), filters)
+        .outerjoin(original, PaymentTransaction.original_id == original.id)
+        .order_by(PaymentTransaction.created_at.desc(), PaymentTransaction.id.desc())
+        .offset((page - 1) * per_page)
+        .limit(per_page)
+    ).all()
+    records = [PaymentRecord.of(row, original_id) for row, original_id in rows]
+    return records, total, max(1, math.ceil(total / per_page))
+
+
+def summary_rows(
+    session: Session, filters: PaymentFilters
+) -> list[tuple[str, str, int, Decimal, int]]:
+    """(status, operation, count, amount, attention count) per status and operation."""
+    table = PaymentTransaction
+    query = _filtered(
+        select(
+            table.status,
+            table.operation,
+            func.count(table.id),
+            func.coalesce(func.sum(table.amount), 0),
+            func.coalesce(func.sum(func.cast(table.attention_required, type_=table.id.type)), 0),
+        ),
+        filters,
+    ).group_by(table.status, table.operation)
+    return [
+        (status, operation, int(count), Decimal(amount), int(attention))
+        for status, operation, count, amount, attention in session.execute(query).all()
+    ]
+
+
+def audit_trail(session: Session, transaction_pk: int) -> list[PaymentAuditLog]:
+    return list(
+        session.scalars(
+            select(PaymentAuditLog)
+            .where(PaymentAuditLog.transaction_id == transaction_pk)
+            .order_by(PaymentAuditLog.id)
+        )
+    )

@@ -1,0 +1,185 @@
+"""Request and response shapes of the module's Python and HTTP API (JSON names as in the original
+README). Provider wire fields (``input_*``/``output_*``) never appear here."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
+
+from .exceptions import PaymentValidationError
+from .values import Msisdn, parse_amount
+
+
+def _amount(value: Any) -> Decimal:
+    try:
+        return parse_amount(value)
+    except PaymentValidationError as exc:
+        raise ValueError(exc.message) from None
+
+
+#: Exact cents in, a JSON number out (as the original README's examples show).
+Amount = Annotated[
+    Decimal,
+    BeforeValidator(_amount),
+    PlainSerializer(lambda value: float(value), return_type=float, when_used="json"),
+]
+Money = Annotated[
+    Decimal, PlainSerializer(lambda value: float(value), return_type=float, when_used="json")
+]
+ShortText = Annotated[str, Field(min_length=1, max_length=100)]
+Email = Annotated[str, Field(max_length=255, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")]
+IdempotencyKey = Annotated[str, Field(min_length=1, max_length=255)]
+
+
+class _Request(BaseModel):
+    # Unknown fields are refused: a misspelt "ammount" must not turn into a silent default.
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class PaymentInitiateRequest(_Request):
+    """C2B single stage: the customer pays the business after a PIN prompt on the handset."""
+
+    phone_number: Msisdn
+    amount: Amount
+    account_reference: ShortText | None = None
+    description: Annotated[str, Field(max_length=255)] | None = None
+    entity_type: Annotated[str, Field(max_length=50)] | None = None
+    entity_id: Annotated[str, Field(max_length=50)] | None = None
+    customer_name: Annotated[str, Field(max_length=255)] | None = None
+    customer_email: Email | None = None
+    idempotency_key: IdempotencyKey | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class PayoutRequest(_Request):
+    """B2C: the business pays a customer's wallet."""
+
+    phone_number: Msisdn
+    amount: Amount
+    account_reference: ShortText | None = None
+    description: Annotated[str, Field(max_length=255)] | None = None
+    entity_type: Annotated[str, Field(max_length=50)] | None = None
+    entity_id: Annotated[str, Field(max_length=50)] | None = None
+    customer_name: Annotated[str, Field(max_length=255)] | None = None
+    idempotency_key: IdempotencyKey | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class TransferRequest(_Request):
+    """B2B: the business pays another business's shortcode."""
+
+    receiver_party_code: Annotated[str, Field(pattern=r"^\d{5,6}$")]
+    amount: Amount
+    account_reference: ShortText | None = None
+    description: Annotated[str, Field(max_length=255)] | None = None
+    entity_type: Annotated[str, Field(max_length=50)] | None = None
+    entity_id: Annotated[str, Field(max_length=50)] | None = None
+    idempotency_key: IdempotencyKey | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class ReversalRequest(_Request):
+    """Reverse a completed payment; without ``amount``, everything not yet reversed."""
+
+    amount: Amount | None = None
+    reason: Annotated[str, Field(max_length=255)] | None = None
+    idempotency_key: IdempotencyKey | None = None
+
+
+class PaymentResponse(BaseModel):
+    """A payment as callers see it: the initiate answer and the status answer alike."""
+
+    success: bool
+    transaction_id: str
+    operation: str
+    status: str
+    message: str
+    provider_transaction_id: str | None = None
+    conversation_id: str | None = None
+    #: Exactly what was sent to M-Pesa as ``input_ThirdPartyReference`` (for support tickets).
+    third_party_reference: str
+    #: The caller's own reference, echoed back.
+    account_reference: str | None = None
+    phone_number: str | None = None  # masked: 2588412*****
+    receiver_party_code: str | None = None
+    amount: Money
+    reversed_amount: Money = Decimal("0")
+    currency: str
+    response_code: str | None = None
+    response_description: str | None = None
+    status_description: str | None = None
+    entity_type: str | None = None
+    entity_id: str | None = None
+    original_transaction_id: str | None = None
+    attention_required: bool = False
+    created_at: datetime
+    updated_at: datetime | None = None
+    completed_at: datetime | None = None
+
+
+class CustomerNameResponse(BaseModel):
+    phone_number: str  # masked
+    customer_name: str | None
+    response_code: str
+    response_description: str
+
+
+class PaymentListResponse(BaseModel):
+    items: list[PaymentResponse]
+    total: int
+    page: int
+    per_page: int
+    pages: int
+
+
+class PaymentFilters(BaseModel):
+    status: str | None = None
+    operation: str | None = None
+    phone_number: Msisdn | None = None
+    entity_type: str | None = None
+    entity_id: str | None = None
+    user_id: str | None = None
+    attention_required: bool | None = None
+    from_date: date | None = None
+    to_date: date | None = None
+
+
+class SummaryBucket(BaseModel):
+    count: int
+    amount: Money
+
+
+class PaymentSummary(BaseModel):
+    from_date: date | None
+    to_date: date | None
+    total_count: int
+    total_amount: Money
+    completed_amount: Money
+    success_rate: float | None
+    attention_required: int
+    by_status: dict[str, SummaryBucket]
+    by_operation: dict[str, SummaryBucket]
+
+
+class AuditLogEntry(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    action: str
+    status_before: str | None
+    status_after: str | None
+    request_body: Any | None
+    response_body: Any | None
+    http_status: int | None
+    error_message: str | None
+    response_time_ms: int | None
+    actor: str | None
+    created_at: datetime
+
+
+class AuditTrailResponse(BaseModel):
+    transaction_id: str
+    entries: list[AuditLogEntry]

@@ -1,0 +1,1083 @@
+"""The use cases: initiate (C2B), payout (B2C), transfer (B2B), reverse, refresh, and the reads.
+
+``PaymentService`` composes the provider client and the repository and owns every commit. Its
+money-moving flows keep DESIGN.md's rules:
+
+1. the intent row is committed (``processing``) before M-Pesa is called;
+2. no database connection or transaction is held while waiting on M-Pesa;
+3. lost or ambiguous answers leave the payment ``unknown``; only a status query settles it;
+5. an idempotency key plus a request fingerprint: one provider call per key, decided by the
+   database's unique constraint; the ``input_ThirdPartyReference`` is derived from the key;
+7. statuses change only along ``lifecycle.ALLOWED_TRANSITIONS``, under an optimistic lock,
+   and hooks fire once, for the writer that made the transition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import secrets
+import string
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
+
+from . import repository as repo
+from .client import MpesaClient, ProviderExchange, ProviderResult
+from .config import PaymentSettings, get_settings
+from .database import DbSession, run_db
+from .exceptions import (
+    DuplicateTransactionError,
+    IdempotencyConflictError,
+    InsufficientFundsError,
+    InvalidPaymentRequestError,
+    InvalidStateTransitionError,
+    PaymentCancelledError,
+    PaymentError,
+    PaymentInitiationError,
+    PaymentNotFoundError,
+    PaymentOutcomeUnknownError,
+    PaymentProviderError,
+    PaymentStorageError,
+    PaymentValidationError,
+    ProviderUnavailableError,
+)
+from .lifecycle import SUCCEEDED, UNSETTLED, check_transition
+from .logger import payment_logger, sanitize
+from .models import AuditAction, PaymentOperation, PaymentStatus, PaymentTransaction, utcnow
+from .repository import PaymentRecord
+from .schemas import (
+    AuditLogEntry,
+    AuditTrailResponse,
+    CustomerNameResponse,
+    PaymentFilters,
+    PaymentInitiateRequest,
+    PaymentListResponse,
+    PaymentResponse,
+    PaymentSummary,
+    PayoutRequest,
+    ReversalRequest,
+    SummaryBucket,
+    TransferRequest,
+)
+from .values import Msisdn, mask_msisdn, parse_amount
+
+S = PaymentStatus
+_REFERENCE_ALPHABET = string.ascii_uppercase + string.digits
+_NOT_ALNUM = re.compile(r"[^A-Za-z0-9]")
+
+#: ``output_ResponseTransactionStatus`` → our status. ``N/A`` (or anything else) is no evidence.
+_PROVIDER_STATUS = {"completed": S.COMPLETED, "cancelled": S.CANCELLED, "expired": S.EXPIRED}
+
+_MESSAGES = {
+    S.PENDING: "Payment recorded, not sent yet",
+    S.PROCESSING: "Waiting for M-Pesa",
+    S.COMPLETED: "Payment processed successfully",
+    S.FAILED: "Payment failed",
+    S.CANCELLED: "Payment cancelled",
+    S.EXPIRED: "Payment expired",
+    S.UNKNOWN: "Outcome unknown: waiting for confirmation from M-Pesa",
+    S.PARTIALLY_REVERSED: "Payment partially reversed",
+    S.REVERSED: "Payment reversed",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one provider interaction established about a payment."""
+
+    status: PaymentStatus | None  # None: no evidence, the status stays as it is
+    status_description: str
+    exchanges: tuple[ProviderExchange, ...] = ()
+    response_code: str | None = None
+    response_description: str | None = None
+    provider_transaction_id: str | None = None
+    conversation_id: str | None = None
+    error: PaymentError | None = None
+    action: AuditAction | None = None  # audit action for the status change, if not the default
+
+
+@dataclass(frozen=True, slots=True)
+class _NewPayment:
+    operation: PaymentOperation
+    amount: Decimal
+    phone: Msisdn | None
+    receiver_party_code: str | None
+    account_reference: str | None
+    description: str | None
+    entity_type: str | None
+    entity_id: str | None
+    customer_name: str | None
+    customer_email: str | None
+    metadata: dict[str, Any] | None
+    idempotency_key: str | None
+    request_body: dict[str, Any]
+    original_id: int | None = None
+
+
+def new_transaction_id(now: datetime | None = None) -> str:
+    """``TXN-20250115123456-ABC12345``."""
+    stamp = (now or utcnow()).strftime("%Y%m%d%H%M%S")
+    return f"TXN-{stamp}-{''.join(secrets.choice(_REFERENCE_ALPHABET) for _ in range(8))}"
+
+
+def third_party_reference_for(operation: str, idempotency_key: str | None) -> str:
+    """The ``input_ThirdPartyReference``: derived from the idempotency key (so a retry meets
+    M-Pesa's own duplicate check instead of charging twice), random without one."""
+    if idempotency_key is None:
+        return secrets.token_hex(10).upper()
+    digest = hashlib.sha256(f"{operation}:{idempotency_key}".encode()).hexdigest()
+    return digest[:20].upper()
+
+
+def query_reference() -> str:
+    """A fresh third-party reference for a query request."""
+    return "Q" + secrets.token_hex(9).upper()
+
+
+def transaction_reference_for(account_reference: str | None, transaction_id: str) -> str:
+    """The ``input_TransactionReference`` (1–20 letters and digits) from the caller's reference."""
+    cleaned = _NOT_ALNUM.sub("", account_reference or "")[:20]
+    return cleaned or _NOT_ALNUM.sub("", transaction_id)[-20:]
+
+
+def fingerprint(operation: str, request_body: dict[str, Any]) -> str:
+    """A canonical hash of what was asked, without the idempotency key."""
+    body = {key: value for key, value in request_body.items() if key != "idempotency_key"}
+    canonical = json.dumps({"operation": operation, **body}, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def to_response(record: PaymentRecord) -> PaymentResponse:
+    status = PaymentStatus(record.status)
+    return PaymentResponse(
+        success=status in SUCCEEDED,
+        transaction_id=record.transaction_id,
+        operation=record.operation,
+        status=status.value,
+        message=record.status_description or _MESSAGES[status],
+        provider_transaction_id=record.provider_transaction_id,
+        conversation_id=record.conversation_id,
+        third_party_reference=record.third_party_reference,
+        account_reference=record.account_reference,
+        phone_number=mask_msisdn(record.phone_number) if record.phone_number else None,
+        receiver_party_code=record.receiver_party_code,
+        amount=record.amount,
+        reversed_amount=record.reversed_amount,
+        currency=record.currency,
+        response_code=record.response_code,
+        response_description=record.response_description,
+        status_description=record.status_description,
+        entity_type=record.entity_type,
+        entity_id=record.entity_id,
+        original_transaction_id=record.original_transaction_id,
+        attention_required=record.attention_required,
+        created_at=record.created_at,
+        updated_at=record.updated_at,
+        completed_at=record.completed_at,
+    )
+
+
+def outcome_of_success(result: ProviderResult) -> Outcome:
+    return Outcome(
+        status=S.COMPLETED,
+        status_description="Payment completed successfully",
+        exchanges=result.exchanges,
+        response_code=result.response_code,
+        response_description=result.response_description,
+        provider_transaction_id=result.transaction_id,
+        conversation_id=result.conversation_id,
+    )
+
+
+def outcome_of_error(error: PaymentProviderError) -> Outcome:
+    """Only provider evidence fails a payment; everything ambiguous leaves it unknown."""
+    status: PaymentStatus
+    if isinstance(error, PaymentCancelledError) and error.provider_code == "INS-5":
+        status = S.CANCELLED
+    elif isinstance(error, PaymentInitiationError):
+        status = S.FAILED
+    elif isinstance(error, ProviderUnavailableError) and error.outcome_known:
+        status = S.FAILED  # provably never sent: nothing can have moved
+    else:
+        status = S.UNKNOWN
+    return Outcome(
+        status=status,
+        status_description=error.message,
+        exchanges=error.exchanges,
+        response_code=error.provider_code,
+        response_description=error.provider_description,
+        error=error,
+    )
+
+
+def error_for_record(record: PaymentRecord) -> PaymentError | None:
+    """The error a caller gets for a payment in this state (also on an idempotent replay)."""
+    status = PaymentStatus(record.status)
+    details = {"transaction_id": record.transaction_id, "status": status.value}
+    common: dict[str, Any] = {
+        "details": details,
+        "provider_code": record.response_code,
+        "provider_description": record.response_description,
+    }
+    message = record.status_description or _MESSAGES[status]
+    if status is S.UNKNOWN or status in (S.PENDING, S.PROCESSING):
+        return PaymentOutcomeUnknownError(message, **common)
+    if status is S.CANCELLED:
+        return PaymentCancelledError(message, **common)
+    if status in (S.FAILED, S.EXPIRED):
+        if record.response_code == "INS-2006":
+            return InsufficientFundsError(message, **common)
+        if status is S.EXPIRED or record.response_code in ("INS-4", "INS-6", "INS-995", "INS-996"):
+            return PaymentCancelledError(message, **common)
+        if record.response_code:
+            return InvalidPaymentRequestError(message, **common)
+        return ProviderUnavailableError(message, **common)
+    return None
+
+
+class PaymentService:
+    """M-Pesa payments with a durable record of everything. Subclass it to react to outcomes:
+
+    ``on_payment_completed(transaction)``, ``on_payment_failed(transaction, error)``,
+    ``on_payment_unknown(transaction)``, ``on_reversal_completed(reversal, original)`` and
+    ``on_reversal_failed(reversal, error)``. Hooks run after the outcome is committed, once per
+    transition; one that raises is logged and audited and never undoes the payment.
+
+    The service commits the session it is given. It accepts a synchronous ``Session`` or an
+    ``AsyncSession``.
+    """
+
+    def __init__(
+        self,
+        settings: PaymentSettings | None = None,
+        client: MpesaClient | None = None,
+        *,
+        db_retry_delays: tuple[float, ...] = (0.05, 0.25, 1.0),
+    ) -> None:
+        self._settings = settings
+        self._client = client
+        self._db_retry_delays = db_retry_delays
+
+    @property
+    def settings(self) -> PaymentSettings:
+        if self._settings is None:
+            self._settings = get_settings()
+        return self._settings
+
+    @property
+    def client(self) -> MpesaClient:
+        if self._client is None:
+            self._client = MpesaClient.from_settings(self.settings)
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+    # -- hooks ---------------------------------------------------------------------------------
+
+    async def on_payment_completed(self, transaction: PaymentRecord) -> None:
+        """A payment (C2B, B2C or B2B) completed: money moved."""
+
+    async def on_payment_failed(
+        self, transaction: PaymentRecord, error: PaymentError | None
+    ) -> None:
+        """A payment ended failed, cancelled or expired: no money moved."""
+
+    async def on_payment_unknown(self, transaction: PaymentRecord) -> None:
+        """The outcome is unknown for now; reconciliation will settle it."""
+
+    async def on_reversal_completed(self, reversal: PaymentRecord, original: PaymentRecord) -> None:
+        """A reversal went through; ``original`` shows the new reversed amount."""
+
+    async def on_reversal_failed(self, reversal: PaymentRecord, error: PaymentError | None) -> None:
+        """A reversal was refused; the original payment is unchanged."""
+
+    # -- money-moving use cases ----------------------------------------------------------------
+
+    async def initiate_payment(
+        self,
+        request: PaymentInitiateRequest,
+        db: DbSession,
+        user_id: str | None = None,
+        *,
+        idempotency_key: str | None = None,
+        client_ip: str | None = None,
+    ) -> PaymentResponse:
+        """C2B: push a PIN prompt to the customer and wait for the answer (up to ~90 s).
+
+        Returns the completed payment, or raises: ``PaymentCancelledError``,
+        ``InsufficientFundsError``, ``PaymentInitiationError`` (other refusals),
+        ``PaymentOutcomeUnknownError`` (recorded as ``unknown``; reconciliation settles it),
+        ``IdempotencyConflictError``, ``PaymentValidationError``, ``PaymentStorageError``.
+        Every error raised after the payment was recorded carries ``error.payment``.
+        """
+        amount = self._checked_amount(request.amount)
+        new = _NewPayment(
+            operation=PaymentOperation.C2B,
+            amount=amount,
+            phone=request.phone_number,
+            receiver_party_code=None,
+            account_reference=request.account_reference,
+            description=request.description,
+            entity_type=request.entity_type,
+            entity_id=request.entity_id,
+            customer_name=request.customer_name,
+            customer_email=request.customer_email,
+            metadata=request.metadata,
+            idempotency_key=self._key(request.idempotency_key, idempotency_key),
+            request_body=_request_body(request),
+        )
+
+        async def send(record: PaymentRecord) -> ProviderResult:
+            assert request.phone_number is not None
+            return await self.client.c2b_payment(
+                msisdn=request.phone_number,
+                amount=amount,
+                transaction_reference=record.transaction_reference or record.transaction_id,
+                third_party_reference=record.third_party_reference,
+            )
+
+        return await self._move_money(db, new, send, user_id=user_id, client_ip=client_ip)
+
+    async def payout(
+        self,
+        request: PayoutRequest,
+        db: DbSession,
+        user_id: str | None = None,
+        *,
+        idempotency_key: str | None = None,
+        client_ip: str | None = None,
+    ) -> PaymentResponse:
+        """B2C: pay a customer's wallet from the business's shortcode."""
+        amount = self._checked_amount(request.amount)
+        new = _NewPayment(
+            operation=PaymentOperation.B2C,
+            amount=amount,
+            phone=request.phone_number,
+            receiver_party_code=None,
+            account_reference=request.account_reference,
+            description=request.description,
+            entity_type=request.entity_type,
+            entity_id=request.entity_id,
+            customer_name=request.customer_name,
+            customer_email=None,
+            metadata=request.metadata,
+            idempotency_key=self._key(request.idempotency_key, idempotency_key),
+            request_body=_request_body(request),
+        )
+
+        async def send(record: PaymentRecord) -> ProviderResult:
+            return await self.client.b2c_payment(
+                msisdn=request.phone_number,
+                amount=amount,
+                transaction_reference=record.transaction_reference or record.transaction_id,
+                third_party_reference=record.third_party_reference,
+            )
+
+        return await self._move_money(db, new, send, user_id=user_id, client_ip=client_ip)
+
+    async def transfer(
+        self,
+        request: TransferRequest,
+        db: DbSession,
+        user_id: str | None = None,
+        *,
+        idempotency_key: str | None = None,
+        client_ip: str | None = None,
+    ) -> PaymentResponse:
+        """B2B: pay another business's shortcode."""
+        amount = self._checked_amount(request.amount)
+        new = _NewPayment(
+            operation=PaymentOperation.B2B,
+            amount=amount,
+            phone=None,
+            receiver_party_code=request.receiver_party_code,
+            account_reference=request.account_reference,
+            description=request.description,
+            entity_type=request.entity_type,
+            entity_id=request.entity_id,
+            customer_name=None,
+            customer_email=None,
+            metadata=request.metadata,
+            idempotency_key=self._key(request.idempotency_key, idempotency_key),
+            request_body=_request_body(request),
+        )
+
+        async def send(record: PaymentRecord) -> ProviderResult:
+            return await self.client.b2b_payment(
+                receiver_party_code=request.receiver_party_code,
+                amount=amount,
+                transaction_reference=record.transaction_reference or record.transaction_id,
+                third_party_reference=record.third_party_reference,
+            )
+
+        return await self._move_money(db, new, send, user_id=user_id, client_ip=client_ip)
+
+    async def reverse(
+        self,
+        transaction_id: str,
+        request: ReversalRequest,
+        db: DbSession,
+        user_id: str | None = None,
+        *,
+        idempotency_key: str | None = None,
+        client_ip: str | None = None,
+    ) -> PaymentResponse:
+        """Reverse a completed payment, fully or partially. Returns the reversal transaction.
+
+        A reversal is never sent twice automatically: a lost answer leaves it ``unknown`` and a
+        status query (``refresh``/reconciliation) settles it.
+        """
+        key = self._key(request.idempotency_key, idempotency_key)
+        body = _request_body(request) | {"original_transaction_id": transaction_id}
+
+        def reserve(session: Session) -> tuple[PaymentRecord, bool]:
+            if key is not None:
+                existing = repo.get_by_idempotency_key(session, key)
+                if existing is not None:
+                    return repo.record_of(session, existing), False
+            original = repo.get(session, transaction_id, for_update=True)
+            if original is None:
+                raise PaymentNotFoundError(f"payment {transaction_id} not found")
+            if original.operation == PaymentOperation.REVERSAL:
+                raise PaymentValidationError(
+                    "a reversal cannot be reversed", field="transaction_id"
+                )
+            if PaymentStatus(original.status) not in (S.COMPLETED, S.PARTIALLY_REVERSED):
+                raise InvalidStateTransitionError(
+                    f"only completed payments can be reversed; {transaction_id} is"
+                    f" {original.status}",
+                    details={"transaction_id": transaction_id, "status": original.status},
+                )
+            if not original.provider_transaction_id:
+                raise PaymentValidationError(
+                    "the payment has no M-Pesa transaction ID to reverse", field="transaction_id"
+                )
+            available = (
+                original.amount
+                - original.reversed_amount
+                - repo.reversals_in_flight_amount(session, original.id)
+            )
+            amount = request.amount if request.amount is not None else available
+            if amount <= 0 or amount > available:
+                raise PaymentValidationError(
+                    f"amount must be more than 0 and at most {available:.2f}, the amount not yet"
+                    " reversed or being reversed",
+                    field="amount",
+                )
+            # Bump the original's version so concurrent reservations conflict instead of both
+            # passing the check above (SQLite has no FOR UPDATE).
+            original.updated_at = utcnow()
+            new = _NewPayment(
+                operation=PaymentOperation.REVERSAL,
+                amount=amount,
+                phone=None,
+                receiver_party_code=None,
+                account_reference=original.account_reference,
+                description=request.reason,
+                entity_type=original.entity_type,
+                entity_id=original.entity_id,
+                customer_name=None,
+                customer_email=None,
+                metadata=None,
+                idempotency_key=key,
+                request_body=body,
+                original_id=original.id,
+            )
+            row = self._intent_row(new, user_id)
+            row.phone_number = original.phone_number
+            return self._insert_intent(session, row, new, user_id, client_ip), True
+
+        record, created = await self._record_intent(db, reserve, key)
+        if not created:
+            return self._replay(record, PaymentOperation.REVERSAL, body)
+        original_provider_id = await run_db(
+            db,
+            lambda session: (
+                repo.get_by_id(session, record.original_id or 0).provider_transaction_id
+            ),
+        )
+        try:
+            result = await self.client.reversal(
+                transaction_id=original_provider_id or "",
+                third_party_reference=record.third_party_reference,
+                amount=record.amount,
+            )
+            outcome = outcome_of_success(result)
+        except DuplicateTransactionError as error:
+            outcome = await self._settle_duplicate(record, error)
+        except PaymentProviderError as error:
+            outcome = outcome_of_error(error)
+        except Exception as error:
+            await self._apply(db, record, _unexpected(error), actor=user_id)
+            raise
+        return await self._finish(db, record, outcome, actor=user_id)
+
+    # -- queries -------------------------------------------------------------------------------
+
+    async def refresh(
+        self, transaction_id: str, db: DbSession, *, actor: str | None = None
+    ) -> PaymentResponse:
+        """Ask M-Pesa for the status now and apply the answer. Never demotes a settled payment."""
+        record = await self._get_record(db, transaction_id)
+        outcome = await self._query_outcome(record)
+        record, _ = await self._apply(db, record, outcome, actor=actor or "refresh")
+        return to_response(record)
+
+    async def query_customer_name(self, phone_number: Msisdn | str) -> CustomerNameResponse:
+        """The wallet holder's masked name, to confirm before a payout."""
+        msisdn = phone_number if isinstance(phone_number, Msisdn) else Msisdn(phone_number)
+        result = await self.client.query_customer_name(
+            msisdn=msisdn, third_party_reference=query_reference()
+        )
+        return CustomerNameResponse(
+            phone_number=msisdn.masked,
+            customer_name=result.customer_name,
+            response_code=result.response_code,
+            response_description=result.response_description,
+        )
+
+    async def get(self, transaction_id: str, db: DbSession) -> PaymentResponse:
+        return to_response(await self._get_record(db, transaction_id))
+
+    async def list(
+        self,
+        db: DbSession,
+        filters: PaymentFilters | None = None,
+        *,
+        page: int = 1,
+        per_page: int = 20,
+    ) -> PaymentListResponse:
+        if page < 1 or not 1 <= per_page <= 100:
+            raise PaymentValidationError("page must be ≥ 1 and per_page between 1 and 100")
+        filters = filters or PaymentFilters()
+        records, total, pages = await run_db(
+            db, lambda session: repo.list_page(session, filters, page=page, per_page=per_page)
+        )
+        return PaymentListResponse(
+            items=[to_response(record) for record in records],
+            total=total,
+            page=page,
+            per_page=per_page,
+            pages=pages,
+        )
+
+    async def summary(
+        self,
+        db: DbSession,
+        from_date: date | None = None,
+        to_date: date | None = None,
+    ) -> PaymentSummary:
+        """Counts and sums per status and per operation, over ``created_at`` dates (inclusive)."""
+        if from_date and to_date and from_date > to_date:
+            raise PaymentValidationError("from_date must not be after to_date", field="from_date")
+        filters = PaymentFilters(from_date=from_date, to_date=to_date)
+        rows = await run_db(db, lambda session: repo.summary_rows(session, filters))
+        by_status: dict[str, SummaryBucket] = {}
+        by_operation: dict[str, SummaryBucket] = {}
+        for status, operation, count, amount, _ in rows:
+            for buckets, key in ((by_status, status), (by_operation, operation)):
+                bucket = buckets.get(key) or SummaryBucket(count=0, amount=Decimal("0"))
+                buckets[key] = SummaryBucket(
+                    count=bucket.count + count, amount=bucket.amount + amount
+                )
+        payments = [row for row in rows if row[1] != PaymentOperation.REVERSAL]
+        settled = sum(row[2] for row in payments if PaymentStatus(row[0]) not in UNSETTLED)
+        succeeded = sum(row[2] for row in payments if PaymentStatus(row[0]) in SUCCEEDED)
+        return PaymentSummary(
+            from_date=from_date,
+            to_date=to_date,
+            total_count=sum(row[2] for row in rows),
+            total_amount=sum((row[3] for row in rows), Decimal("0")),
+            completed_amount=sum(
+                (row[3] for row in payments if PaymentStatus(row[0]) in SUCCEEDED), Decimal("0")
+            ),
+            success_rate=round(succeeded / settled, 4) if settled else None,
+            attention_required=sum(row[4] for row in rows),
+            by_status=by_status,
+            by_operation=by_operation,
+        )
+
+    async def audit(self, transaction_id: str, db: DbSession) -> AuditTrailResponse:
+        def load(session: Session) -> list[AuditLogEntry]:
+            row = repo.get(session, transaction_id)
+            if row is None:
+                raise PaymentNotFoundError(f"payment {transaction_id} not found")
+            return [
+                AuditLogEntry.model_validate(entry) for entry in repo.audit_trail(session, row.id)
+            ]
+
+        return AuditTrailResponse(transaction_id=transaction_id, entries=await run_db(db, load))
+
+    # -- the money-moving flow -----------------------------------------------------------------
+
+    def _checked_amount(self, amount: Decimal) -> Decimal:
+        return parse_amount(
+            amount,
+            minimum=self.settings.payment_min_amount,
+            maximum=self.settings.payment_max_amount,
+        )
+
+    @staticmethod
+    def _key(body_key: str | None, header_key: str | None) -> str | None:
+        if body_key and header_key and body_key != header_key:
+            raise PaymentValidationError(
+                "the Idempotency-Key header and the body's idempotency_key differ",
+                field="idempotency_key",
+            )
+        return body_key or header_key
+
+    def _intent_row(self, new: _NewPayment, user_id: str | None) -> PaymentTransaction:
+        now = utcnow()
+        transaction_id = new_transaction_id(now)
+        return PaymentTransaction(
+            transaction_id=transaction_id,
+            operation=new.operation.value,
+            status=S.PROCESSING.value,
+            amount=new.amount,
+            currency=self.settings.payment_default_currency,
+            reversed_amount=Decimal("0"),
+            phone_number=new.phone.digits if new.phone else None,
+            receiver_party_code=new.receiver_party_code,
+            third_party_reference=third_party_reference_for(new.operation, new.idempotency_key),
+            transaction_reference=transaction_reference_for(new.account_reference, transaction_id),
+            account_reference=new.account_reference,
+            description=new.description,
+            entity_type=new.entity_type,
+            entity_id=new.entity_id,
+            customer_name=new.customer_name,
+            customer_email=new.customer_email,
+            user_id=user_id,
+            idempotency_key=new.idempotency_key,
+            request_fingerprint=fingerprint(new.operation, new.request_body),
+            status_description=_MESSAGES[S.PROCESSING],
+            original_id=new.original_id,
+            metadata_=new.metadata,
+            attention_required=False,
+            reconcile_attempts=0,
+            created_at=now,
+            updated_at=now,
+        )
+
+    @staticmethod
+    def _insert_intent(
+        session: Session,
+        row: PaymentTransaction,
+        new: _NewPayment,
+        user_id: str | None,
+        client_ip: str | None,
+    ) -> PaymentRecord:
+        repo.add(session, row)
+        repo.add_audit(
+            session,
+            row.id,
+            AuditAction.INITIATED,
+            status_after=row.status,
+            request_body=sanitize(new.request_body),
+            actor=user_id,
+            client_ip=client_ip,
+        )
+        return repo.record_of(session, row)
+
+    async def _record_intent(
+        self,
+        db: DbSession,
+        work: Callable[[Session], tuple[PaymentRecord, bool]],
+        key: str | None,
+    ) -> tuple[PaymentRecord, bool]:
+        """Commit the intent (or find the payment this key already made): rule 1 and rule 5."""
+        try:
+            return await run_db(db, _committing(work))
+        except IntegrityError as exc:
+            if key is not None:  # a concurrent request with the same key won the insert
+                existing = await run_db(db, lambda s: _record_by_key(s, key))
+                if existing is not None:
+                    return existing, False
+            raise PaymentStorageError(
+                "the payment could not be recorded; nothing was sent to M-Pesa"
+            ) from exc
+        except SQLAlchemyError as exc:
+            payment_logger.error("Database unavailable; payment not sent", error=type(exc).__name__)
+            raise PaymentStorageError(
+                "the payment database is unavailable; nothing was sent to M-Pesa"
+            ) from exc
+
+    async def _move_money(
+        self,
+        db: DbSession,
+        new: _NewPayment,
+        send: Callable[[PaymentRecord], Awaitable[ProviderResult]],
+        *,
+        user_id: str | None,
+        client_ip: str | None,
+    ) -> PaymentResponse:
+        def create(session: Session) -> tuple[PaymentRecord, bool]:
+            if new.idempotency_key is not None:
+                existing = _record_by_key(session, new.idempotency_key)
+                if existing is not None:
+                    return existing, False
+            row = self._intent_row(new, user_id)
+            return self._insert_intent(session, row, new, user_id, client_ip), True
+
+        record, created = await self._record_intent(db, create, new.idempotency_key)
+        if not created:
+            return self._replay(record, new.operation, new.request_body)
+        payment_logger.info(
+            "Payment initiated",
+            transaction_id=record.transaction_id,
+            operation=record.operation,
+            phone=new.phone,
+            amount=f"{record.amount:.2f}",
+            third_party_reference=record.third_party_reference,
+        )
+        # Rule 2: no session work happens between here and the answer.
+        try:
+            outcome = outcome_of_success(await send(record))
+        except DuplicateTransactionError as error:
+            outcome = await self._settle_duplicate(record, error)
+        except PaymentProviderError as error:
+            outcome = outcome_of_error(error)
+        except PaymentValidationError as error:  # refused before sending: nothing moved
+            await self._apply(
+                db, record, Outcome(S.FAILED, error.message, error=error), actor=user_id
+            )
+            raise
+        except Exception as error:
+            await self._apply(db, record, _unexpected(error), actor=user_id)
+            raise
+        return await self._finish(db, record, outcome, actor=user_id)
+
+    def _replay(
+        self, record: PaymentRecord, operation: str, request_body: dict[str, Any]
+    ) -> PaymentResponse:
+        """Same key: the original payment, if the request is the same one."""
+        if record.request_fingerprint != fingerprint(operation, request_body):
+            raise IdempotencyConflictError(
+                "this idempotency key was already used for a different request",
+                details={"transaction_id": record.transaction_id},
+            )
+        response = to_response(record)
+        error = error_for_record(record)
+        if error is not None and PaymentStatus(record.status) not in (S.PROCESSING, S.PENDING):
+            error.payment = response  # type: ignore[attr-defined]
+            raise error
+        return response
+
+    async def _finish(
+        self, db: DbSession, record: PaymentRecord, outcome: Outcome, *, actor: str | None
+    ) -> PaymentResponse:
+        record, changed = await self._apply(db, record, outcome, actor=actor)
+        response = to_response(record)
+        status = PaymentStatus(record.status)
+        if status in SUCCEEDED:
+            payment_logger.info(
+                "Payment completed",
+                transaction_id=record.transaction_id,
+                mpesa_receipt=record.provider_transaction_id,
+            )
+            return response
+        error = outcome.error or error_for_record(record)
+        if error is None:
+            return response
+        error.details.setdefault("transaction_id", record.transaction_id)
+        error.payment = response  # type: ignore[attr-defined]
+        log = payment_logger.warning if status is S.UNKNOWN else payment_logger.info
+        log(
+            "Payment not completed",
+            transaction_id=record.transaction_id,
+            status=status.value,
+            code=record.response_code,
+        )
+        raise error
+
+    async def _settle_duplicate(
+        self, record: PaymentRecord, error: DuplicateTransactionError
+    ) -> Outcome:
+        """INS-10: M-Pesa has seen this reference. Ask what happened to it instead of failing."""
+        queried = await self._query_outcome(record, by_reference=True)
+        if queried.status is None:
+            return replace(
+                outcome_of_error(error),
+                status=S.UNKNOWN,
+                exchanges=error.exchanges + queried.exchanges,
+            )
+        return replace(queried, exchanges=error.exchanges + queried.exchanges)
+
+    async def _query_outcome(self, record: PaymentRecord, *, by_reference: bool = False) -> Outcome:
+        reference = record.third_party_reference
+        if not by_reference:
+            reference = record.provider_transaction_id or record.conversation_id or reference
+        try:
+            result = await self.client.query_transaction_status(
+                query_reference=reference, third_party_reference=query_reference()
+            )
+        except PaymentProviderError as error:
+            return Outcome(None, f"status query failed: {error.message}", exchanges=error.exchanges)
+        provider_status = (result.transaction_status or "").strip().lower()
+        status = _PROVIDER_STATUS.get(provider_status)
+        if status is not None and record.operation == PaymentOperation.REVERSAL:
+            status = S.COMPLETED if status is S.COMPLETED else S.FAILED
+        if status is None:
+            return Outcome(
+                None,
+                f"M-Pesa reports status {result.transaction_status or 'N/A'}: no outcome yet",
+                exchanges=result.exchanges,
+            )
+        return Outcome(
+            status,
+            f"M-Pesa reports the transaction {provider_status}",
+            exchanges=result.exchanges,
+            conversation_id=result.conversation_id,
+            action=AuditAction.RECONCILED,
+        )
+
+    async def _apply(
+        self, db: DbSession, record: PaymentRecord, outcome: Outcome, *, actor: str | None
+    ) -> tuple[PaymentRecord, bool]:
+        """Record the exchanges and apply the outcome in one short transaction, retrying on
+        conflicts and database errors. Fires the hooks for a transition this call made."""
+        attempt = 0
+        while True:
+            try:
+                result = await run_db(
+                    db, _committing(lambda s: _apply_outcome(s, record, outcome, actor))
+                )
+                break
+            except (SQLAlchemyError, StaleDataError) as exc:
+                if attempt >= len(self._db_retry_delays):
+                    payment_logger.critical(
+                        "Payment outcome NOT recorded; reconciliation will settle it from M-Pesa",
+                        transaction_id=record.transaction_id,
+                        outcome=outcome.status.value if outcome.status else None,
+                        error=type(exc).__name__,
+                    )
+                    raise PaymentStorageError(
+                        "M-Pesa answered but the outcome could not be recorded; the payment stays"
+                        f" {record.status} until reconciliation settles it",
+                        details={"transaction_id": record.transaction_id},
+                        outcome_known=False,
+                    ) from exc
+                await asyncio.sleep(self._db_retry_delays[attempt])
+                attempt += 1
+        updated, before, original = result
+        changed = before != updated.status
+        if changed:
+            await self._fire_hooks(db, updated, outcome, original)
+        return updated, changed
+
+    async def _fire_hooks(
+        self,
+        db: DbSession,
+        record: PaymentRecord,
+        outcome: Outcome,
+        original: PaymentRecord | None,
+    ) -> None:
+        status = PaymentStatus(record.status)
+        is_reversal = record.operation == PaymentOperation.REVERSAL
+        hook: Awaitable[None] | None = None
+        if status is S.COMPLETED:
+            if is_reversal and original is not None:
+                hook = self.on_reversal_completed(record, original)
+            elif not is_reversal:
+                hook = self.on_payment_completed(record)
+        elif status in (S.FAILED, S.CANCELLED, S.EXPIRED):
+            error = outcome.error or error_for_record(record)
+            hook = (
+                self.on_reversal_failed(record, error)
+                if is_reversal
+                else self.on_payment_failed(record, error)
+            )
+        elif status is S.UNKNOWN:
+            hook = self.on_payment_unknown(record)
+        if hook is None:
+            return
+        try:
+            await hook
+        except Exception as exc:  # a host's hook must never undo or lose the payment
+            payment_logger.exception(
+                "Payment hook failed", transaction_id=record.transaction_id, status=status.value
+            )
+            message = f"{type(exc).__name__} in hook for status {status.value}: {exc}"
+            try:
+                await run_db(
+                    db,
+                    _committing(
+                        lambda s: repo.add_audit(
+                            s, record.id, AuditAction.HOOK_FAILED, error_message=message[:2000]
+                        )
+                    ),
+                )
+            except SQLAlchemyError:
+                payment_logger.error(
+                    "Could not audit the failed hook", transaction_id=record.transaction_id
+                )
+
+    async def _get_record(self, db: DbSession, transaction_id: str) -> PaymentRecord:
+        def load(session: Session) -> PaymentRecord:
+            row = repo.get(session, transaction_id)
+            if row is None:
+                raise PaymentNotFoundError(f"payment {transaction_id} not found")
+            return repo.record_of(session, row)
+
+        return await run_db(db, load)
+
+
+def _request_body(request: Any) -> dict[str, Any]:
+    """The request as data: phone number as digits (for the fingerprint), amounts as strings."""
+    body = request.model_dump(mode="python", exclude_none=True)
+    if isinstance(body.get("phone_number"), Msisdn):
+        body["phone_number"] = body["phone_number"].digits
+    phone = getattr(request, "phone_number", None)
+    if isinstance(phone, Msisdn):
+        body["phone_number"] = phone.digits
+    if isinstance(body.get("amount"), Decimal):
+        body["amount"] = f"{body['amount']:.2f}"
+    return body
+
+
+def _record_by_key(session: Session, key: str) -> PaymentRecord | None:
+    row = repo.get_by_idempotency_key(session, key)
+    return repo.record_of(session, row) if row is not None else None
+
+
+def _unexpected(error: Exception) -> Outcome:
+    """A bug or crash mid-call: the request may have left, so the outcome is unknown."""
+    return Outcome(
+        S.UNKNOWN,
+        f"unexpected error while calling M-Pesa ({type(error).__name__}); outcome unknown",
+    )
+
+
+def _committing(work: Callable[[Session], Any]) -> Callable[[Session], Any]:
+    def run(session: Session) -> Any:
+        try:
+            result = work(session)
+            session.commit()
+            return result
+        except BaseException:
+            session.rollback()
+            raise
+
+    return run
+
+
+def _apply_outcome(
+    session: Session, record: PaymentRecord, outcome: Outcome, actor: str | None
+) -> tuple[PaymentRecord, str, PaymentRecord | None]:
+    """(updated record, status before, updated original for a completed reversal)."""
+    row = repo.get_by_id(session, record.id, for_update=True)
+    for exchange in outcome.exchanges:
+        repo.add_audit(
+            session,
+            row.id,
+            AuditAction.API_REQUEST,
+            request_body={
+                "operation": exchange.operation.value,
+                "method": exchange.method,
+                "url": exchange.url,
+                "attempt": exchange.attempt,
+                "fields": exchange.request_fields,
+            },
+            actor=actor,
+        )
+        repo.add_audit(
+            session,
+            row.id,
+            AuditAction.API_RESPONSE,
+            response_body=exchange.response_body,
+            http_status=exchange.http_status,
+            error_message=exchange.error,
+            response_time_ms=exchange.elapsed_ms,
+            actor=actor,
+        )
+    before = row.status
+    if outcome.provider_transaction_id and not row.provider_transaction_id:
+        row.provider_transaction_id = outcome.provider_transaction_id
+    if outcome.conversation_id and not row.conversation_id:
+        row.conversation_id = outcome.conversation_id
+    original_record: PaymentRecord | None = None
+    if outcome.status is not None:
+        try:
+            changed = check_transition(before, outcome.status)
+        except InvalidStateTransitionError as refused:
+            changed = False
+            repo.add_audit(
+                session,
+                row.id,
+                AuditAction.STATUS_CHANGED,
+                status_before=before,
+                error_message=f"refused: {refused.message}",
+                actor=actor,
+            )
+        if changed:
+            row.status = outcome.status.value
+            row.status_description = outcome.status_description[:255]
+            if outcome.response_code:
+                row.response_code = outcome.response_code
+                row.response_description = (outcome.response_description or "")[:255]
+            if outcome.status not in UNSETTLED:
+                row.completed_at = utcnow()
+                row.next_reconcile_at = None
+            repo.add_audit(
+                session,
+                row.id,
+                outcome.action or _audit_action_for(outcome.status),
+                status_before=before,
+                status_after=row.status,
+                error_message=outcome.status_description if outcome.error else None,
+                actor=actor,
+            )
+            if row.operation == PaymentOperation.REVERSAL and outcome.status is S.COMPLETED:
+                original_record = _apply_reversal_to_original(session, row, actor)
+    row.updated_at = utcnow()
+    session.flush()
+    return repo.record_of(session, row), before, original_record
+
+
+def _apply_reversal_to_original(
+    session: Session, reversal: PaymentTransaction, actor: str | None
+) -> PaymentRecord:
+    assert reversal.original_id is not None
+    original = repo.get_by_id(session, reversal.original_id, for_update=True)
+    before = original.status
+    original.reversed_amount = min(original.amount, original.reversed_amount + reversal.amount)
+    fully = original.reversed_amount >= original.amount
+    new_status = S.REVERSED if fully else S.PARTIALLY_REVERSED
+    if check_transition(before, new_status):
+        original.status = new_status.value
+        original.status_description = (
+            "Payment reversed" if fully else f"{original.reversed_amount:.2f} reversed"
+        )
+    original.updated_at = utcnow()
+    repo.add_audit(
+        session,
+        original.id,
+        AuditAction.REVERSED,
+        status_before=before,
+        status_after=original.status,
+        response_body={
+            "reversal_transaction_id": reversal.transaction_id,
+            "amount": f"{reversal.amount:.2f}",
+        },
+        actor=actor,
+    )
+    return repo.record_of(session, original)
+
+
+def _audit_action_for(status: PaymentStatus) -> AuditAction:
+    if status is S.COMPLETED:
+        return AuditAction.COMPLETED
+    if status in (S.FAILED, S.CANCELLED, S.EXPIRED):
+        return AuditAction.FAILED
+    return AuditAction.STATUS_CHANGED
+

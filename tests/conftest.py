@@ -1,0 +1,102 @@
+"""Shared fixtures: a clean settings environment for every test, and fresh databases.
+
+PostgreSQL tests need ``PAYMENT_TEST_POSTGRES_URL`` (an admin URL such as
+``postgresql://postgres@127.0.0.1:54329/postgres``; ``.ci/run`` starts a server and sets it).
+Without it they are skipped, unless ``PAYMENT_REQUIRE_POSTGRES=1`` makes that a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from payments.config import get_settings
+from payments.database import create_engine_for
+from payments.models import Base
+
+POSTGRES_URL_VARIABLE = "PAYMENT_TEST_POSTGRES_URL"
+REQUIRE_POSTGRES_VARIABLE = "PAYMENT_REQUIRE_POSTGRES"
+_KEPT_VARIABLES = {POSTGRES_URL_VARIABLE, REQUIRE_POSTGRES_VARIABLE}
+
+
+# --- settings -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def isolated_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """No ``MPESA_*``/``PAYMENT_*`` variable of the developer's machine leaks into a test; the
+    simulator environment needs no credentials, and logs go to a temporary folder."""
+    for name in list(os.environ):
+        if name.startswith(("MPESA_", "PAYMENT_")) and name not in _KEPT_VARIABLES:
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("MPESA_ENVIRONMENT", "simulator")
+    monkeypatch.setenv("PAYMENT_LOG_DIR", str(tmp_path_factory.mktemp("logs")))
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+# --- databases ----------------------------------------------------------------------------------
+
+
+def postgres_admin_url() -> str | None:
+    """The admin URL of the test PostgreSQL server, or ``None`` when there is none (the caller
+    skips; with ``PAYMENT_REQUIRE_POSTGRES=1`` a missing server fails the test instead)."""
+    url = os.environ.get(POSTGRES_URL_VARIABLE, "").strip()
+    if url:
+        return url
+    if os.environ.get(REQUIRE_POSTGRES_VARIABLE, "").strip() == "1":
+        pytest.fail(f"{REQUIRE_POSTGRES_VARIABLE}=1 but {POSTGRES_URL_VARIABLE} is not set")
+    return None
+
+
+def _libpq_url(url: str) -> str:
+    """``postgresql+driver://…`` → ``postgresql://…``, which psycopg connects to directly."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A sync-style URL (``sqlite:///…`` or ``postgresql://…``) of a fresh, empty database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/test.db"
+        return
+
+    admin_url = postgres_admin_url()
+    if admin_url is None:
+        pytest.skip(f"PostgreSQL tests need {POSTGRES_URL_VARIABLE}")
+    admin_url = _libpq_url(admin_url)
+    name = f"payments_test_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def async_engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    """The module's async engine on ``database_url``, with the models' tables created."""
+    engine = create_engine_for(database_url)
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(Base.metadata.create_all)
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+def session_factory(async_engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(async_engine, expire_on_commit=False)
