@@ -1,8 +1,10 @@
-"""Command line: ``python -m payments simulator``."""
+"""Command line: ``python -m payments serve | simulator``."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 from collections.abc import Sequence
 
 
@@ -11,6 +13,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m payments", description="M-Pesa Mozambique payments module."
     )
     commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the demo gateway (router under /api, SQLite, built-in simulator)",
+        description="Serve the payments API under /api with OpenAPI docs at /docs. Unless the"
+        " environment says otherwise it uses MPESA_ENVIRONMENT=simulator (no credentials), the"
+        " SQLite file PAYMENT_DATABASE_URL (default ./payments.db) and a fresh admin key, printed"
+        " at start.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
 
     simulator = commands.add_parser(
         "simulator",
@@ -34,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.command == "simulator":
+    if args.command == "serve":
+        serve(args.host, args.port)
+    elif args.command == "simulator":
         from .simulator import SimulatorConfig, run_simulator
 
         config = SimulatorConfig(
@@ -42,6 +57,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         print(f"M-Pesa simulator on http://{args.host}:{args.port} (PIN delay {args.pin_delay}s)")
         run_simulator(args.host, args.port, config)
+
+
+def serve(host: str, port: int) -> None:
+    import uvicorn
+
+    from .config import get_settings
+    from .demo import create_app
+
+    os.environ.setdefault("MPESA_ENVIRONMENT", "simulator")
+    if not os.environ.get("PAYMENT_ADMIN_API_KEY"):
+        os.environ["PAYMENT_ADMIN_API_KEY"] = secrets.token_urlsafe(24)
+    settings = get_settings()  # fail fast, naming the variable, before serving anything
+    print(f"Payments demo gateway on http://{host}:{port}/api/payments (docs: /docs)")
+    print(f"Provider: {settings.mpesa_environment}; database: {settings.payment_database_url}")
+    print(f"Admin API key (send as X-API-Key): {settings.admin_api_key}")
+    uvicorn.run(create_app(), host=host, port=port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,12 @@ class PaymentSettings(BaseSettings):
     mpesa_origin: str = "developer.mpesa.vm.co.mz"
     mpesa_response_code_overrides: str | None = None
 
+    # Inbound notifications and the HTTP API
+    mpesa_callback_token: SecretStr | None = None
+    mpesa_callback_allowed_ips: str | None = None
+    payment_trusted_proxies: str | None = None
+    payment_admin_api_key: SecretStr | None = None
+
     # Payments
     payment_default_currency: Literal["MZN"] = "MZN"
     payment_min_amount: Decimal = Decimal("1")
@@ -129,6 +135,16 @@ class PaymentSettings(BaseSettings):
             raise ValueError("PAYMENT_MIN_AMOUNT must not be greater than PAYMENT_MAX_AMOUNT")
         if self.mpesa_base_url is not None:
             self.mpesa_base_url = _checked_base_url(self.mpesa_base_url)
+        for variable, raw in (
+            ("MPESA_CALLBACK_ALLOWED_IPS", self.mpesa_callback_allowed_ips),
+            ("PAYMENT_TRUSTED_PROXIES", self.payment_trusted_proxies),
+        ):
+            try:
+                _networks(raw)
+            except ValueError:
+                raise ValueError(
+                    f"{variable} must be a comma-separated list of IP addresses or networks"
+                ) from None
         if not self.mpesa_origin.strip():
             raise ValueError("MPESA_ORIGIN must not be empty")
         try:
@@ -157,10 +173,38 @@ class PaymentSettings(BaseSettings):
 
     def secret_values(self) -> list[str]:
         """Values that must never appear in a log line, audit row or error message."""
-        values = [self.api_key]
-        if self.security_credential:
-            values.append(self.security_credential)
+        values = [self.api_key, self.security_credential]
+        for secret in (self.mpesa_callback_token, self.payment_admin_api_key):
+            if secret is not None:
+                values.append(secret.get_secret_value())
         return [value for value in values if value]
+
+    @property
+    def callback_token(self) -> str | None:
+        token = self.mpesa_callback_token
+        return token.get_secret_value() if token is not None and token.get_secret_value() else None
+
+    @property
+    def admin_api_key(self) -> str | None:
+        key = self.payment_admin_api_key
+        return key.get_secret_value() if key is not None and key.get_secret_value() else None
+
+    @property
+    def callback_allowed_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return _networks(self.mpesa_callback_allowed_ips)
+
+    @property
+    def trusted_proxy_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return _networks(self.payment_trusted_proxies)
+
+
+def _networks(raw: str | None) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """``"196.1.2.3, 10.0.0.0/8"`` → networks (validated when settings load)."""
+    return [
+        ipaddress.ip_network(part.strip(), strict=False)
+        for part in (raw or "").split(",")
+        if part.strip()
+    ]
 
 
 def _checked_base_url(raw: str) -> str:

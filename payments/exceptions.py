@@ -7,6 +7,7 @@
     ├── IdempotencyConflictError         same idempotency key, different request
     ├── InvalidStateTransitionError
     ├── PaymentStorageError              the database could not record the payment
+    ├── UnauthorizedError                the caller is not allowed (HTTP API)
     └── PaymentProviderError             anything M-Pesa answered or failed to answer
         ├── PaymentInitiationError       the provider refused: outcome known, no money moved
         │   ├── PaymentCancelledError    the customer cancelled or failed (INS-4/5/6, …)
@@ -88,6 +89,10 @@ class InvalidStateTransitionError(PaymentError):
 
 class PaymentStorageError(PaymentError):
     error_code = "storage_unavailable"
+
+
+class UnauthorizedError(PaymentError):
+    error_code = "unauthorized"
 
 
 class PaymentProviderError(PaymentError):

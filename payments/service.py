@@ -519,7 +519,7 @@ class PaymentService:
         except PaymentProviderError as error:
             outcome = outcome_of_error(error)
         except Exception as error:
-            await self._apply(db, record, _unexpected(error), actor=user_id)
+            await self.apply_outcome(db, record, _unexpected(error), actor=user_id)
             raise
         return await self._finish(db, record, outcome, actor=user_id)
 
@@ -530,8 +530,8 @@ class PaymentService:
     ) -> PaymentResponse:
         """Ask M-Pesa for the status now and apply the answer. Never demotes a settled payment."""
         record = await self._get_record(db, transaction_id)
-        outcome = await self._query_outcome(record)
-        record, _ = await self._apply(db, record, outcome, actor=actor or "refresh")
+        outcome = await self.query_outcome(record)
+        record, _ = await self.apply_outcome(db, record, outcome, actor=actor or "refresh")
         return to_response(record)
 
     async def query_customer_name(self, phone_number: Msisdn | str) -> CustomerNameResponse:
@@ -697,7 +697,7 @@ class PaymentService:
     ) -> tuple[PaymentRecord, bool]:
         """Commit the intent (or find the payment this key already made): rule 1 and rule 5."""
         try:
-            return await run_db(db, _committing(work))
+            return await run_db(db, committing(work))
         except IntegrityError as exc:
             if key is not None:  # a concurrent request with the same key won the insert
                 existing = await run_db(db, lambda s: _record_by_key(s, key))
@@ -748,12 +748,12 @@ class PaymentService:
         except PaymentProviderError as error:
             outcome = outcome_of_error(error)
         except PaymentValidationError as error:  # refused before sending: nothing moved
-            await self._apply(
+            await self.apply_outcome(
                 db, record, Outcome(S.FAILED, error.message, error=error), actor=user_id
             )
             raise
         except Exception as error:
-            await self._apply(db, record, _unexpected(error), actor=user_id)
+            await self.apply_outcome(db, record, _unexpected(error), actor=user_id)
             raise
         return await self._finish(db, record, outcome, actor=user_id)
 
@@ -776,7 +776,7 @@ class PaymentService:
     async def _finish(
         self, db: DbSession, record: PaymentRecord, outcome: Outcome, *, actor: str | None
     ) -> PaymentResponse:
-        record, changed = await self._apply(db, record, outcome, actor=actor)
+        record, changed = await self.apply_outcome(db, record, outcome, actor=actor)
         response = to_response(record)
         status = PaymentStatus(record.status)
         if status in SUCCEEDED:
@@ -804,7 +804,7 @@ class PaymentService:
         self, record: PaymentRecord, error: DuplicateTransactionError
     ) -> Outcome:
         """INS-10: M-Pesa has seen this reference. Ask what happened to it instead of failing."""
-        queried = await self._query_outcome(record, by_reference=True)
+        queried = await self.query_outcome(record, by_reference=True)
         if queried.status is None:
             return replace(
                 outcome_of_error(error),
@@ -813,7 +813,7 @@ class PaymentService:
             )
         return replace(queried, exchanges=error.exchanges + queried.exchanges)
 
-    async def _query_outcome(self, record: PaymentRecord, *, by_reference: bool = False) -> Outcome:
+    async def query_outcome(self, record: PaymentRecord, *, by_reference: bool = False) -> Outcome:
         reference = record.third_party_reference
         if not by_reference:
             reference = record.provider_transaction_id or record.conversation_id or reference
@@ -841,7 +841,7 @@ class PaymentService:
             action=AuditAction.RECONCILED,
         )
 
-    async def _apply(
+    async def apply_outcome(
         self, db: DbSession, record: PaymentRecord, outcome: Outcome, *, actor: str | None
     ) -> tuple[PaymentRecord, bool]:
         """Record the exchanges and apply the outcome in one short transaction, retrying on
@@ -850,7 +850,7 @@ class PaymentService:
         while True:
             try:
                 result = await run_db(
-                    db, _committing(lambda s: _apply_outcome(s, record, outcome, actor))
+                    db, committing(lambda s: _apply_outcome(s, record, outcome, actor))
                 )
                 break
             except (SQLAlchemyError, StaleDataError) as exc:
@@ -911,7 +911,7 @@ class PaymentService:
             try:
                 await run_db(
                     db,
-                    _committing(
+                    committing(
                         lambda s: repo.add_audit(
                             s, record.id, AuditAction.HOOK_FAILED, error_message=message[:2000]
                         )
@@ -958,7 +958,7 @@ def _unexpected(error: Exception) -> Outcome:
     )
 
 
-def _committing(work: Callable[[Session], Any]) -> Callable[[Session], Any]:
+def committing(work: Callable[[Session], Any]) -> Callable[[Session], Any]:
     def run(session: Session) -> Any:
         try:
             result = work(session)
@@ -1080,4 +1080,3 @@ def _audit_action_for(status: PaymentStatus) -> AuditAction:
     if status in (S.FAILED, S.CANCELLED, S.EXPIRED):
         return AuditAction.FAILED
     return AuditAction.STATUS_CHANGED
-

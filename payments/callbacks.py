@@ -1,0 +1,273 @@
+"""Inbound result notifications: store first, authenticate, then process idempotently.
+
+Every request is written to ``payment_webhook_logs`` raw (rejected ones too, marked invalid)
+before anything else; if it cannot be stored the provider gets a non-2xx answer and redelivers.
+Processing dedupes on *processed*, not on *seen*: a redelivered notification for a payment that is
+already settled changes nothing and fires no hook. A notification claiming success is confirmed
+with a status query before the payment is marked completed; every stored notification can be
+replayed.
+
+Accepted body (the result shape some setups forward)::
+
+    {"input_OriginalConversationID": "...", "input_ThirdPartyReference": "...",
+     "input_TransactionID": "...", "input_ResultCode": "INS-0" | "0" | "INS-5" | ...,
+     "input_ResultDesc": "..."}
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from . import repository as repo
+from .codes import Disposition
+from .config import PaymentSettings
+from .database import DbSession, run_db
+from .exceptions import PaymentNotFoundError, PaymentStorageError
+from .lifecycle import UNSETTLED
+from .logger import payment_logger, sanitize
+from .models import AuditAction, PaymentStatus, PaymentWebhookLog, utcnow
+from .service import Outcome, PaymentService, committing
+
+_SUCCESS_CODES = {"0", "INS-0"}
+_SECRET_HEADERS = {"x-callback-token", "authorization", "cookie", "x-api-key"}
+
+
+@dataclass(frozen=True, slots=True)
+class InboundNotification:
+    body: bytes
+    headers: Mapping[str, str]
+    peer_ip: str | None
+    query_token: str | None = None
+    source: str = "c2b"
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessingResult:
+    webhook_id: int
+    processed: bool
+    transaction_id: str | None
+    status: str | None
+    error: str | None
+
+
+def client_ip(
+    peer_ip: str | None, headers: Mapping[str, str], settings: PaymentSettings
+) -> str | None:
+    """The caller's address: the peer, or, when the peer is a trusted proxy, the right-most
+    untrusted hop of ``X-Forwarded-For`` (never the spoofable left-most one)."""
+    trusted = settings.trusted_proxy_networks
+    if peer_ip is None or not _in_networks(peer_ip, trusted):
+        return peer_ip
+    hops = [hop.strip() for hop in headers.get("x-forwarded-for", "").split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not _in_networks(hop, trusted):
+            return hop
+    return hops[0] if hops else peer_ip
+
+
+def _in_networks(
+    address: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+def authenticate(
+    notification: InboundNotification, caller_ip: str | None, settings: PaymentSettings
+) -> str | None:
+    """``None`` if the notification is authentic, else the reason it is not."""
+    expected = settings.callback_token
+    if expected is None:
+        if settings.mpesa_environment != "simulator":
+            return "MPESA_CALLBACK_TOKEN is not configured: callbacks are refused"
+    else:
+        given = notification.headers.get("x-callback-token") or notification.query_token or ""
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            return "missing or wrong callback token"
+    allowed = settings.callback_allowed_networks
+    if allowed and (caller_ip is None or not _in_networks(caller_ip, allowed)):
+        return "caller address is not in MPESA_CALLBACK_ALLOWED_IPS"
+    return None
+
+
+def provider_answer(body: Mapping[str, Any], code: str, description: str) -> dict[str, str]:
+    """Our reply in the provider's ``output_*`` shape."""
+    return {
+        "output_OriginalConversationID": str(body.get("input_OriginalConversationID") or ""),
+        "output_ResponseCode": code,
+        "output_ResponseDesc": description,
+        "output_ThirdPartyConversationID": str(body.get("input_ThirdPartyReference") or ""),
+    }
+
+
+class CallbackProcessor:
+    def __init__(self, service: PaymentService) -> None:
+        self.service = service
+
+    async def receive(
+        self, db: DbSession, notification: InboundNotification
+    ) -> tuple[int, dict[str, str]]:
+        """Store, authenticate, process. Returns the HTTP status and the answer body."""
+        settings = self.service.settings
+        caller_ip = client_ip(notification.peer_ip, notification.headers, settings)
+        rejection = authenticate(notification, caller_ip, settings)
+        text = notification.body.decode("utf-8", errors="replace")
+        body = _parse(text)
+        if rejection is None and body is None:
+            rejection = "body is not a JSON object"
+        webhook = PaymentWebhookLog(
+            source=notification.source,
+            raw_body=text,
+            headers=sanitize(
+                {
+                    k: ("***" if k.lower() in _SECRET_HEADERS else v)
+                    for k, v in notification.headers.items()
+                }
+            ),
+            remote_ip=caller_ip,
+            received_at=utcnow(),
+            is_valid=rejection is None,
+            validation_error=rejection,
+            is_processed=False,
+            attempts=0,
+        )
+        try:
+            webhook_id = await run_db(db, committing(lambda s: repo.add_webhook(s, webhook)))
+        except SQLAlchemyError as exc:
+            payment_logger.error("Callback could not be stored", error=type(exc).__name__)
+            return 503, provider_answer(body or {}, "INS-1", "Could not store the notification")
+        payment_logger.info(
+            "Callback received", webhook_id=webhook_id, valid=rejection is None, ip=caller_ip
+        )
+        if rejection is not None:
+            return 401, provider_answer(body or {}, "INS-2", "Not authorized")
+        assert body is not None
+        result = await self.process(db, webhook_id)
+        if result.error is not None:
+            return 500, provider_answer(body, "INS-1", result.error)
+        return 200, provider_answer(body, "0", "Successfully Accepted Result")
+
+    async def process(
+        self, db: DbSession, webhook_id: int, *, replay: bool = False
+    ) -> ProcessingResult:
+        """Apply a stored notification. Safe to repeat: settled payments are never changed."""
+
+        def load(session: Session) -> tuple[PaymentWebhookLog, repo.PaymentRecord | None]:
+            webhook = repo.get_webhook(session, webhook_id)
+            if webhook is None:
+                raise PaymentNotFoundError(f"notification {webhook_id} not found")
+            body = _parse(webhook.raw_body) or {}
+            row = repo.find_by_provider_reference(
+                session,
+                third_party_reference=_text(body.get("input_ThirdPartyReference")),
+                conversation_id=_text(body.get("input_OriginalConversationID")),
+            )
+            return webhook, (repo.record_of(session, row) if row is not None else None)
+
+        webhook, record = await run_db(db, load)
+        if webhook.is_processed and not replay:
+            return ProcessingResult(webhook_id, True, None, None, None)
+        if not webhook.is_valid and not replay:
+            return ProcessingResult(webhook_id, False, None, None, webhook.validation_error)
+        body = _parse(webhook.raw_body) or {}
+        if record is None:
+            return await self._finish(db, webhook_id, None, "no payment matches this notification")
+
+        code = (_text(body.get("input_ResultCode")) or "").upper()
+        description = _text(body.get("input_ResultDesc")) or ""
+        await run_db(
+            db,
+            committing(
+                lambda s: repo.add_audit(
+                    s,
+                    record.id,
+                    AuditAction.CALLBACK_RECEIVED,
+                    response_body=sanitize(body),
+                    actor="callback",
+                )
+            ),
+        )
+        error: str | None = None
+        if PaymentStatus(record.status) in UNSETTLED:
+            outcome = await self._outcome(record, code, description)
+            if outcome is None:
+                error = "success not confirmed by a status query yet"
+            else:
+                record, _ = await self.service.apply_outcome(db, record, outcome, actor="callback")
+        return await self._finish(db, webhook_id, record, error)
+
+    async def _outcome(
+        self, record: repo.PaymentRecord, code: str, description: str
+    ) -> Outcome | None:
+        if code in _SUCCESS_CODES:
+            # Trust, but verify: only M-Pesa's own status answer completes a payment.
+            confirmed = await self.service.query_outcome(record)
+            return confirmed if confirmed.status is not None else None
+        entry = self.service.client.config.codes.lookup(code)
+        if not entry.outcome_known:
+            return Outcome(None, f"notification with ambiguous code {code or 'none'}")
+        status = (
+            PaymentStatus.CANCELLED
+            if code == "INS-5"
+            else PaymentStatus.FAILED
+            if entry.disposition is not Disposition.SUCCESS
+            else None
+        )
+        return Outcome(
+            status,
+            description or entry.description,
+            response_code=code,
+            response_description=description or entry.description,
+        )
+
+    async def _finish(
+        self,
+        db: DbSession,
+        webhook_id: int,
+        record: repo.PaymentRecord | None,
+        error: str | None,
+    ) -> ProcessingResult:
+        def mark(session: Session) -> None:
+            webhook = repo.get_webhook(session, webhook_id, for_update=True)
+            assert webhook is not None
+            webhook.attempts += 1
+            webhook.transaction_id = record.id if record is not None else webhook.transaction_id
+            webhook.processing_error = error
+            if error is None:
+                webhook.is_processed = True
+                webhook.processed_at = utcnow()
+
+        try:
+            await run_db(db, committing(mark))
+        except SQLAlchemyError as exc:
+            raise PaymentStorageError("could not record the notification's processing") from exc
+        return ProcessingResult(
+            webhook_id,
+            error is None,
+            record.transaction_id if record is not None else None,
+            record.status if record is not None else None,
+            error,
+        )
+
+
+def _parse(text: str) -> dict[str, Any] | None:
+    try:
+        parsed = json.loads(text)
+    except (json.JSONDecodeError, ValueError):
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _text(value: Any) -> str | None:
+    return str(value).strip() if value not in (None, "") else None

@@ -1,0 +1,42 @@
+"""The demo gateway: the router under ``/api`` on a SQLite file, with the built-in simulator as
+the provider. ``python -m payments serve`` runs it; nothing here is needed in a host app."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from .config import get_settings
+from .database import get_engine
+from .logger import payment_logger
+from .models import Base
+from .router import get_payment_service, payment_router
+
+
+@asynccontextmanager
+async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
+    # The demo creates its tables itself; a host app runs the Alembic migration instead.
+    async with get_engine().begin() as connection:
+        await connection.run_sync(Base.metadata.create_all)
+    settings = get_settings()
+    payment_logger.info(
+        "Payments demo gateway started",
+        environment=settings.mpesa_environment,
+        database=settings.payment_database_url,
+    )
+    yield
+    await get_payment_service().aclose()
+    await get_engine().dispose()
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="M-Pesa Mozambique payments (demo gateway)",
+        description="The `payments` module's router, mounted under `/api`. Send the admin key"
+        " printed at start in the `X-API-Key` header.",
+        lifespan=_lifespan,
+    )
+    app.include_router(payment_router, prefix="/api")
+    return app
