@@ -5,6 +5,7 @@ Copy this folder into your app (``app/payments/``) or install it as a package; s
 
 from .client import ClientConfig, MpesaClient
 from .config import PaymentSettings, get_settings
+from .database import get_db
 from .exceptions import (
     DuplicateTransactionError,
     IdempotencyConflictError,
@@ -32,6 +33,7 @@ from .models import (
     PaymentWebhookLog,
 )
 from .repository import PaymentRecord
+from .router import create_payment_router, get_payment_service, payment_router, require_api_key
 from .schemas import (
     PaymentInitiateRequest,
     PaymentResponse,
@@ -75,6 +77,11 @@ __all__ = [
     "ProviderUnavailableError",
     "ReversalRequest",
     "TransferRequest",
+    "create_payment_router",
+    "get_db",
+    "get_payment_service",
     "get_settings",
     "payment_logger",
+    "payment_router",
+    "require_api_key",
 ]
