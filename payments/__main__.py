@@ -1,8 +1,9 @@
-"""Command line: ``python -m payments serve | simulator``."""
+"""Command line: ``python -m payments serve | simulator | reconcile``."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import secrets
 from collections.abc import Sequence
@@ -42,6 +43,32 @@ def build_parser() -> argparse.ArgumentParser:
         default=300.0,
         help="seconds the scripted slow number (258842000002) takes to answer",
     )
+
+    reconcile = commands.add_parser(
+        "reconcile",
+        help="settle payments whose outcome is unknown by asking M-Pesa",
+        description="Query M-Pesa for every pending, processing or unknown payment at least"
+        " --min-age seconds old and apply the answer; payments still unresolved after"
+        " PAYMENT_RECONCILE_ATTENTION_AFTER seconds are flagged for an operator. Safe to run"
+        " in several processes at once on PostgreSQL.",
+    )
+    reconcile.add_argument(
+        "--min-age",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="only payments at least this old (default PAYMENT_RECONCILE_MIN_AGE, 60)",
+    )
+    reconcile.add_argument(
+        "--loop",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="keep running, one pass every SECONDS (default: one pass, then exit)",
+    )
+    reconcile.add_argument(
+        "--batch-size", type=int, default=None, help="payments per pass (default 50)"
+    )
     return parser
 
 
@@ -49,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         serve(args.host, args.port)
+    elif args.command == "reconcile":
+        asyncio.run(reconcile(args.min_age, args.loop, args.batch_size))
     elif args.command == "simulator":
         from .simulator import SimulatorConfig, run_simulator
 
@@ -66,6 +95,10 @@ def serve(host: str, port: int) -> None:
     from .demo import create_app
 
     os.environ.setdefault("MPESA_ENVIRONMENT", "simulator")
+    # The demo settles unknown outcomes itself, quickly, so a newcomer sees them resolve.
+    os.environ.setdefault("PAYMENT_RECONCILE_IN_APP", "true")
+    os.environ.setdefault("PAYMENT_RECONCILE_MIN_AGE", "5")
+    os.environ.setdefault("PAYMENT_RECONCILE_INTERVAL", "5")
     if not os.environ.get("PAYMENT_ADMIN_API_KEY"):
         os.environ["PAYMENT_ADMIN_API_KEY"] = secrets.token_urlsafe(24)
     settings = get_settings()  # fail fast, naming the variable, before serving anything
@@ -73,6 +106,25 @@ def serve(host: str, port: int) -> None:
     print(f"Provider: {settings.mpesa_environment}; database: {settings.payment_database_url}")
     print(f"Admin API key (send as X-API-Key): {settings.admin_api_key}")
     uvicorn.run(create_app(), host=host, port=port, log_level="warning")
+
+
+async def reconcile(min_age: float | None, loop: float | None, batch_size: int | None) -> None:
+    from .database import get_engine, get_sessionmaker
+    from .reconciliation import reconcile_forever, reconcile_once
+    from .service import PaymentService
+
+    service = PaymentService()
+    try:
+        if loop is None:
+            report = await reconcile_once(
+                service, get_sessionmaker(), min_age=min_age, batch_size=batch_size
+            )
+            print(f"reconciliation: {report}")
+        else:
+            await reconcile_forever(service, get_sessionmaker(), interval=loop, min_age=min_age)
+    finally:
+        await service.aclose()
+        await get_engine().dispose()
 
 
 if __name__ == "__main__":

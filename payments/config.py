@@ -81,6 +81,13 @@ class PaymentSettings(BaseSettings):
     payment_database_url: str = "sqlite:///./payments.db"
     payment_database_pool_size: int = Field(default=10, ge=1, le=1000)
 
+    # Reconciliation of payments whose outcome is still open
+    payment_reconcile_min_age: float = Field(default=60.0, ge=0)
+    payment_reconcile_attention_after: float = Field(default=3600.0, gt=0)
+    payment_reconcile_batch_size: int = Field(default=50, ge=1, le=1000)
+    payment_reconcile_interval: float = Field(default=60.0, gt=0)
+    payment_reconcile_in_app: bool = False
+
     # Logging
     payment_log_dir: str = "logs"
     payment_log_format: Literal["text", "json"] = "text"

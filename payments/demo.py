@@ -3,15 +3,17 @@ the provider. ``python -m payments serve`` runs it; nothing here is needed in a 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from .config import get_settings
-from .database import get_engine
+from .database import get_engine, get_sessionmaker
 from .logger import payment_logger
 from .models import Base
+from .reconciliation import reconcile_forever
 from .router import get_payment_service, payment_router
 
 
@@ -26,7 +28,16 @@ async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
         environment=settings.mpesa_environment,
         database=settings.payment_database_url,
     )
+    stop = asyncio.Event()
+    background = None
+    if settings.payment_reconcile_in_app:
+        background = asyncio.create_task(
+            reconcile_forever(get_payment_service(), get_sessionmaker(), stop=stop)
+        )
     yield
+    stop.set()
+    if background is not None:
+        await background
     await get_payment_service().aclose()
     await get_engine().dispose()
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import threading
@@ -394,7 +395,15 @@ def _from_settings() -> tuple[str, str, str, list[str]]:
     try:
         settings = get_settings()
     except PaymentConfigurationError:
-        return DEFAULT_LOG_DIR, DEFAULT_LOG_FORMAT, DEFAULT_LOG_LEVEL, []
+        # Another variable is wrong; the logging ones may still be right, and must be honoured.
+        log_format = os.environ.get("PAYMENT_LOG_FORMAT", DEFAULT_LOG_FORMAT).strip().lower()
+        level = os.environ.get("PAYMENT_LOG_LEVEL", DEFAULT_LOG_LEVEL).strip().upper()
+        return (
+            os.environ.get("PAYMENT_LOG_DIR", "").strip() or DEFAULT_LOG_DIR,
+            log_format if log_format in LOG_FORMATS else DEFAULT_LOG_FORMAT,
+            level if level in LOG_LEVELS else DEFAULT_LOG_LEVEL,
+            [],
+        )
     return (
         settings.payment_log_dir,
         settings.payment_log_format,
@@ -444,12 +453,34 @@ def configure_logging(
                 handler.setFormatter(formatter)
                 _owned(handler)
             _install(handlers)
+            _guard_transport_loggers()
             _logger.setLevel(chosen_level)
             _logger.propagate = False
             _logger.disabled = False  # dictConfig(disable_existing_loggers=True) must not mute us
             _state.configured = True
         finally:
             _state.configuring = False
+
+
+class _SanitizingFilter(logging.Filter):
+    """Masks records of other libraries' loggers before any handler (the host's) sees them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = sanitize_text(record.getMessage())
+        record.args = None
+        return True
+
+
+_TRANSPORT_LOGGERS = ("httpx", "httpcore", "uvicorn.access")
+
+
+def _guard_transport_loggers() -> None:
+    """httpx logs every request URL at INFO, and GET queries carry the customer's MSISDN in the
+    query string: mask those records too, whoever's handler writes them."""
+    for name in _TRANSPORT_LOGGERS:
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _SanitizingFilter) for f in target.filters):
+            target.addFilter(_SanitizingFilter())
 
 
 def shutdown_logging() -> None:

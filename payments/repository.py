@@ -12,7 +12,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from .models import (
@@ -299,3 +299,35 @@ def list_webhooks(
         query.order_by(PaymentWebhookLog.id.desc()).offset((page - 1) * per_page).limit(per_page)
     )
     return list(rows), total
+
+
+# -- reconciliation -----------------------------------------------------------------------------
+
+
+def claim_due_for_reconciliation(
+    session: Session, *, now: datetime, created_before: datetime, lease_until: datetime, limit: int
+) -> list[PaymentRecord]:
+    """Lease up to ``limit`` unsettled payments that are due: ``next_reconcile_at`` moves to
+    ``lease_until`` so other workers skip them while this one asks the provider, without holding
+    a lock. ``SKIP LOCKED`` keeps concurrent claims on PostgreSQL from waiting on each other."""
+    rows = session.scalars(
+        select(PaymentTransaction)
+        .where(
+            PaymentTransaction.status.in_(
+                [PaymentStatus.PENDING, PaymentStatus.PROCESSING, PaymentStatus.UNKNOWN]
+            ),
+            PaymentTransaction.created_at <= created_before,
+            or_(
+                PaymentTransaction.next_reconcile_at.is_(None),
+                PaymentTransaction.next_reconcile_at <= now,
+            ),
+        )
+        .order_by(PaymentTransaction.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    for row in rows:
+        row.next_reconcile_at = lease_until
+        row.reconcile_attempts += 1
+    session.flush()
+    return [record_of(session, row) for row in rows]

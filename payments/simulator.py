@@ -940,7 +940,8 @@ def run_simulator(
 ) -> None:
     """Serve the simulator with uvicorn (blocks until stopped)."""
     _install_quiet_disconnect_filter()
-    uvicorn.run(create_simulator_app(config), host=host, port=port)
+    # No access log: GET query strings carry full MSISDNs.
+    uvicorn.run(create_simulator_app(config), host=host, port=port, access_log=False)
 
 
 def main(argv: list[str] | None = None) -> None:

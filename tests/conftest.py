@@ -103,3 +103,106 @@ async def async_engine(database_url: str) -> AsyncIterator[AsyncEngine]:
 @pytest.fixture
 def session_factory(async_engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(async_engine, expire_on_commit=False)
+
+
+# --- HTTP API harness (tests/test_router.py, test_callbacks.py, test_api_fuzz.py) ---------------
+# The router mounted under /api on a FastAPI app, with its own in-process simulator, service and
+# database sessions, driven through httpx's ASGI transport.
+
+from collections.abc import Awaitable, Callable  # noqa: E402
+from contextlib import AsyncExitStack, asynccontextmanager  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any  # noqa: E402
+
+import httpx  # noqa: E402
+from fastapi import FastAPI  # noqa: E402
+from sqlalchemy import func, select  # noqa: E402
+
+from payments.client import ClientConfig, MpesaClient  # noqa: E402
+from payments.config import load_settings  # noqa: E402
+from payments.models import PaymentTransaction, PaymentWebhookLog  # noqa: E402
+from payments.router import create_payment_router  # noqa: E402
+from payments.service import PaymentService  # noqa: E402
+from payments.simulator import MpesaSimulator, SimulatorConfig, SimulatorTransport  # noqa: E402
+
+
+async def _no_sleep(_: float) -> None:
+    return None
+
+
+@dataclass
+class PaymentApi:
+    """One mounted router and everything behind it."""
+
+    app: FastAPI
+    http: httpx.AsyncClient
+    service: PaymentService
+    simulator: MpesaSimulator
+    session_factory: async_sessionmaker[AsyncSession]
+
+    async def count(self, model: type[Any] = PaymentTransaction) -> int:
+        async with self.session_factory() as session:
+            return int(await session.scalar(select(func.count()).select_from(model)) or 0)
+
+    async def webhook_count(self) -> int:
+        return await self.count(PaymentWebhookLog)
+
+
+@asynccontextmanager
+async def build_payment_api(
+    session_factory: async_sessionmaker[AsyncSession],
+    *,
+    service_class: type[PaymentService] = PaymentService,
+    client_address: tuple[str, int] = ("127.0.0.1", 123),
+    router_options: dict[str, Any] | None = None,
+    settings_overrides: dict[str, Any] | None = None,
+) -> AsyncIterator[PaymentApi]:
+    """Settings come from the environment (set it first) plus ``settings_overrides``; the
+    provider is always an in-process simulator."""
+    overrides: dict[str, Any] = {"mpesa_environment": "simulator", "payment_c2b_timeout": 5}
+    settings = load_settings(**(overrides | (settings_overrides or {})))
+    simulator = MpesaSimulator(SimulatorConfig())
+    client = MpesaClient(
+        ClientConfig.from_settings(settings),
+        transport=SimulatorTransport(simulator),
+        sleep=_no_sleep,
+    )
+    service = service_class(settings, client, db_retry_delays=(0.01,))
+
+    async def get_session() -> AsyncIterator[AsyncSession]:
+        async with session_factory() as session:
+            yield session
+
+    options: dict[str, Any] = {"get_session": get_session, "service": lambda: service}
+    options |= router_options or {}
+    app = FastAPI()
+    app.include_router(create_payment_router(**options), prefix="/api")
+    transport = httpx.ASGITransport(app=app, client=client_address, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        try:
+            yield PaymentApi(app, http, service, simulator, session_factory)
+        finally:
+            await service.aclose()
+
+
+PaymentApiFactory = Callable[..., Awaitable[PaymentApi]]
+
+
+@pytest.fixture
+async def payment_api_factory(
+    session_factory: async_sessionmaker[AsyncSession],
+) -> AsyncIterator[PaymentApiFactory]:
+    """``await payment_api_factory(**build_payment_api options)``: built after the test has set
+    its environment; everything is closed at teardown."""
+    async with AsyncExitStack() as stack:
+
+        async def make(**options: Any) -> PaymentApi:
+            return await stack.enter_async_context(build_payment_api(session_factory, **options))
+
+        yield make
+
+
+@pytest.fixture
+async def payment_api(payment_api_factory: PaymentApiFactory) -> PaymentApi:
+    """The API with default settings (simulator environment, no admin key: open)."""
+    return await payment_api_factory()

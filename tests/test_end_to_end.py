@@ -418,7 +418,7 @@ async def test_log_files_hold_no_phone_number_key_or_token(
         **{f"bearer token {i}": token for i, token in enumerate(set(sent_tokens))},
     }
     # The simulator process's own payment logs (it logs the connection drop) too.
-    simulator_logs = read_logs(live_simulator.log_dir)
-    for name, content in {**logs, **{f"simulator/{k}": v for k, v in simulator_logs.items()}}.items():
+    simulator_logs = {f"simulator/{k}": v for k, v in read_logs(live_simulator.log_dir).items()}
+    for name, content in {**logs, **simulator_logs}.items():
         for what, value in forbidden.items():
             assert value not in content, f"{name} holds the {what}"

@@ -1,0 +1,200 @@
+"""Settle payments whose outcome is still open (``pending``, ``processing``, ``unknown``).
+
+A pass leases due payments (``repository.claim_due_for_reconciliation``: ``FOR UPDATE SKIP
+LOCKED`` plus a lease in ``next_reconcile_at``, so several workers on one PostgreSQL never work
+on the same payment), asks M-Pesa for each one's status without holding a database connection,
+and applies the answer through the state machine. It never fails a payment without provider
+evidence: an answer-less payment is retried with exponential backoff and, past
+``PAYMENT_RECONCILE_ATTENTION_AFTER`` seconds, flagged for an operator (``attention_required``).
+
+Run it as ``python -m payments reconcile [--loop SECONDS]``, schedule ``reconcile_once`` yourself,
+or start ``reconcile_forever`` as a background task with the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
+
+from . import repository as repo
+from .exceptions import PaymentError
+from .logger import payment_logger
+from .models import AuditAction, PaymentStatus, utcnow
+from .repository import PaymentRecord
+from .service import Outcome, PaymentService, committing
+
+#: How long a claimed payment stays invisible to other workers while its query runs.
+LEASE = timedelta(minutes=5)
+#: Backoff between attempts for one payment: 30 s, 1 min, 2 min, … capped at 30 min.
+BACKOFF_BASE = timedelta(seconds=30)
+BACKOFF_CAP = timedelta(minutes=30)
+
+
+@dataclass
+class ReconcileReport:
+    examined: int = 0
+    settled: int = 0
+    unresolved: int = 0
+    flagged: int = 0
+    errors: int = 0
+    settled_ids: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return (
+            f"examined={self.examined} settled={self.settled} unresolved={self.unresolved}"
+            f" flagged={self.flagged} errors={self.errors}"
+        )
+
+
+def backoff(attempts: int) -> timedelta:
+    return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, attempts - 1))
+
+
+async def reconcile_once(
+    service: PaymentService,
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    min_age: float | None = None,
+    attention_after: float | None = None,
+    batch_size: int | None = None,
+    concurrency: int = 10,
+    now: Callable[[], datetime] = utcnow,
+) -> ReconcileReport:
+    """One pass over the due payments at least ``min_age`` seconds old."""
+    settings = service.settings
+    min_age = settings.payment_reconcile_min_age if min_age is None else min_age
+    attention_after = (
+        settings.payment_reconcile_attention_after if attention_after is None else attention_after
+    )
+    batch_size = batch_size or settings.payment_reconcile_batch_size
+    # A "processing" payment older than this has lost the process that was waiting for it.
+    abandoned_after = timedelta(seconds=settings.payment_c2b_timeout + 60)
+    report = ReconcileReport()
+    started = now()
+
+    async with sessions() as db:
+        claimed = await db.run_sync(
+            committing(
+                lambda s: repo.claim_due_for_reconciliation(
+                    s,
+                    now=started,
+                    created_before=started - timedelta(seconds=min_age),
+                    lease_until=started + LEASE,
+                    limit=batch_size,
+                )
+            )
+        )
+    report.examined = len(claimed)
+    limit = asyncio.Semaphore(concurrency)
+
+    async def settle(record: PaymentRecord) -> None:
+        async with limit, sessions() as db:
+            try:
+                await _settle_one(
+                    service, db, record, report, now(), attention_after, abandoned_after
+                )
+            except (PaymentError, SQLAlchemyError) as exc:
+                report.errors += 1
+                payment_logger.error(
+                    "Reconciliation failed for a payment",
+                    transaction_id=record.transaction_id,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+
+    await asyncio.gather(*(settle(record) for record in claimed))
+    if claimed:
+        payment_logger.info("Reconciliation pass", report=str(report))
+    return report
+
+
+async def _settle_one(
+    service: PaymentService,
+    db: AsyncSession,
+    record: PaymentRecord,
+    report: ReconcileReport,
+    now: datetime,
+    attention_after: float,
+    abandoned_after: timedelta,
+) -> None:
+    outcome = await service.query_outcome(record)
+    age = now - record.created_at
+    if (
+        outcome.status is None
+        and record.status == PaymentStatus.PROCESSING
+        and age > abandoned_after
+    ):
+        # Nobody is waiting for this answer any more; say so, without guessing the outcome.
+        outcome = Outcome(
+            PaymentStatus.UNKNOWN,
+            "no answer was recorded for this payment; waiting for M-Pesa's status",
+            exchanges=outcome.exchanges,
+            action=AuditAction.RECONCILED,
+        )
+    updated, _ = await service.apply_outcome(db, record, outcome, actor="reconciler")
+    if PaymentStatus(updated.status) not in (
+        PaymentStatus.PENDING,
+        PaymentStatus.PROCESSING,
+        PaymentStatus.UNKNOWN,
+    ):
+        report.settled += 1
+        report.settled_ids.append(updated.transaction_id)
+        payment_logger.info(
+            "Payment reconciled", transaction_id=updated.transaction_id, status=updated.status
+        )
+        return
+    report.unresolved += 1
+    flag = age.total_seconds() >= attention_after and not updated.attention_required
+    if flag:
+        report.flagged += 1
+        payment_logger.warning(
+            "Payment needs an operator: M-Pesa has not confirmed its outcome",
+            transaction_id=updated.transaction_id,
+            status=updated.status,
+            age_seconds=round(age.total_seconds()),
+        )
+
+    def schedule(session: Session) -> None:
+        row = repo.get_by_id(session, updated.id, for_update=True)
+        row.next_reconcile_at = now + backoff(row.reconcile_attempts)
+        if flag:
+            row.attention_required = True
+            repo.add_audit(
+                session,
+                row.id,
+                AuditAction.ATTENTION_REQUIRED,
+                status_before=row.status,
+                status_after=row.status,
+                error_message=f"outcome still unknown after {round(age.total_seconds())} s;"
+                f" last answer: {outcome.status_description}",
+                actor="reconciler",
+            )
+
+    await db.run_sync(committing(schedule))
+
+
+async def reconcile_forever(
+    service: PaymentService,
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    interval: float | None = None,
+    min_age: float | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run passes every ``interval`` seconds until ``stop`` is set (or the task is cancelled)."""
+    interval = interval or service.settings.payment_reconcile_interval
+    stop = stop or asyncio.Event()
+    while not stop.is_set():
+        try:
+            await reconcile_once(service, sessions, min_age=min_age)
+        except SQLAlchemyError as exc:  # the database may be down for a while: keep trying
+            payment_logger.error("Reconciliation pass failed", error=type(exc).__name__)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+        except TimeoutError:
+            pass
