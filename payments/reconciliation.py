@@ -53,7 +53,8 @@ class ReconcileReport:
 
 
 def backoff(attempts: int) -> timedelta:
-    return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, attempts - 1))
+    doublings = min(max(0, attempts - 1), 16)  # past the cap anyway; keeps timedelta in range
+    return min(BACKOFF_CAP, BACKOFF_BASE * 2**doublings)
 
 
 async def reconcile_once(
