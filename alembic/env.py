@@ -12,12 +12,12 @@ import os
 import threading
 from logging.config import fileConfig
 
+from alembic import context
 from dotenv import dotenv_values
 from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from alembic import context
 from payments.database import normalize_database_url
 from payments.models import Base
 
