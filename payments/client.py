@@ -37,6 +37,7 @@ from .exceptions import (
 )
 from .logger import payment_logger, sanitize
 from .signing import MpesaAuth
+from .transport import AiohttpTransport
 from .values import Msisdn, format_amount, parse_amount, validate_reference, validate_shortcode
 
 USER_AGENT = "payments-mpesa-mz/0.1"
@@ -243,10 +244,8 @@ class MpesaClient:
             from .simulator import SimulatorTransport, create_simulator_app
 
             transport = SimulatorTransport(create_simulator_app())
-        limits = httpx.Limits(
-            max_connections=config.max_connections,
-            max_keepalive_connections=min(config.max_connections, 100),
-        )
+        if transport is None:
+            transport = AiohttpTransport(max_connections=config.max_connections)
         self._http = httpx.AsyncClient(
             auth=MpesaAuth(config.api_key, config.public_key),
             headers={
@@ -255,7 +254,6 @@ class MpesaClient:
                 "User-Agent": USER_AGENT,
             },
             transport=transport,
-            limits=limits,
             follow_redirects=False,
             verify=True,
         )

@@ -56,6 +56,7 @@ def make_client(**overrides: object) -> tuple[MpesaClient, list[float]]:
     values.update(overrides)
     client = MpesaClient(
         ClientConfig(**values),  # type: ignore[arg-type]
+        transport=httpx.AsyncHTTPTransport(),  # what respx intercepts
         sleep=record_sleep,
         jitter=lambda: 0.0,
     )

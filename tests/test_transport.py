@@ -1,0 +1,123 @@
+"""The aiohttp-backed transport: what reaches the server, and errors mapped by what they prove."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import httpx
+import pytest
+
+from payments.transport import AiohttpTransport
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head + (await reader.readexactly(length) if length else b"")
+
+
+async def serve(handler: Handler) -> AsyncIterator[str]:
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+
+
+@pytest.fixture
+async def transport() -> AsyncIterator[AiohttpTransport]:
+    transport = AiohttpTransport(max_connections=10)
+    yield transport
+    await transport.aclose()
+
+
+async def test_sends_method_headers_body_and_decodes_the_answer(
+    transport: AiohttpTransport,
+) -> None:
+    seen: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await read_request(reader))
+        body = gzip.compress(b'{"output_ResponseCode": "INS-0"}')
+        writer.write(
+            b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        writer.close()
+
+    async for base in serve(handler):
+        async with httpx.AsyncClient(transport=transport) as client:
+            response = await client.put(
+                f"{base}/ipg/v1x/reversal/?a=1",
+                json={"input_Amount": "10.00"},
+                headers={"Origin": "developer.mpesa.vm.co.mz", "Authorization": "Bearer t"},
+            )
+    assert response.status_code == 201
+    assert response.json() == {"output_ResponseCode": "INS-0"}
+    request = seen[0]
+    assert request.startswith(b"PUT /ipg/v1x/reversal/?a=1 HTTP/1.1\r\n")
+    assert b"origin: developer.mpesa.vm.co.mz" in request.lower()
+    assert b"authorization: bearer t" in request.lower()
+    assert request.lower().count(b"host:") == 1
+    assert request.endswith(b'{"input_Amount":"10.00"}')
+
+
+async def test_refused_connection_is_connect_error(transport: AiohttpTransport) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with httpx.AsyncClient(transport=transport) as client:
+        with pytest.raises(httpx.ConnectError):
+            await client.post(f"http://127.0.0.1:{port}/", json={})
+
+
+async def test_disconnect_after_the_request_is_not_a_connect_error(
+    transport: AiohttpTransport,
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.close()  # the request arrived; the answer never comes
+
+    async for base in serve(handler):
+        async with httpx.AsyncClient(transport=transport) as client:
+            with pytest.raises(httpx.TransportError) as info:
+                await client.post(f"{base}/", json={})
+    assert not isinstance(info.value, httpx.ConnectError | httpx.ConnectTimeout)
+    assert isinstance(info.value, httpx.RemoteProtocolError | httpx.ReadError)
+
+
+async def test_truncated_body_is_a_read_side_error(transport: AiohttpTransport) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"output_')
+        await writer.drain()
+        writer.close()
+
+    async for base in serve(handler):
+        async with httpx.AsyncClient(transport=transport) as client:
+            with pytest.raises(httpx.TransportError) as info:
+                await client.post(f"{base}/", json={})
+    assert not isinstance(info.value, httpx.ConnectError | httpx.ConnectTimeout)
+
+
+async def test_read_timeout(transport: AiohttpTransport) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await asyncio.sleep(2)
+        writer.close()
+
+    async for base in serve(handler):
+        async with httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(0.3)) as client:
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post(f"{base}/", json={})
