@@ -3,11 +3,20 @@ README). Provider wire fields (``input_*``/``output_*``) never appear here."""
 
 from __future__ import annotations
 
-from datetime import date, datetime
+import json
+from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    field_validator,
+    model_validator,
+)
 
 from .exceptions import PaymentValidationError
 from .values import Msisdn, parse_amount
@@ -37,6 +46,23 @@ IdempotencyKey = Annotated[str, Field(min_length=1, max_length=255)]
 class _Request(BaseModel):
     # Unknown fields are refused: a misspelt "ammount" must not turn into a silent default.
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    @model_validator(mode="after")
+    def _storable(self) -> Self:
+        """Refuse what a database cannot store (NUL characters, NaN/Infinity in JSON) here, as
+        input errors, rather than as database errors after the fact."""
+        for name, value in self:
+            if isinstance(value, str) and "\x00" in value:
+                raise ValueError(f"{name} must not contain NUL characters")
+        metadata = getattr(self, "metadata", None)
+        if metadata is not None:
+            try:
+                text = json.dumps(metadata, allow_nan=False)
+            except (TypeError, ValueError):
+                raise ValueError("metadata must be plain JSON (no NaN or Infinity)") from None
+            if "\\u0000" in text:
+                raise ValueError("metadata must not contain NUL characters")
+        return self
 
 
 class PaymentInitiateRequest(_Request):
@@ -71,7 +97,7 @@ class PayoutRequest(_Request):
 class TransferRequest(_Request):
     """B2B: the business pays another business's shortcode."""
 
-    receiver_party_code: Annotated[str, Field(pattern=r"^\d{5,6}$")]
+    receiver_party_code: Annotated[str, Field(pattern=r"^[0-9]{5,6}$")]
     amount: Amount
     account_reference: ShortText | None = None
     description: Annotated[str, Field(max_length=255)] | None = None
@@ -178,6 +204,12 @@ class AuditLogEntry(BaseModel):
     response_time_ms: int | None
     actor: str | None
     created_at: datetime
+
+    @field_validator("created_at")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        # SQLite hands back naive datetimes; they were stored in UTC.
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
 class AuditTrailResponse(BaseModel):

@@ -16,6 +16,8 @@ _VODACOM_MSISDN = re.compile(r"^2588[45]\d{7}$")
 _ANY_MZ_MOBILE = re.compile(r"^2588\d{8}$")
 _REFERENCE = re.compile(r"^[A-Za-z0-9]+$")
 CENT = Decimal("0.01")
+#: What a Numeric(12, 2) column holds; no M-Pesa amount comes near it.
+MAX_AMOUNT = Decimal("10000000000")
 
 
 def mask_msisdn(digits: str) -> str:
@@ -133,6 +135,8 @@ def parse_amount(
         raise PaymentValidationError("amount must be a finite number", field=field)
     if amount <= 0:
         raise PaymentValidationError("amount must be greater than zero", field=field)
+    if amount >= MAX_AMOUNT:  # beyond Numeric(12, 2), and quantize() would overflow
+        raise PaymentValidationError(f"amount must be less than {MAX_AMOUNT:,.0f}", field=field)
     if amount != amount.quantize(CENT):
         raise PaymentValidationError("amount may have at most 2 decimal places", field=field)
     amount = amount.quantize(CENT)
@@ -162,6 +166,6 @@ def validate_reference(value: str, *, field: str, max_length: int = 20) -> str:
 
 
 def validate_shortcode(value: str, *, field: str) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"\d{5,6}", value):
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9]{5,6}", value):
         raise PaymentValidationError(f"{field} must be 5 or 6 digits", field=field)
     return value
