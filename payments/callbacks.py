@@ -19,17 +19,16 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from . import repository as repo
-from .codes import Disposition
 from .config import PaymentSettings
-from .database import DbSession, run_db
+from .database import DATABASE_ERRORS, DbSession, run_db
 from .exceptions import PaymentNotFoundError, PaymentStorageError
 from .lifecycle import UNSETTLED
 from .logger import payment_logger, sanitize
@@ -37,6 +36,7 @@ from .models import AuditAction, PaymentStatus, PaymentWebhookLog, utcnow
 from .service import Outcome, PaymentService, committing
 
 _SUCCESS_CODES = {"0", "INS-0"}
+_REFERENCE = re.compile(r"[A-Za-z0-9_-]{1,100}")
 _SECRET_HEADERS = {"x-callback-token", "authorization", "cookie", "x-api-key"}
 
 
@@ -47,6 +47,16 @@ class InboundNotification:
     peer_ip: str | None
     query_token: str | None = None
     source: str = "c2b"
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    """What processing needs of a stored notification (plain values, usable after the commit)."""
+
+    is_processed: bool
+    is_valid: bool
+    validation_error: str | None
+    body: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,11 +76,23 @@ def client_ip(
     trusted = settings.trusted_proxy_networks
     if peer_ip is None or not _in_networks(peer_ip, trusted):
         return peer_ip
-    hops = [hop.strip() for hop in headers.get("x-forwarded-for", "").split(",") if hop.strip()]
+    hops = [
+        hop.strip()
+        for hop in headers.get("x-forwarded-for", "").split(",")
+        if _is_address(hop.strip())  # anything else is noise a client made up
+    ]
     for hop in reversed(hops):
         if not _in_networks(hop, trusted):
             return hop
     return hops[0] if hops else peer_ip
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _in_networks(
@@ -124,7 +146,8 @@ class CallbackProcessor:
         rejection = authenticate(notification, caller_ip, settings)
         text = notification.body.decode("utf-8", errors="replace")
         body = _parse(text)
-        if rejection is None and body is None:
+        malformed = rejection is None and body is None
+        if malformed:
             rejection = "body is not a JSON object"
         webhook = PaymentWebhookLog(
             source=notification.source,
@@ -143,93 +166,121 @@ class CallbackProcessor:
             attempts=0,
         )
         try:
-            webhook_id = await run_db(db, committing(lambda s: repo.add_webhook(s, webhook)))
-        except SQLAlchemyError as exc:
+            webhook_id = await run_db(
+                db, committing(lambda s: repo.add_webhook(s, webhook)), write=True
+            )
+        except DATABASE_ERRORS as exc:
             payment_logger.error("Callback could not be stored", error=type(exc).__name__)
             return 503, provider_answer(body or {}, "INS-1", "Could not store the notification")
         payment_logger.info(
             "Callback received", webhook_id=webhook_id, valid=rejection is None, ip=caller_ip
         )
+        if malformed:
+            return 400, provider_answer({}, "INS-21", "The body must be a JSON object")
         if rejection is not None:
             return 401, provider_answer(body or {}, "INS-2", "Not authorized")
         assert body is not None
-        result = await self.process(db, webhook_id)
+        try:
+            result = await self.process(db, webhook_id)
+        except PaymentStorageError:
+            return 503, provider_answer(body, "INS-1", "Stored, but could not be processed yet")
         if result.error is not None:
+            # Non-2xx so the sender delivers again; the stored copy can also be replayed.
             return 500, provider_answer(body, "INS-1", result.error)
         return 200, provider_answer(body, "0", "Successfully Accepted Result")
 
     async def process(
         self, db: DbSession, webhook_id: int, *, replay: bool = False
     ) -> ProcessingResult:
-        """Apply a stored notification. Safe to repeat: settled payments are never changed."""
+        """Apply a stored notification. Safe to repeat: settled payments are never changed.
+        ``replay`` processes it again even if it was processed before; a notification that
+        failed authentication is never applied."""
+        try:
+            return await self._process(db, webhook_id, replay)
+        except DATABASE_ERRORS as exc:
+            raise PaymentStorageError(
+                "the notification could not be processed: database unavailable"
+            ) from exc
 
-        def load(session: Session) -> tuple[PaymentWebhookLog, repo.PaymentRecord | None]:
+    async def _process(self, db: DbSession, webhook_id: int, replay: bool) -> ProcessingResult:
+
+        def load(session: Session) -> tuple[_Stored, repo.PaymentRecord | None]:
+            """The notification and its payment; the payment's audit trail notes the callback.
+            One unit that ends its transaction, so no connection is held after it."""
             webhook = repo.get_webhook(session, webhook_id)
             if webhook is None:
                 raise PaymentNotFoundError(f"notification {webhook_id} not found")
-            body = _parse(webhook.raw_body) or {}
+            stored = _Stored(
+                webhook.is_processed,
+                webhook.is_valid,
+                webhook.validation_error,
+                _parse(webhook.raw_body) or {},
+            )
+            if (stored.is_processed and not replay) or not stored.is_valid:
+                return stored, None
             row = repo.find_by_provider_reference(
                 session,
-                third_party_reference=_text(body.get("input_ThirdPartyReference")),
-                conversation_id=_text(body.get("input_OriginalConversationID")),
+                third_party_reference=_reference(stored.body.get("input_ThirdPartyReference")),
+                conversation_id=_reference(stored.body.get("input_OriginalConversationID")),
             )
-            return webhook, (repo.record_of(session, row) if row is not None else None)
+            if row is None:
+                return stored, None
+            repo.add_audit(
+                session,
+                row.id,
+                AuditAction.CALLBACK_RECEIVED,
+                response_body=sanitize(stored.body),
+                actor="callback",
+            )
+            return stored, repo.record_of(session, row)
 
-        webhook, record = await run_db(db, load)
-        if webhook.is_processed and not replay:
+        stored, record = await run_db(db, committing(load), write=True)
+        if stored.is_processed and not replay:
             return ProcessingResult(webhook_id, True, None, None, None)
-        if not webhook.is_valid and not replay:
-            return ProcessingResult(webhook_id, False, None, None, webhook.validation_error)
-        body = _parse(webhook.raw_body) or {}
+        if not stored.is_valid:
+            return ProcessingResult(webhook_id, False, None, None, stored.validation_error)
         if record is None:
             return await self._finish(db, webhook_id, None, "no payment matches this notification")
 
-        code = (_text(body.get("input_ResultCode")) or "").upper()
-        description = _text(body.get("input_ResultDesc")) or ""
-        await run_db(
-            db,
-            committing(
-                lambda s: repo.add_audit(
-                    s,
-                    record.id,
-                    AuditAction.CALLBACK_RECEIVED,
-                    response_body=sanitize(body),
-                    actor="callback",
-                )
-            ),
-        )
+        code = str(stored.body.get("input_ResultCode") or "").strip().upper()
         error: str | None = None
         if PaymentStatus(record.status) in UNSETTLED:
-            outcome = await self._outcome(record, code, description)
+            outcome = await self._outcome(record, code)
             if outcome is None:
-                error = "success not confirmed by a status query yet"
+                error = "not confirmed by an M-Pesa status query yet"
             else:
                 record, _ = await self.service.apply_outcome(db, record, outcome, actor="callback")
         return await self._finish(db, webhook_id, record, error)
 
-    async def _outcome(
-        self, record: repo.PaymentRecord, code: str, description: str
-    ) -> Outcome | None:
-        if code in _SUCCESS_CODES:
-            # Trust, but verify: only M-Pesa's own status answer completes a payment.
-            confirmed = await self.service.query_outcome(record)
-            return confirmed if confirmed.status is not None else None
-        entry = self.service.client.config.codes.lookup(code)
-        if not entry.outcome_known:
+    async def _outcome(self, record: repo.PaymentRecord, code: str) -> Outcome | None:
+        """Trust, but verify: a notification only prompts a status query, and M-Pesa's own
+        answer settles the payment. A notification never settles it on its word alone (a
+        "cancelled" notice overtaken by the real success must not cancel a charged payment).
+        ``None``: M-Pesa did not confirm an outcome yet."""
+        if (
+            code not in _SUCCESS_CODES
+            and not self.service.client.config.codes.lookup(code).outcome_known
+        ):
             return Outcome(None, f"notification with ambiguous code {code or 'none'}")
-        status = (
-            PaymentStatus.CANCELLED
-            if code == "INS-5"
-            else PaymentStatus.FAILED
-            if entry.disposition is not Disposition.SUCCESS
-            else None
-        )
-        return Outcome(
-            status,
-            description or entry.description,
-            response_code=code,
-            response_description=description or entry.description,
-        )
+        confirmed = await self.service.query_outcome(record)
+        if confirmed.status is None:
+            return None
+        # Audited as what it is (completed/failed), and, where M-Pesa agrees with the notice,
+        # with the notice's code, which a status answer does not carry.
+        agreed = (confirmed.status is PaymentStatus.COMPLETED) == (code in _SUCCESS_CODES)
+        if agreed and code not in _SUCCESS_CODES:
+            entry = self.service.client.config.codes.lookup(code)
+            status = confirmed.status
+            if status is PaymentStatus.CANCELLED and code != "INS-5":
+                status = PaymentStatus.FAILED  # "not completed" per M-Pesa; the notice says why
+            return replace(
+                confirmed,
+                status=status,
+                action=None,
+                response_code=code,
+                response_description=entry.description,
+            )
+        return replace(confirmed, action=None)
 
     async def _finish(
         self,
@@ -248,10 +299,7 @@ class CallbackProcessor:
                 webhook.is_processed = True
                 webhook.processed_at = utcnow()
 
-        try:
-            await run_db(db, committing(mark))
-        except SQLAlchemyError as exc:
-            raise PaymentStorageError("could not record the notification's processing") from exc
+        await run_db(db, committing(mark), write=True)
         return ProcessingResult(
             webhook_id,
             error is None,
@@ -269,5 +317,7 @@ def _parse(text: str) -> dict[str, Any] | None:
     return parsed if isinstance(parsed, dict) else None
 
 
-def _text(value: Any) -> str | None:
-    return str(value).strip() if value not in (None, "") else None
+def _reference(value: Any) -> str | None:
+    """A provider reference fit to look up; anything else (NUL bytes, prose) matches nothing."""
+    text = str(value).strip() if value not in (None, "") else ""
+    return text if _REFERENCE.fullmatch(text) else None

@@ -4,18 +4,26 @@ code on either a host's synchronous ``Session`` or an ``AsyncSession``.
 Persistence functions (``repository.py``) are written once against the synchronous ``Session``
 API. ``run_db`` runs them on an ``AsyncSession`` through ``run_sync`` (no thread), or on a
 synchronous ``Session`` in a worker thread, so blocking database work never blocks the event loop.
+
+SQLite takes one writer at a time, and a writer that finds the file locked sleeps in SQLite's busy
+handler (1, 2, 5, 10 ms and longer) while holding its pool connection. ``run_db(..., write=True)``
+therefore queues the write units of one process on an ``asyncio.Lock`` per engine, in memory and in
+order, so a burst of payments neither polls the lock nor exhausts the pool. The lock only
+orders work; SQLite's own locking (and the busy timeout, across processes) still guarantees it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
+import weakref
 from collections.abc import AsyncIterator, Callable
 from functools import lru_cache
 from typing import Any, TypeVar
 
-from sqlalchemy import event
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError, UnboundExecutionError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -27,6 +35,10 @@ from sqlalchemy.orm import Session
 from .exceptions import PaymentConfigurationError
 
 T = TypeVar("T")
+
+#: What "the database failed" looks like: SQLAlchemy's errors, and the OS errors some drivers
+#: (asyncpg refusing a connection, for one) raise without wrapping.
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (SQLAlchemyError, OSError)
 DbSession = Session | AsyncSession
 
 _ASYNC_DRIVERS = {"aiosqlite", "asyncpg", "psycopg", "psycopg_async"}
@@ -71,11 +83,16 @@ def normalize_database_url(url: str) -> str:
 
 
 def create_engine_for(url: str, *, pool_size: int = 10, echo: bool = False) -> AsyncEngine:
-    """An async engine for ``url``; SQLite gets WAL and a busy timeout so writers wait."""
+    """An async engine for ``url`` with at most ``pool_size`` connections; SQLite gets WAL and a
+    busy timeout so writers wait."""
     async_url = normalize_database_url(url)
     if async_url.startswith("sqlite"):
         engine = create_async_engine(
-            async_url, echo=echo, connect_args={"timeout": 30}, pool_size=pool_size
+            async_url,
+            echo=echo,
+            connect_args={"timeout": 30},
+            pool_size=pool_size,
+            max_overflow=0,
         )
 
         @event.listens_for(engine.sync_engine, "connect")
@@ -116,10 +133,46 @@ async def get_db() -> AsyncIterator[AsyncSession]:
         yield session
 
 
-async def run_db(db: DbSession, work: Callable[[Session], T]) -> T:
-    """Run synchronous ORM ``work`` on either kind of session without blocking the loop."""
+async def run_db(db: DbSession, work: Callable[[Session], T], *, write: bool = False) -> T:
+    """Run synchronous ORM ``work`` on either kind of session without blocking the loop.
+
+    ``write=True`` marks a unit that writes and ends its transaction (``committing(...)``): on
+    SQLite it waits for the engine's write turn first (see the module docstring)."""
+    if not isinstance(db, AsyncSession | Session):
+        raise TypeError(f"db must be a SQLAlchemy Session or AsyncSession, not {type(db).__name__}")
+    lock = _sqlite_write_lock(db) if write else None
+    if lock is None:
+        return await _run(db, work)
+    async with lock:
+        return await _run(db, work)
+
+
+async def _run(db: DbSession, work: Callable[[Session], T]) -> T:
     if isinstance(db, AsyncSession):
         return await db.run_sync(work)
-    if isinstance(db, Session):
-        return await asyncio.to_thread(work, db)
-    raise TypeError(f"db must be a SQLAlchemy Session or AsyncSession, not {type(db).__name__}")
+    return await asyncio.to_thread(work, db)
+
+
+#: Per event loop, per SQLite engine: the lock that orders write units (see the module docstring).
+_write_locks: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, weakref.WeakKeyDictionary[Engine, asyncio.Lock]
+] = weakref.WeakKeyDictionary()
+
+
+def _sqlite_write_lock(db: DbSession) -> asyncio.Lock | None:
+    if db.in_transaction():
+        # The session already holds a connection: queueing it behind other writers could leave
+        # the writer in front without a connection. SQLite's busy timeout orders this one.
+        return None
+    try:
+        bind = db.get_bind()
+    except UnboundExecutionError:
+        return None
+    engine = bind.engine if isinstance(bind, Connection) else bind
+    if engine.dialect.name != "sqlite":
+        return None
+    locks = _write_locks.setdefault(asyncio.get_running_loop(), weakref.WeakKeyDictionary())
+    lock = locks.get(engine)
+    if lock is None:
+        lock = locks[engine] = asyncio.Lock()
+    return lock

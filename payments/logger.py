@@ -225,6 +225,21 @@ def sanitize(value: Any) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
+_LINE = "_payments_line"
+
+
+def _formatted_once(
+    formatter: logging.Formatter, record: logging.LogRecord, build: Callable[[], str]
+) -> str:
+    """The file and console handlers share one formatter: format and sanitise a record once."""
+    cached = record.__dict__.get(_LINE)
+    if cached is not None and cached[0] is formatter:
+        return str(cached[1])
+    line = build()
+    record.__dict__[_LINE] = (formatter, line)
+    return line
+
+
 class SanitizingFormatter(logging.Formatter):
     """The text line format; sanitises the whole formatted record, traceback included."""
 
@@ -232,6 +247,9 @@ class SanitizingFormatter(logging.Formatter):
         super().__init__(TEXT_FORMAT, DATE_FORMAT)
 
     def format(self, record: logging.LogRecord) -> str:
+        return _formatted_once(self, record, lambda: self._sanitized(record))
+
+    def _sanitized(self, record: logging.LogRecord) -> str:
         return sanitize_text(super().format(record))
 
 
@@ -248,6 +266,9 @@ class JsonLinesFormatter(logging.Formatter):
     """One JSON object per line: timestamp, level, logger, message, the fields, any exception."""
 
     def format(self, record: logging.LogRecord) -> str:
+        return _formatted_once(self, record, lambda: self._json_line(record))
+
+    def _json_line(self, record: logging.LogRecord) -> str:
         message = getattr(record, "payment_message", None)
         payload: dict[str, Any] = {
             "timestamp": datetime.fromtimestamp(record.created)

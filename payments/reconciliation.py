@@ -18,11 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
 from . import repository as repo
+from .database import DATABASE_ERRORS, run_db
 from .exceptions import PaymentError
 from .logger import payment_logger
 from .models import AuditAction, PaymentStatus, utcnow
@@ -80,7 +80,8 @@ async def reconcile_once(
     started = now()
 
     async with sessions() as db:
-        claimed = await db.run_sync(
+        claimed = await run_db(
+            db,
             committing(
                 lambda s: repo.claim_due_for_reconciliation(
                     s,
@@ -89,7 +90,8 @@ async def reconcile_once(
                     lease_until=started + LEASE,
                     limit=batch_size,
                 )
-            )
+            ),
+            write=True,
         )
     report.examined = len(claimed)
     limit = asyncio.Semaphore(concurrency)
@@ -100,7 +102,7 @@ async def reconcile_once(
                 await _settle_one(
                     service, db, record, report, now(), attention_after, abandoned_after
                 )
-            except (PaymentError, SQLAlchemyError) as exc:
+            except (PaymentError, *DATABASE_ERRORS) as exc:
                 report.errors += 1
                 payment_logger.error(
                     "Reconciliation failed for a payment",
@@ -176,7 +178,7 @@ async def _settle_one(
                 actor="reconciler",
             )
 
-    await db.run_sync(committing(schedule))
+    await run_db(db, committing(schedule), write=True)
 
 
 async def reconcile_forever(
@@ -193,7 +195,7 @@ async def reconcile_forever(
     while not stop.is_set():
         try:
             await reconcile_once(service, sessions, min_age=min_age)
-        except SQLAlchemyError as exc:  # the database may be down for a while: keep trying
+        except DATABASE_ERRORS as exc:  # the database may be down for a while: keep trying
             payment_logger.error("Reconciliation pass failed", error=type(exc).__name__)
         try:
             await asyncio.wait_for(stop.wait(), timeout=interval)

@@ -20,12 +20,13 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from sqlalchemy import text
+from starlette.exceptions import HTTPException
 
 from . import repository as repo
 from .callbacks import CallbackProcessor, InboundNotification
 from .client import OPERATIONS
 from .config import PROVIDER_HOSTS, get_settings
-from .database import DbSession, get_db, run_db
+from .database import DATABASE_ERRORS, DbSession, get_db, run_db
 from .exceptions import (
     DuplicateTransactionError,
     IdempotencyConflictError,
@@ -122,6 +123,16 @@ class PaymentRoute(APIRoute):
                 return validation_response(error)
             except PaymentError as error:
                 return error_response(error)
+            except HTTPException as error:  # e.g. a body FastAPI could not decode
+                return JSONResponse(
+                    {"error_code": "bad_request", "message": str(error.detail), "details": {}},
+                    status_code=error.status_code,
+                )
+            except DATABASE_ERRORS as error:
+                payment_logger.error(
+                    "Database unavailable", path=request.url.path, error=type(error).__name__
+                )
+                return error_response(PaymentStorageError("the payment database is unavailable"))
 
         return route
 
@@ -129,8 +140,10 @@ class PaymentRoute(APIRoute):
 # -- dependencies (each replaceable with app.dependency_overrides) ------------------------------
 
 
-def require_api_key(x_api_key: Annotated[str | None, Header()] = None) -> str:
+async def require_api_key(x_api_key: Annotated[str | None, Header()] = None) -> str:
     """Default authorization: ``X-API-Key`` must equal ``PAYMENT_ADMIN_API_KEY``.
+
+    A coroutine only so that FastAPI calls it on the event loop, not through its thread pool.
 
     Without a configured key everything is denied, except in the simulator environment.
     Returns the actor name recorded in the audit trail."""
@@ -310,7 +323,7 @@ def create_payment_router(
         db: Db,
         _: Actor,
         is_processed: bool | None = None,
-        page: Annotated[int, Query(ge=1)] = 1,
+        page: Annotated[int, Query(ge=1, le=100_000)] = 1,
         per_page: Annotated[int, Query(ge=1, le=100)] = 20,
     ) -> WebhookListResponse:
         rows, total = await run_db(

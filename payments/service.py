@@ -26,14 +26,14 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
 from . import repository as repo
 from .client import MpesaClient, ProviderExchange, ProviderResult
 from .config import PaymentSettings, get_settings
-from .database import DbSession, run_db
+from .database import DATABASE_ERRORS, DbSession, run_db
 from .exceptions import (
     DuplicateTransactionError,
     IdempotencyConflictError,
@@ -440,8 +440,10 @@ class PaymentService:
         """
         key = self._key(request.idempotency_key, idempotency_key)
         body = _request_body(request) | {"original_transaction_id": transaction_id}
+        original_provider_id: str | None = None
 
         def reserve(session: Session) -> tuple[PaymentRecord, bool]:
+            nonlocal original_provider_id
             if key is not None:
                 existing = repo.get_by_idempotency_key(session, key)
                 if existing is not None:
@@ -478,6 +480,7 @@ class PaymentService:
             # Bump the original's version so concurrent reservations conflict instead of both
             # passing the check above (SQLite has no FOR UPDATE).
             original.updated_at = utcnow()
+            original_provider_id = original.provider_transaction_id
             new = _NewPayment(
                 operation=PaymentOperation.REVERSAL,
                 amount=amount,
@@ -501,12 +504,8 @@ class PaymentService:
         record, created = await self._record_intent(db, reserve, key)
         if not created:
             return self._replay(record, PaymentOperation.REVERSAL, body)
-        original_provider_id = await run_db(
-            db,
-            lambda session: (
-                repo.get_by_id(session, record.original_id or 0).provider_transaction_id
-            ),
-        )
+        # Rule 2: the original's M-Pesa ID was read in the committed reservation above, so no
+        # connection is held while M-Pesa answers.
         try:
             result = await self.client.reversal(
                 transaction_id=original_provider_id or "",
@@ -529,7 +528,8 @@ class PaymentService:
         self, transaction_id: str, db: DbSession, *, actor: str | None = None
     ) -> PaymentResponse:
         """Ask M-Pesa for the status now and apply the answer. Never demotes a settled payment."""
-        record = await self._get_record(db, transaction_id)
+        # Rule 2: the read ends its transaction, so no connection is held while M-Pesa answers.
+        record = await run_db(db, committing(_record_loader(transaction_id)))
         outcome = await self.query_outcome(record)
         record, _ = await self.apply_outcome(db, record, outcome, actor=actor or "refresh")
         return to_response(record)
@@ -697,16 +697,16 @@ class PaymentService:
     ) -> tuple[PaymentRecord, bool]:
         """Commit the intent (or find the payment this key already made): rule 1 and rule 5."""
         try:
-            return await run_db(db, committing(work))
+            return await run_db(db, committing(work), write=True)
         except IntegrityError as exc:
-            if key is not None:  # a concurrent request with the same key won the insert
+            if key is not None:  # the key was used before, or a concurrent request won the insert
                 existing = await run_db(db, lambda s: _record_by_key(s, key))
                 if existing is not None:
                     return existing, False
             raise PaymentStorageError(
                 "the payment could not be recorded; nothing was sent to M-Pesa"
             ) from exc
-        except SQLAlchemyError as exc:
+        except DATABASE_ERRORS as exc:
             payment_logger.error("Database unavailable; payment not sent", error=type(exc).__name__)
             raise PaymentStorageError(
                 "the payment database is unavailable; nothing was sent to M-Pesa"
@@ -722,10 +722,8 @@ class PaymentService:
         client_ip: str | None,
     ) -> PaymentResponse:
         def create(session: Session) -> tuple[PaymentRecord, bool]:
-            if new.idempotency_key is not None:
-                existing = _record_by_key(session, new.idempotency_key)
-                if existing is not None:
-                    return existing, False
+            # A key seen before fails the insert on its unique constraint; _record_intent then
+            # returns the payment that key made. No lookup first: a new key is the common case.
             row = self._intent_row(new, user_id)
             return self._insert_intent(session, row, new, user_id, client_ip), True
 
@@ -767,8 +765,8 @@ class PaymentService:
                 details={"transaction_id": record.transaction_id},
             )
         response = to_response(record)
-        error = error_for_record(record)
-        if error is not None and PaymentStatus(record.status) not in (S.PROCESSING, S.PENDING):
+        error = error_for_record(record)  # also for one still in flight: its outcome is open
+        if error is not None:
             error.payment = response  # type: ignore[attr-defined]
             raise error
         return response
@@ -850,10 +848,12 @@ class PaymentService:
         while True:
             try:
                 result = await run_db(
-                    db, committing(lambda s: _apply_outcome(s, record, outcome, actor))
+                    db,
+                    committing(lambda s: _apply_outcome(s, record, outcome, actor)),
+                    write=True,
                 )
                 break
-            except (SQLAlchemyError, StaleDataError) as exc:
+            except (*DATABASE_ERRORS, StaleDataError) as exc:
                 if attempt >= len(self._db_retry_delays):
                     payment_logger.critical(
                         "Payment outcome NOT recorded; reconciliation will settle it from M-Pesa",
@@ -916,20 +916,25 @@ class PaymentService:
                             s, record.id, AuditAction.HOOK_FAILED, error_message=message[:2000]
                         )
                     ),
+                    write=True,
                 )
-            except SQLAlchemyError:
+            except DATABASE_ERRORS:
                 payment_logger.error(
                     "Could not audit the failed hook", transaction_id=record.transaction_id
                 )
 
     async def _get_record(self, db: DbSession, transaction_id: str) -> PaymentRecord:
-        def load(session: Session) -> PaymentRecord:
-            row = repo.get(session, transaction_id)
-            if row is None:
-                raise PaymentNotFoundError(f"payment {transaction_id} not found")
-            return repo.record_of(session, row)
+        return await run_db(db, _record_loader(transaction_id))
 
-        return await run_db(db, load)
+
+def _record_loader(transaction_id: str) -> Callable[[Session], PaymentRecord]:
+    def load(session: Session) -> PaymentRecord:
+        row = repo.get(session, transaction_id)
+        if row is None:
+            raise PaymentNotFoundError(f"payment {transaction_id} not found")
+        return repo.record_of(session, row)
+
+    return load
 
 
 def _request_body(request: Any) -> dict[str, Any]:
@@ -1019,6 +1024,24 @@ def _apply_outcome(
                 error_message=f"refused: {refused.message}",
                 actor=actor,
             )
+            if outcome.status is S.COMPLETED:
+                # M-Pesa says the money moved, yet the payment was settled as not paid:
+                # never flip it silently, never leave it unseen. An operator decides.
+                row.attention_required = True
+                repo.add_audit(
+                    session,
+                    row.id,
+                    AuditAction.ATTENTION_REQUIRED,
+                    status_before=before,
+                    status_after=before,
+                    error_message=f"M-Pesa reports completed for a {before} payment",
+                    actor=actor,
+                )
+                payment_logger.critical(
+                    "M-Pesa reports a settled payment as completed: operator needed",
+                    transaction_id=row.transaction_id,
+                    status=before,
+                )
         if changed:
             row.status = outcome.status.value
             row.status_description = outcome.status_description[:255]

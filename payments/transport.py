@@ -38,8 +38,10 @@ def _mapped(exc: BaseException, request: httpx.Request) -> httpx.TransportError 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
     def __init__(
-        self, *, max_connections: int = 1000, keepalive_expiry: float = 15.0, verify: bool = True
+        self, *, max_connections: int = 1000, keepalive_expiry: float = 4.0, verify: bool = True
     ) -> None:
+        # An idle connection is dropped before common server idle timeouts (uvicorn 5 s) close it:
+        # reusing one the server is closing fails a money-moving request as "outcome unknown".
         self._max_connections = max_connections
         self._keepalive_expiry = keepalive_expiry
         # TLS is always verified against the real hosts; ``verify`` exists for local test servers.

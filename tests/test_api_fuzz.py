@@ -6,10 +6,7 @@ One app and one SQLite database per test function (not per example); the simulat
 provider. The only 5xx allowed are the provider's own unavailability (``provider_unavailable``
 503, ``outcome_unknown`` 504) for the simulator's scripted fault numbers.
 
-Known bugs are kept out of the strategies so that these properties guard everything else; each
-has its own strict xfail test in ``test_router.py``: amounts of 26+ digits
-(``test_huge_amounts_are_422_not_500``) and bodies that are not UTF-8
-(``test_non_utf8_body_is_4xx_in_the_error_shape``).
+Amounts of 26+ digits and bodies that are not UTF-8 have their own tests in ``test_router.py``.
 """
 
 from __future__ import annotations

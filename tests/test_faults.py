@@ -597,13 +597,6 @@ def _closed_postgres_port(tmp_path: Path) -> str:
         pytest.param(
             _closed_postgres_port,
             id="postgresql-nothing-listening",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: a refused PostgreSQL connection surfaces from asyncpg as a raw"
-                " ConnectionRefusedError (OSError, not SQLAlchemyError); _record_intent only"
-                " catches SQLAlchemyError, so initiate answers 500 instead of 503"
-                " storage_unavailable",
-            ),
         ),
     ],
 )
@@ -828,12 +821,6 @@ def held_c2b_service(
     return service_class(settings, client, db_retry_delays=(0.01,)), simulator, held
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an idempotent replay of a C2B payment that is still in flight (status"
-    " processing) answers HTTP 200, the code /initiate otherwise gives only a completed payment;"
-    " an unknown outcome answers 202, so an unfinished one should too (or 409 as in Stripe)",
-)
 async def test_duplicate_while_the_original_is_in_flight_is_not_200(
     session_factory: async_sessionmaker[AsyncSession],
 ) -> None:
@@ -956,13 +943,6 @@ async def test_late_and_duplicate_results_never_demote_a_completed_payment(
     assert all(item["is_processed"] for item in webhooks.json()["items"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a failure notification (INS-5 callback) is applied without a status query;"
-    " when M-Pesa's own answer then reports INS-0 with a TransactionID, the completed"
-    " transition is refused and only audited: the payment stays cancelled (on_payment_failed"
-    " fired, 402 to the caller) although the customer was charged, with no attention flag",
-)
 async def test_cancellation_notice_overtaken_by_a_success_is_not_silently_lost(
     monkeypatch: pytest.MonkeyPatch, session_factory: async_sessionmaker[AsyncSession]
 ) -> None:

@@ -298,12 +298,6 @@ async def test_concurrent_requests_with_one_key_make_one_payment(
 
 
 @sqlite_only
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a retry with the same Idempotency-Key while the first request is still waiting"
-    " for M-Pesa is answered 200 with status 'processing' and success false (_replay returns"
-    " it as a plain response); the router answers an open outcome with 202 everywhere else",
-)
 async def test_retry_while_the_first_request_is_in_flight_is_202(
     payment_api: PaymentApi,
 ) -> None:
@@ -779,11 +773,6 @@ async def test_overlong_idempotency_header_is_422(payment_api: PaymentApi) -> No
 
 
 @sqlite_only
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a body that is not UTF-8 makes FastAPI raise HTTPException(400) while parsing;"
-    " PaymentRoute does not map it, so the answer is {'detail': ...}, not the error shape",
-)
 async def test_non_utf8_body_is_4xx_in_the_error_shape(payment_api: PaymentApi) -> None:
     response = await payment_api.http.post(
         "/api/payments/initiate",
@@ -796,12 +785,6 @@ async def test_non_utf8_body_is_4xx_in_the_error_shape(payment_api: PaymentApi) 
 
 
 @sqlite_only
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: TransferRequest.receiver_party_code's pattern ^\\d{5,6}$ (and"
-    " values.validate_shortcode) match any Unicode digit, so a shortcode in Arabic-Indic digits"
-    " is accepted and sent to M-Pesa (config validation checks isascii(), the request does not)",
-)
 async def test_transfer_to_a_shortcode_in_non_ascii_digits_is_refused(
     payment_api: PaymentApi,
 ) -> None:
@@ -813,12 +796,6 @@ async def test_transfer_to_a_shortcode_in_non_ascii_digits_is_refused(
     assert payment_api.simulator.calls() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: parse_amount (payments/values.py) calls Decimal.quantize on amounts of 26+"
-    " digits, which raises decimal.InvalidOperation (not PaymentValidationError): the request"
-    " ends in a plain 500 instead of 422",
-)
 @sqlite_only
 @pytest.mark.parametrize("amount", ["1e26", 10**30, 1e300, "9" * 40])
 async def test_huge_amounts_are_422_not_500(payment_api: PaymentApi, amount: Any) -> None:
@@ -835,15 +812,6 @@ async def test_huge_amounts_are_422_not_500(payment_api: PaymentApi, amount: Any
 async def test_input_the_database_cannot_store_is_not_a_5xx(
     payment_api: PaymentApi, database_url: str, request: pytest.FixtureRequest
 ) -> None:
-    if database_url.startswith("postgresql"):
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="BUG: NUL characters in text fields and NaN/Infinity in metadata pass"
-                " validation; PostgreSQL rejects them on insert and the caller gets 503"
-                " storage_unavailable ('the payment database is unavailable') instead of 422",
-            )
-        )
     for raw in (
         b'{"phone_number": "258841234567", "amount": 10, "description": "a\\u0000b"}',
         b'{"phone_number": "258841234567", "amount": 10, "account_reference": "R\\u00001"}',
@@ -860,11 +828,6 @@ async def test_input_the_database_cannot_store_is_not_a_5xx(
             assert await payment_api.count() == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: GET /payments/webhooks has no upper bound on page (list_payments has"
-    " le=100_000): a huge page overflows the SQL OFFSET and answers a plain 500",
-)
 async def test_webhook_list_with_a_huge_page_is_not_500(payment_api: PaymentApi) -> None:
     response = await payment_api.http.get(
         "/api/payments/webhooks", params={"page": 10**20, "per_page": 20}
@@ -937,12 +900,6 @@ async def test_database_down_health_is_503_and_payments_are_not_sent(
         assert api.simulator.calls() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: read endpoints (status, list, summary, audit, refresh, webhooks, replay) let"
-    " SQLAlchemy errors escape: a down database answers a plain-text 500 'Internal Server"
-    " Error' instead of 503 storage_unavailable in the error shape",
-)
 @pytest.mark.parametrize(
     ("method", "path"),
     [
