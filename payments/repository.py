@@ -7,13 +7,15 @@ They return ``PaymentRecord`` snapshots (plain values) so nothing lazy-loads aft
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Select, func, or_, select
+from sqlalchemy import Select, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm.exc import StaleDataError
 
 from .models import (
     AuditAction,
@@ -21,6 +23,7 @@ from .models import (
     PaymentStatus,
     PaymentTransaction,
     PaymentWebhookLog,
+    utcnow,
 )
 from .schemas import PaymentFilters
 
@@ -58,6 +61,7 @@ class PaymentRecord:
     metadata: dict[str, Any] | None
     attention_required: bool
     reconcile_attempts: int
+    version: int
     created_at: datetime
     updated_at: datetime | None
     completed_at: datetime | None
@@ -67,16 +71,33 @@ class PaymentRecord:
     def of(
         cls, row: PaymentTransaction, original_transaction_id: str | None = None
     ) -> PaymentRecord:
-        values = {
-            f.name: getattr(row, f.name)
-            for f in fields(cls)
-            if f.name not in ("metadata", "original_transaction_id")
-        }
+        """From an ORM row."""
+        return cls.from_columns(
+            {name: getattr(row, _ATTRIBUTE.get(name, name)) for name in _RECORD_COLUMNS},
+            original_transaction_id,
+        )
+
+    @classmethod
+    def from_columns(
+        cls, columns: Mapping[str, Any], original_transaction_id: str | None = None
+    ) -> PaymentRecord:
+        """From column values (a Core row's mapping, or the values just written)."""
+        values = {name: columns[name] for name in _RECORD_COLUMNS}
         for key in ("created_at", "updated_at", "completed_at"):
             values[key] = as_utc(values[key])
-        return cls(
-            **values, metadata=row.metadata_, original_transaction_id=original_transaction_id
-        )
+        return cls(**values, original_transaction_id=original_transaction_id)
+
+
+_PAYMENTS = PaymentTransaction.__table__
+_AUDIT_LOGS = PaymentAuditLog.__table__
+#: Record fields that are columns (all but ``original_transaction_id``), by column name.
+_RECORD_COLUMNS = tuple(f.name for f in fields(PaymentRecord) if f.name in _PAYMENTS.columns)
+#: Parameters name the columns to set; the statement stays cached across payments.
+_GUARDED_UPDATE = update(_PAYMENTS).where(
+    _PAYMENTS.c.id == bindparam("b_pk"), _PAYMENTS.c.version == bindparam("b_version")
+)
+#: Column names whose ORM attribute is named differently.
+_ATTRIBUTE = {"metadata": "metadata_"}
 
 
 def as_utc(value: datetime | None) -> datetime | None:
@@ -127,8 +148,7 @@ def add(session: Session, row: PaymentTransaction) -> PaymentTransaction:
     return row
 
 
-def add_audit(
-    session: Session,
+def audit_entry(
     transaction_pk: int,
     action: AuditAction,
     *,
@@ -141,22 +161,62 @@ def add_audit(
     response_time_ms: float | None = None,
     actor: str | None = None,
     client_ip: str | None = None,
-) -> None:
-    session.add(
-        PaymentAuditLog(
-            transaction_id=transaction_pk,
-            action=action.value,
-            status_before=status_before,
-            status_after=status_after,
-            request_body=request_body,
-            response_body=response_body,
-            http_status=http_status,
-            error_message=error_message,
-            response_time_ms=round(response_time_ms) if response_time_ms is not None else None,
-            actor=actor,
-            client_ip=client_ip,
-        )
+) -> dict[str, Any]:
+    """One audit row's values (every column, so a batch of them is one INSERT)."""
+    return {
+        "transaction_id": transaction_pk,
+        "action": action.value,
+        "status_before": status_before,
+        "status_after": status_after,
+        "request_body": request_body,
+        "response_body": response_body,
+        "http_status": http_status,
+        "error_message": error_message,
+        "response_time_ms": round(response_time_ms) if response_time_ms is not None else None,
+        "actor": actor,
+        "client_ip": client_ip,
+        "created_at": utcnow(),
+    }
+
+
+def add_audits(session: Session, entries: Sequence[dict[str, Any]]) -> None:
+    """Append audit rows (plain INSERTs: the trail is append-only, nothing to track)."""
+    if entries:
+        session.execute(insert(_AUDIT_LOGS), list(entries))
+
+
+def add_audit(session: Session, transaction_pk: int, action: AuditAction, **fields: Any) -> None:
+    add_audits(session, [audit_entry(transaction_pk, action, **fields)])
+
+
+def insert_payment(session: Session, values: Mapping[str, Any]) -> PaymentRecord:
+    """Insert a payment from its column values; the hot path, so a plain INSERT."""
+    result = session.execute(insert(_PAYMENTS), dict(values))  # parameters: a cached statement
+    pk = result.inserted_primary_key[0] if result.inserted_primary_key else None
+    return PaymentRecord.from_columns(
+        {**values, "id": pk}, transaction_id_of(session, values.get("original_id"))
     )
+
+
+def lock_payment(session: Session, pk: int) -> Mapping[str, Any]:
+    """The payment's current column values, locked for update (a no-op on SQLite)."""
+    return (
+        session.execute(select(_PAYMENTS).where(_PAYMENTS.c.id == pk).with_for_update())
+        .mappings()
+        .one()
+    )
+
+
+def update_payment(
+    session: Session, pk: int, expected_version: int, changes: Mapping[str, Any]
+) -> None:
+    """Write ``changes`` if nobody changed the payment since ``expected_version`` was read."""
+    result = session.execute(
+        _GUARDED_UPDATE,
+        {**changes, "version": expected_version + 1, "b_pk": pk, "b_version": expected_version},
+    )
+    if result.rowcount != 1:
+        raise StaleDataError(f"payment {pk} changed concurrently")
 
 
 def reversals_in_flight_amount(session: Session, original_pk: int) -> Decimal:

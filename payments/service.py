@@ -52,7 +52,7 @@ from .exceptions import (
 )
 from .lifecycle import SUCCEEDED, UNSETTLED, check_transition
 from .logger import payment_logger, sanitize
-from .models import AuditAction, PaymentOperation, PaymentStatus, PaymentTransaction, utcnow
+from .models import AuditAction, PaymentOperation, PaymentStatus, utcnow
 from .repository import PaymentRecord
 from .schemas import (
     AuditLogEntry,
@@ -497,9 +497,8 @@ class PaymentService:
                 request_body=body,
                 original_id=original.id,
             )
-            row = self._intent_row(new, user_id)
-            row.phone_number = original.phone_number
-            return self._insert_intent(session, row, new, user_id, client_ip), True
+            values = self._intent_values(new, user_id) | {"phone_number": original.phone_number}
+            return self._insert_intent(session, values, new, user_id, client_ip), True
 
         record, created = await self._record_intent(db, reserve, key)
         if not created:
@@ -637,57 +636,67 @@ class PaymentService:
             )
         return body_key or header_key
 
-    def _intent_row(self, new: _NewPayment, user_id: str | None) -> PaymentTransaction:
+    def _intent_values(self, new: _NewPayment, user_id: str | None) -> dict[str, Any]:
+        """Every column of the new payment's row, as it is committed before M-Pesa is called."""
         now = utcnow()
         transaction_id = new_transaction_id(now)
-        return PaymentTransaction(
-            transaction_id=transaction_id,
-            operation=new.operation.value,
-            status=S.PROCESSING.value,
-            amount=new.amount,
-            currency=self.settings.payment_default_currency,
-            reversed_amount=Decimal("0"),
-            phone_number=new.phone.digits if new.phone else None,
-            receiver_party_code=new.receiver_party_code,
-            third_party_reference=third_party_reference_for(new.operation, new.idempotency_key),
-            transaction_reference=transaction_reference_for(new.account_reference, transaction_id),
-            account_reference=new.account_reference,
-            description=new.description,
-            entity_type=new.entity_type,
-            entity_id=new.entity_id,
-            customer_name=new.customer_name,
-            customer_email=new.customer_email,
-            user_id=user_id,
-            idempotency_key=new.idempotency_key,
-            request_fingerprint=fingerprint(new.operation, new.request_body),
-            status_description=_MESSAGES[S.PROCESSING],
-            original_id=new.original_id,
-            metadata_=new.metadata,
-            attention_required=False,
-            reconcile_attempts=0,
-            created_at=now,
-            updated_at=now,
-        )
+        return {
+            "transaction_id": transaction_id,
+            "operation": new.operation.value,
+            "status": S.PROCESSING.value,
+            "amount": new.amount,
+            "currency": self.settings.payment_default_currency,
+            "reversed_amount": Decimal("0"),
+            "phone_number": new.phone.digits if new.phone else None,
+            "receiver_party_code": new.receiver_party_code,
+            "conversation_id": None,
+            "provider_transaction_id": None,
+            "third_party_reference": third_party_reference_for(new.operation, new.idempotency_key),
+            "transaction_reference": transaction_reference_for(
+                new.account_reference, transaction_id
+            ),
+            "account_reference": new.account_reference,
+            "description": new.description,
+            "entity_type": new.entity_type,
+            "entity_id": new.entity_id,
+            "customer_name": new.customer_name,
+            "customer_email": new.customer_email,
+            "user_id": user_id,
+            "idempotency_key": new.idempotency_key,
+            "request_fingerprint": fingerprint(new.operation, new.request_body),
+            "response_code": None,
+            "response_description": None,
+            "status_description": _MESSAGES[S.PROCESSING],
+            "original_id": new.original_id,
+            "metadata": new.metadata,
+            "attention_required": False,
+            "reconcile_attempts": 0,
+            "next_reconcile_at": None,
+            "version": 1,
+            "created_at": now,
+            "updated_at": now,
+            "completed_at": None,
+        }
 
     @staticmethod
     def _insert_intent(
         session: Session,
-        row: PaymentTransaction,
+        values: dict[str, Any],
         new: _NewPayment,
         user_id: str | None,
         client_ip: str | None,
     ) -> PaymentRecord:
-        repo.add(session, row)
+        record = repo.insert_payment(session, values)
         repo.add_audit(
             session,
-            row.id,
+            record.id,
             AuditAction.INITIATED,
-            status_after=row.status,
+            status_after=record.status,
             request_body=sanitize(new.request_body),
             actor=user_id,
             client_ip=client_ip,
         )
-        return repo.record_of(session, row)
+        return record
 
     async def _record_intent(
         self,
@@ -724,8 +733,8 @@ class PaymentService:
         def create(session: Session) -> tuple[PaymentRecord, bool]:
             # A key seen before fails the insert on its unique constraint; _record_intent then
             # returns the payment that key made. No lookup first: a new key is the common case.
-            row = self._intent_row(new, user_id)
-            return self._insert_intent(session, row, new, user_id, client_ip), True
+            values = self._intent_values(new, user_id)
+            return self._insert_intent(session, values, new, user_id, client_ip), True
 
         record, created = await self._record_intent(db, create, new.idempotency_key)
         if not created:
@@ -979,96 +988,113 @@ def committing(work: Callable[[Session], Any]) -> Callable[[Session], Any]:
 def _apply_outcome(
     session: Session, record: PaymentRecord, outcome: Outcome, actor: str | None
 ) -> tuple[PaymentRecord, str, PaymentRecord | None]:
-    """(updated record, status before, updated original for a completed reversal)."""
-    row = repo.get_by_id(session, record.id, for_update=True)
-    for exchange in outcome.exchanges:
-        repo.add_audit(
-            session,
-            row.id,
-            AuditAction.API_REQUEST,
-            request_body={
-                "operation": exchange.operation.value,
-                "method": exchange.method,
-                "url": exchange.url,
-                "attempt": exchange.attempt,
-                "fields": exchange.request_fields,
-            },
-            actor=actor,
+    """(updated record, status before, updated original for a completed reversal).
+
+    The hot path of every payment, so plain statements: one locked read, one UPDATE guarded by
+    the row's version (a concurrent writer makes it fail, and ``apply_outcome`` retries), one
+    batched INSERT of the audit rows."""
+    current = repo.lock_payment(session, record.id)
+    audits = [
+        entry
+        for exchange in outcome.exchanges
+        for entry in (
+            repo.audit_entry(
+                record.id,
+                AuditAction.API_REQUEST,
+                request_body={
+                    "operation": exchange.operation.value,
+                    "method": exchange.method,
+                    "url": exchange.url,
+                    "attempt": exchange.attempt,
+                    "fields": exchange.request_fields,
+                },
+                actor=actor,
+            ),
+            repo.audit_entry(
+                record.id,
+                AuditAction.API_RESPONSE,
+                response_body=exchange.response_body,
+                http_status=exchange.http_status,
+                error_message=exchange.error,
+                response_time_ms=exchange.elapsed_ms,
+                actor=actor,
+            ),
         )
-        repo.add_audit(
-            session,
-            row.id,
-            AuditAction.API_RESPONSE,
-            response_body=exchange.response_body,
-            http_status=exchange.http_status,
-            error_message=exchange.error,
-            response_time_ms=exchange.elapsed_ms,
-            actor=actor,
-        )
-    before = row.status
-    if outcome.provider_transaction_id and not row.provider_transaction_id:
-        row.provider_transaction_id = outcome.provider_transaction_id
-    if outcome.conversation_id and not row.conversation_id:
-        row.conversation_id = outcome.conversation_id
-    original_record: PaymentRecord | None = None
+    ]
+    before = current["status"]
+    now = utcnow()
+    changes: dict[str, Any] = {"updated_at": now}
+    if outcome.provider_transaction_id and not current["provider_transaction_id"]:
+        changes["provider_transaction_id"] = outcome.provider_transaction_id
+    if outcome.conversation_id and not current["conversation_id"]:
+        changes["conversation_id"] = outcome.conversation_id
+    changed = False
     if outcome.status is not None:
         try:
             changed = check_transition(before, outcome.status)
         except InvalidStateTransitionError as refused:
-            changed = False
-            repo.add_audit(
-                session,
-                row.id,
-                AuditAction.STATUS_CHANGED,
-                status_before=before,
-                error_message=f"refused: {refused.message}",
-                actor=actor,
+            audits.append(
+                repo.audit_entry(
+                    record.id,
+                    AuditAction.STATUS_CHANGED,
+                    status_before=before,
+                    error_message=f"refused: {refused.message}",
+                    actor=actor,
+                )
             )
             if outcome.status is S.COMPLETED:
                 # M-Pesa says the money moved, yet the payment was settled as not paid:
                 # never flip it silently, never leave it unseen. An operator decides.
-                row.attention_required = True
-                repo.add_audit(
-                    session,
-                    row.id,
-                    AuditAction.ATTENTION_REQUIRED,
-                    status_before=before,
-                    status_after=before,
-                    error_message=f"M-Pesa reports completed for a {before} payment",
-                    actor=actor,
+                changes["attention_required"] = True
+                audits.append(
+                    repo.audit_entry(
+                        record.id,
+                        AuditAction.ATTENTION_REQUIRED,
+                        status_before=before,
+                        status_after=before,
+                        error_message=f"M-Pesa reports completed for a {before} payment",
+                        actor=actor,
+                    )
                 )
                 payment_logger.critical(
                     "M-Pesa reports a settled payment as completed: operator needed",
-                    transaction_id=row.transaction_id,
+                    transaction_id=record.transaction_id,
                     status=before,
                 )
-        if changed:
-            row.status = outcome.status.value
-            row.status_description = outcome.status_description[:255]
-            if outcome.response_code:
-                row.response_code = outcome.response_code
-                row.response_description = (outcome.response_description or "")[:255]
-            if outcome.status not in UNSETTLED:
-                row.completed_at = utcnow()
-                row.next_reconcile_at = None
-            repo.add_audit(
-                session,
-                row.id,
+    if changed:
+        assert outcome.status is not None
+        changes["status"] = outcome.status.value
+        changes["status_description"] = outcome.status_description[:255]
+        if outcome.response_code:
+            changes["response_code"] = outcome.response_code
+            changes["response_description"] = (outcome.response_description or "")[:255]
+        if outcome.status not in UNSETTLED:
+            changes["completed_at"] = now
+            changes["next_reconcile_at"] = None
+        audits.append(
+            repo.audit_entry(
+                record.id,
                 outcome.action or _audit_action_for(outcome.status),
                 status_before=before,
-                status_after=row.status,
+                status_after=outcome.status.value,
                 error_message=outcome.status_description if outcome.error else None,
                 actor=actor,
             )
-            if row.operation == PaymentOperation.REVERSAL and outcome.status is S.COMPLETED:
-                original_record = _apply_reversal_to_original(session, row, actor)
-    row.updated_at = utcnow()
-    session.flush()
-    return repo.record_of(session, row), before, original_record
+        )
+    repo.update_payment(session, record.id, current["version"], changes)
+    repo.add_audits(session, audits)
+    updated = PaymentRecord.from_columns(
+        {**current, **changes, "version": current["version"] + 1},
+        record.original_transaction_id,
+    )
+    original_record: PaymentRecord | None = None
+    if changed and updated.operation == PaymentOperation.REVERSAL and updated.status == S.COMPLETED:
+        original_record = _apply_reversal_to_original(session, updated, actor)
+    return updated, before, original_record
 
 
 def _apply_reversal_to_original(
-    session: Session, reversal: PaymentTransaction, actor: str | None
+    session: Session, reversal: PaymentRecord, actor: str | None
 ) -> PaymentRecord:
     assert reversal.original_id is not None
     original = repo.get_by_id(session, reversal.original_id, for_update=True)
@@ -1094,6 +1120,7 @@ def _apply_reversal_to_original(
         },
         actor=actor,
     )
+    session.flush()
     return repo.record_of(session, original)
 
 
