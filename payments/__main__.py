@@ -109,7 +109,7 @@ def serve(host: str, port: int) -> None:
 
 
 async def reconcile(min_age: float | None, loop: float | None, batch_size: int | None) -> None:
-    from .database import get_engine, get_sessionmaker
+    from .database import get_database
     from .reconciliation import reconcile_forever, reconcile_once
     from .service import PaymentService
 
@@ -117,14 +117,14 @@ async def reconcile(min_age: float | None, loop: float | None, batch_size: int |
     try:
         if loop is None:
             report = await reconcile_once(
-                service, get_sessionmaker(), min_age=min_age, batch_size=batch_size
+                service, get_database().session, min_age=min_age, batch_size=batch_size
             )
             print(f"reconciliation: {report}")
         else:
-            await reconcile_forever(service, get_sessionmaker(), interval=loop, min_age=min_age)
+            await reconcile_forever(service, get_database().session, interval=loop, min_age=min_age)
     finally:
         await service.aclose()
-        await get_engine().dispose()
+        await get_database().dispose()
 
 
 if __name__ == "__main__":

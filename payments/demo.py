@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from .config import get_settings
-from .database import get_engine, get_sessionmaker
+from .database import get_database
 from .logger import payment_logger
 from .models import Base
 from .reconciliation import reconcile_forever
@@ -20,8 +20,7 @@ from .router import get_payment_service, payment_router
 @asynccontextmanager
 async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
     # The demo creates its tables itself; a host app runs the Alembic migration instead.
-    async with get_engine().begin() as connection:
-        await connection.run_sync(Base.metadata.create_all)
+    await get_database().create_all(Base.metadata)
     settings = get_settings()
     payment_logger.info(
         "Payments demo gateway started",
@@ -32,14 +31,14 @@ async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
     background = None
     if settings.payment_reconcile_in_app:
         background = asyncio.create_task(
-            reconcile_forever(get_payment_service(), get_sessionmaker(), stop=stop)
+            reconcile_forever(get_payment_service(), get_database().session, stop=stop)
         )
     yield
     stop.set()
     if background is not None:
         await background
     await get_payment_service().aclose()
-    await get_engine().dispose()
+    await get_database().dispose()
 
 
 def create_app() -> FastAPI:

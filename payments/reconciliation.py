@@ -15,19 +15,22 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
 from . import repository as repo
-from .database import DATABASE_ERRORS, run_db
+from .database import DATABASE_ERRORS, DbSession, run_db
 from .exceptions import PaymentError
 from .logger import payment_logger
 from .models import AuditAction, PaymentStatus, utcnow
 from .repository import PaymentRecord
 from .service import Outcome, PaymentService, committing
+
+#: Opens a session: an ``async_sessionmaker``, or ``get_database().session``.
+SessionSource = Callable[[], AbstractAsyncContextManager[DbSession]]
 
 #: How long a claimed payment stays invisible to other workers while its query runs.
 LEASE = timedelta(minutes=5)
@@ -59,7 +62,7 @@ def backoff(attempts: int) -> timedelta:
 
 async def reconcile_once(
     service: PaymentService,
-    sessions: async_sessionmaker[AsyncSession],
+    sessions: SessionSource,
     *,
     min_age: float | None = None,
     attention_after: float | None = None,
@@ -118,7 +121,7 @@ async def reconcile_once(
 
 async def _settle_one(
     service: PaymentService,
-    db: AsyncSession,
+    db: DbSession,
     record: PaymentRecord,
     report: ReconcileReport,
     now: datetime,
@@ -183,7 +186,7 @@ async def _settle_one(
 
 async def reconcile_forever(
     service: PaymentService,
-    sessions: async_sessionmaker[AsyncSession],
+    sessions: SessionSource,
     *,
     interval: float | None = None,
     min_age: float | None = None,
