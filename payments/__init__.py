@@ -33,7 +33,13 @@ from .models import (
     PaymentWebhookLog,
 )
 from .repository import PaymentRecord
-from .router import create_payment_router, get_payment_service, payment_router, require_api_key
+from .router import (
+    create_payment_router,
+    default_payment_service,
+    get_payment_service,
+    payment_router,
+    require_api_key,
+)
 from .schemas import (
     PaymentInitiateRequest,
     PaymentResponse,
@@ -78,6 +84,7 @@ __all__ = [
     "ReversalRequest",
     "TransferRequest",
     "create_payment_router",
+    "default_payment_service",
     "get_db",
     "get_payment_service",
     "get_settings",

@@ -153,7 +153,7 @@ class ModuleDatabase:
             async with self._async_sessions() as async_session:
                 yield async_session
             return
-        session = self._sync_sessions()
+        session = self._sync_sessions(info={_RELEASE_AFTER_UNIT: True})
         try:
             yield session
         finally:
@@ -228,7 +228,27 @@ async def run_db(db: DbSession, work: Callable[[Session], T], *, write: bool = F
 async def _run(db: DbSession, work: Callable[[Session], T]) -> T:
     if isinstance(db, AsyncSession):
         return await db.run_sync(work)
-    return await asyncio.to_thread(work, db)
+    return await asyncio.to_thread(_threaded_unit, db, work)
+
+
+#: ``Session.info`` flag of the module's own threaded sessions (see ``_threaded_unit``).
+_RELEASE_AFTER_UNIT = "payments_release_after_unit"
+
+
+def _threaded_unit(session: Session, work: Callable[[Session], T]) -> T:
+    """Run one unit in a worker thread. The module's own sessions then end their transaction,
+    so no connection is held between units: a session waiting for a thread to give its
+    connection back, while every thread waits for a connection, would deadlock."""
+    release = session.info.get(_RELEASE_AFTER_UNIT, False)
+    try:
+        result = work(session)
+    except BaseException:
+        if release and session.in_transaction():
+            session.rollback()
+        raise
+    if release and session.in_transaction():
+        session.commit()  # after a read, this only gives the connection back
+    return result
 
 
 #: Per event loop, per SQLite engine: the lock that orders write units (see the module docstring).

@@ -14,7 +14,7 @@ from .database import get_database
 from .logger import payment_logger
 from .models import Base
 from .reconciliation import reconcile_forever
-from .router import get_payment_service, payment_router
+from .router import default_payment_service, payment_router
 
 
 @asynccontextmanager
@@ -31,13 +31,13 @@ async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
     background = None
     if settings.payment_reconcile_in_app:
         background = asyncio.create_task(
-            reconcile_forever(get_payment_service(), get_database().session, stop=stop)
+            reconcile_forever(default_payment_service(), get_database().session, stop=stop)
         )
     yield
     stop.set()
     if background is not None:
         await background
-    await get_payment_service().aclose()
+    await default_payment_service().aclose()
     await get_database().dispose()
 
 

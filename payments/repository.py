@@ -77,6 +77,10 @@ class PaymentRecord:
             original_transaction_id,
         )
 
+    def columns(self) -> dict[str, Any]:
+        """This record as column values (what ``from_columns`` takes)."""
+        return {name: getattr(self, name) for name in _RECORD_COLUMNS}
+
     @classmethod
     def from_columns(
         cls, columns: Mapping[str, Any], original_transaction_id: str | None = None
@@ -92,9 +96,17 @@ _PAYMENTS = PaymentTransaction.__table__
 _AUDIT_LOGS = PaymentAuditLog.__table__
 #: Record fields that are columns (all but ``original_transaction_id``), by column name.
 _RECORD_COLUMNS = tuple(f.name for f in fields(PaymentRecord) if f.name in _PAYMENTS.columns)
-#: Parameters name the columns to set; the statement stays cached across payments.
+# Built once: the hot path's statements, with every value passed as a parameter, so SQLAlchemy
+# compiles each of them once instead of per payment.
+_INSERT_PAYMENT = insert(_PAYMENTS)
+_INSERT_AUDIT = insert(_AUDIT_LOGS)
+_LOCK_PAYMENT = select(_PAYMENTS).where(_PAYMENTS.c.id == bindparam("b_pk")).with_for_update()
+#: Parameters name the columns to set.
 _GUARDED_UPDATE = update(_PAYMENTS).where(
-    _PAYMENTS.c.id == bindparam("b_pk"), _PAYMENTS.c.version == bindparam("b_version")
+    _PAYMENTS.c.id == bindparam("b_pk"),
+    _PAYMENTS.c.version == bindparam("b_version"),
+    # The status too: a hand-made UPDATE (an operator's SQL) may not bump the version.
+    _PAYMENTS.c.status == bindparam("b_status"),
 )
 #: Column names whose ORM attribute is named differently.
 _ATTRIBUTE = {"metadata": "metadata_"}
@@ -182,7 +194,7 @@ def audit_entry(
 def add_audits(session: Session, entries: Sequence[dict[str, Any]]) -> None:
     """Append audit rows (plain INSERTs: the trail is append-only, nothing to track)."""
     if entries:
-        session.execute(insert(_AUDIT_LOGS), list(entries))
+        session.execute(_INSERT_AUDIT, list(entries))
 
 
 def add_audit(session: Session, transaction_pk: int, action: AuditAction, **fields: Any) -> None:
@@ -191,7 +203,7 @@ def add_audit(session: Session, transaction_pk: int, action: AuditAction, **fiel
 
 def insert_payment(session: Session, values: Mapping[str, Any]) -> PaymentRecord:
     """Insert a payment from its column values; the hot path, so a plain INSERT."""
-    result = session.execute(insert(_PAYMENTS), dict(values))  # parameters: a cached statement
+    result = session.execute(_INSERT_PAYMENT, dict(values))
     pk = result.inserted_primary_key[0] if result.inserted_primary_key else None
     return PaymentRecord.from_columns(
         {**values, "id": pk}, transaction_id_of(session, values.get("original_id"))
@@ -200,20 +212,27 @@ def insert_payment(session: Session, values: Mapping[str, Any]) -> PaymentRecord
 
 def lock_payment(session: Session, pk: int) -> Mapping[str, Any]:
     """The payment's current column values, locked for update (a no-op on SQLite)."""
-    return (
-        session.execute(select(_PAYMENTS).where(_PAYMENTS.c.id == pk).with_for_update())
-        .mappings()
-        .one()
-    )
+    return session.execute(_LOCK_PAYMENT, {"b_pk": pk}).mappings().one()
 
 
 def update_payment(
-    session: Session, pk: int, expected_version: int, changes: Mapping[str, Any]
+    session: Session,
+    pk: int,
+    expected_version: int,
+    expected_status: str,
+    changes: Mapping[str, Any],
 ) -> None:
-    """Write ``changes`` if nobody changed the payment since ``expected_version`` was read."""
+    """Write ``changes`` if nobody changed the payment since it was read (at
+    ``expected_version``, in ``expected_status``); else ``StaleDataError``."""
     result = session.execute(
         _GUARDED_UPDATE,
-        {**changes, "version": expected_version + 1, "b_pk": pk, "b_version": expected_version},
+        {
+            **changes,
+            "version": expected_version + 1,
+            "b_pk": pk,
+            "b_version": expected_version,
+            "b_status": expected_status,
+        },
     )
     if result.rowcount != 1:
         raise StaleDataError(f"payment {pk} changed concurrently")

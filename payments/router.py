@@ -8,6 +8,7 @@ against ``PAYMENT_ADMIN_API_KEY``); hosts swap it, the session and the service t
 
 import asyncio
 import hmac
+import inspect
 from collections.abc import Awaitable, Callable
 from datetime import date
 from functools import lru_cache
@@ -161,13 +162,37 @@ async def require_api_key(x_api_key: Annotated[str | None, Header()] = None) -> 
 
 
 @lru_cache(maxsize=1)
-def get_payment_service() -> PaymentService:
-    """One service (and so one provider connection pool) per process."""
+def default_payment_service() -> PaymentService:
+    """The process's service (and so its one provider connection pool)."""
     return PaymentService()
+
+
+async def get_payment_service() -> PaymentService:
+    """FastAPI dependency giving the service; override it to use a subclass with hooks.
+    (Async, so FastAPI calls it without a thread-pool hop per request.)"""
+    return default_payment_service()
 
 
 def _client_ip(request: Request) -> str | None:
     return request.client.host if request.client else None
+
+
+def _awaitable(factory: Callable[[], Any]) -> Callable[[], Any]:
+    """A plain factory (``lambda: my_service``) as an async dependency: FastAPI runs sync
+    dependencies in a thread pool, a hop per request for a value that is already there."""
+    if inspect.iscoroutinefunction(factory):
+        return factory
+
+    async def provide() -> Any:
+        return factory()
+
+    return provide
+
+
+def _json(model: BaseModel) -> Response:
+    """Serialise once: a ``Response`` skips FastAPI's second validation of the return value
+    (the route's ``response_model`` still documents the shape)."""
+    return Response(model.model_dump_json(), media_type="application/json")
 
 
 def create_payment_router(
@@ -181,7 +206,7 @@ def create_payment_router(
     router = APIRouter(prefix="/payments", tags=["payments"], route_class=PaymentRoute)
     Db = Annotated[DbSession, Depends(get_session)]
     Actor = Annotated[str, Depends(auth)]
-    Service = Annotated[PaymentService, Depends(service)]
+    Service = Annotated[PaymentService, Depends(_awaitable(service))]
     IdempotencyHeader = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
 
     @router.post("/initiate", response_model=PaymentResponse)
@@ -192,14 +217,16 @@ def create_payment_router(
         actor: Actor,
         payments: Service,
         idempotency_key: IdempotencyHeader = None,
-    ) -> PaymentResponse:
+    ) -> Response:
         """C2B: the customer gets a PIN prompt; answers when they confirm (up to ~90 s)."""
-        return await payments.initiate_payment(
-            request=body,
-            db=db,
-            user_id=actor,
-            idempotency_key=idempotency_key,
-            client_ip=_client_ip(request),
+        return _json(
+            await payments.initiate_payment(
+                request=body,
+                db=db,
+                user_id=actor,
+                idempotency_key=idempotency_key,
+                client_ip=_client_ip(request),
+            )
         )
 
     @router.post("/payouts", response_model=PaymentResponse)
@@ -210,10 +237,12 @@ def create_payment_router(
         actor: Actor,
         payments: Service,
         idempotency_key: IdempotencyHeader = None,
-    ) -> PaymentResponse:
+    ) -> Response:
         """B2C: pay a customer's wallet."""
-        return await payments.payout(
-            body, db, actor, idempotency_key=idempotency_key, client_ip=_client_ip(request)
+        return _json(
+            await payments.payout(
+                body, db, actor, idempotency_key=idempotency_key, client_ip=_client_ip(request)
+            )
         )
 
     @router.post("/transfers", response_model=PaymentResponse)
@@ -224,10 +253,12 @@ def create_payment_router(
         actor: Actor,
         payments: Service,
         idempotency_key: IdempotencyHeader = None,
-    ) -> PaymentResponse:
+    ) -> Response:
         """B2B: pay another business's shortcode."""
-        return await payments.transfer(
-            body, db, actor, idempotency_key=idempotency_key, client_ip=_client_ip(request)
+        return _json(
+            await payments.transfer(
+                body, db, actor, idempotency_key=idempotency_key, client_ip=_client_ip(request)
+            )
         )
 
     @router.post("/{transaction_id}/reverse", response_model=PaymentResponse)
@@ -239,27 +270,27 @@ def create_payment_router(
         payments: Service,
         body: ReversalRequest | None = None,
         idempotency_key: IdempotencyHeader = None,
-    ) -> PaymentResponse:
+    ) -> Response:
         """Reverse a completed payment (all of it, or ``amount``). Returns the reversal."""
-        return await payments.reverse(
-            transaction_id,
-            body or ReversalRequest(),
-            db,
-            actor,
-            idempotency_key=idempotency_key,
-            client_ip=_client_ip(request),
+        return _json(
+            await payments.reverse(
+                transaction_id,
+                body or ReversalRequest(),
+                db,
+                actor,
+                idempotency_key=idempotency_key,
+                client_ip=_client_ip(request),
+            )
         )
 
     @router.post("/{transaction_id}/refresh", response_model=PaymentResponse)
-    async def refresh(
-        transaction_id: str, db: Db, actor: Actor, payments: Service
-    ) -> PaymentResponse:
+    async def refresh(transaction_id: str, db: Db, actor: Actor, payments: Service) -> Response:
         """Ask M-Pesa for the status now and apply it."""
-        return await payments.refresh(transaction_id, db, actor=actor)
+        return _json(await payments.refresh(transaction_id, db, actor=actor))
 
     @router.get("/status/{transaction_id}", response_model=PaymentResponse)
-    async def status(transaction_id: str, db: Db, _: Actor, payments: Service) -> PaymentResponse:
-        return await payments.get(transaction_id, db)
+    async def status(transaction_id: str, db: Db, _: Actor, payments: Service) -> Response:
+        return _json(await payments.get(transaction_id, db))
 
     @router.get("/", response_model=PaymentListResponse)
     async def list_payments(
@@ -269,8 +300,8 @@ def create_payment_router(
         filters: Annotated[PaymentFilters, Query()],
         page: Annotated[int, Query(ge=1, le=100_000)] = 1,
         per_page: Annotated[int, Query(ge=1, le=100)] = 20,
-    ) -> PaymentListResponse:
-        return await payments.list(db, filters, page=page, per_page=per_page)
+    ) -> Response:
+        return _json(await payments.list(db, filters, page=page, per_page=per_page))
 
     @router.get("/summary", response_model=PaymentSummary)
     async def summary(
@@ -279,19 +310,19 @@ def create_payment_router(
         payments: Service,
         from_date: date | None = None,
         to_date: date | None = None,
-    ) -> PaymentSummary:
-        return await payments.summary(db, from_date, to_date)
+    ) -> Response:
+        return _json(await payments.summary(db, from_date, to_date))
 
     @router.get("/audit/{transaction_id}", response_model=AuditTrailResponse)
-    async def audit(transaction_id: str, db: Db, _: Actor, payments: Service) -> AuditTrailResponse:
-        return await payments.audit(transaction_id, db)
+    async def audit(transaction_id: str, db: Db, _: Actor, payments: Service) -> Response:
+        return _json(await payments.audit(transaction_id, db))
 
     @router.get("/customer-name", response_model=CustomerNameResponse)
     async def customer_name(
         phone_number: Annotated[str, Query(max_length=30)], _: Actor, payments: Service
-    ) -> CustomerNameResponse:
+    ) -> Response:
         """The wallet holder's masked name (confirm before a payout)."""
-        return await payments.query_customer_name(Msisdn(phone_number))
+        return _json(await payments.query_customer_name(Msisdn(phone_number)))
 
     @router.get("/health")
     async def health(db: Db, payments: Service, deep: bool = False) -> JSONResponse:

@@ -20,10 +20,11 @@ import json
 import re
 import secrets
 import string
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import date, datetime
 from decimal import Decimal
+from functools import partial
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -854,15 +855,23 @@ class PaymentService:
         """Record the exchanges and apply the outcome in one short transaction, retrying on
         conflicts and database errors. Fires the hooks for a transition this call made."""
         attempt = 0
+        # First try on the values we hold (no read); if anyone changed the payment since, the
+        # version-guarded UPDATE fails and the retry works on a fresh, locked read.
+        known: Mapping[str, Any] | None = record.columns()
         while True:
             try:
                 result = await run_db(
                     db,
-                    committing(lambda s: _apply_outcome(s, record, outcome, actor)),
+                    committing(
+                        partial(
+                            _apply_outcome, record=record, outcome=outcome, actor=actor, known=known
+                        )
+                    ),
                     write=True,
                 )
                 break
             except (*DATABASE_ERRORS, StaleDataError) as exc:
+                known = None
                 if attempt >= len(self._db_retry_delays):
                     payment_logger.critical(
                         "Payment outcome NOT recorded; reconciliation will settle it from M-Pesa",
@@ -986,14 +995,18 @@ def committing(work: Callable[[Session], Any]) -> Callable[[Session], Any]:
 
 
 def _apply_outcome(
-    session: Session, record: PaymentRecord, outcome: Outcome, actor: str | None
+    session: Session,
+    record: PaymentRecord,
+    outcome: Outcome,
+    actor: str | None,
+    known: Mapping[str, Any] | None,
 ) -> tuple[PaymentRecord, str, PaymentRecord | None]:
     """(updated record, status before, updated original for a completed reversal).
 
-    The hot path of every payment, so plain statements: one locked read, one UPDATE guarded by
-    the row's version (a concurrent writer makes it fail, and ``apply_outcome`` retries), one
-    batched INSERT of the audit rows."""
-    current = repo.lock_payment(session, record.id)
+    The hot path of every payment, so plain statements: the payment's ``known`` values (or a
+    locked read), one UPDATE guarded by the row's version (a concurrent writer makes it fail,
+    and ``apply_outcome`` retries), one batched INSERT of the audit rows."""
+    current = known if known is not None else repo.lock_payment(session, record.id)
     audits = [
         entry
         for exchange in outcome.exchanges
@@ -1081,7 +1094,7 @@ def _apply_outcome(
                 actor=actor,
             )
         )
-    repo.update_payment(session, record.id, current["version"], changes)
+    repo.update_payment(session, record.id, current["version"], before, changes)
     repo.add_audits(session, audits)
     updated = PaymentRecord.from_columns(
         {**current, **changes, "version": current["version"] + 1},

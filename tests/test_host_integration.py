@@ -92,7 +92,7 @@ def report(result):
 """
 
 OWN_ENGINE = """
-from app.payments import get_payment_service
+from app.payments import default_payment_service
 from app.payments.database import get_engine
 from app.payments.models import Base
 
@@ -104,7 +104,7 @@ async def main():
     async with get_engine().begin() as connection:
         await connection.run_sync(Base.metadata.create_all)
     result = await drive(app)
-    await get_payment_service().aclose()
+    await default_payment_service().aclose()
     await get_engine().dispose()
     report(result)
 
@@ -116,7 +116,7 @@ SYNC_SESSION = """
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import sessionmaker
 
-from app.payments import get_db, get_payment_service
+from app.payments import default_payment_service, get_db
 from app.payments.models import Base, PaymentTransaction
 
 engine = create_engine(f"sqlite:///{DB_PATH}")
@@ -169,7 +169,7 @@ async def main():
         result["user_ids"] = sorted(
             set(session.scalars(select(PaymentTransaction.user_id)).all())
         )
-    await get_payment_service().aclose()
+    await default_payment_service().aclose()
     engine.dispose()
     report(result)
 
@@ -181,7 +181,7 @@ ASYNC_SESSION = """
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
-from app.payments import create_payment_router, get_payment_service
+from app.payments import create_payment_router, default_payment_service
 from app.payments.models import Base, PaymentTransaction
 
 engine = create_async_engine(f"sqlite+aiosqlite:///{DB_PATH}")
@@ -214,7 +214,7 @@ async def main():
         result["user_ids"] = sorted(
             set((await session.scalars(select(PaymentTransaction.user_id))).all())
         )
-    await get_payment_service().aclose()
+    await default_payment_service().aclose()
     await engine.dispose()
     report(result)
 
