@@ -246,17 +246,16 @@ class MpesaClient:
             transport = SimulatorTransport(create_simulator_app())
         if transport is None:
             transport = AiohttpTransport(max_connections=config.max_connections)
-        self._http = httpx.AsyncClient(
-            auth=MpesaAuth(config.api_key, config.public_key),
-            headers={
-                "Content-Type": "application/json",
-                "Origin": config.origin,
-                "User-Agent": USER_AGENT,
-            },
-            transport=transport,
-            follow_redirects=False,
-            verify=True,
-        )
+        # Requests go straight to the transport: an httpx.AsyncClient adds cookie, redirect and
+        # URL-merging work per call that this API never needs (a third of the client's CPU).
+        self._transport = transport
+        self._auth = MpesaAuth(config.api_key, config.public_key)
+        self._headers = {
+            "Content-Type": "application/json",
+            "Origin": config.origin,
+            "User-Agent": USER_AGENT,
+        }
+        self._urls = {operation: httpx.URL(config.url_for(operation)) for operation in Operation}
         self._sleep = sleep
         self._jitter = jitter
 
@@ -273,7 +272,7 @@ class MpesaClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self._transport.aclose()
 
     # -- operations ---------------------------------------------------------------------------
 
@@ -414,9 +413,28 @@ class MpesaClient:
         read = config.c2b_timeout if operation is Operation.C2B else config.request_timeout
         return httpx.Timeout(read, connect=self.config.connect_timeout)
 
+    async def _send(
+        self, operation: Operation, method: str, fields: dict[str, str]
+    ) -> httpx.Response:
+        """One HTTP exchange: query string for GET, JSON body otherwise, read in full."""
+        request = httpx.Request(
+            method,
+            self._urls[operation],
+            params=fields if method == "GET" else None,
+            json=None if method == "GET" else fields,
+            headers={**self._headers, "Authorization": f"Bearer {self._auth.token}"},
+            extensions={"timeout": self._timeout_for(operation).as_dict()},
+        )
+        response = await self._transport.handle_async_request(request)
+        try:
+            await response.aread()
+        finally:
+            await response.aclose()
+        return response
+
     async def _call(self, operation: Operation, fields: dict[str, str], result_type: type[R]) -> R:
         spec = OPERATIONS[operation]
-        url = self.config.url_for(operation)
+        url = str(self._urls[operation])
         audit_fields = sanitize(fields)
         exchanges: list[ProviderExchange] = []
         attempt = 0
@@ -431,13 +449,7 @@ class MpesaClient:
             )
             started = time.perf_counter()
             try:
-                response = await self._http.request(
-                    spec.method,
-                    url,
-                    params=fields if spec.method == "GET" else None,
-                    json=None if spec.method == "GET" else fields,
-                    timeout=self._timeout_for(operation),
-                )
+                response = await self._send(operation, spec.method, fields)
             except httpx.TransportError as exc:
                 elapsed_ms = (time.perf_counter() - started) * 1000
                 never_sent = isinstance(exc, _NEVER_SENT)

@@ -98,6 +98,8 @@ class _SecretRegistry:
         self._lock = threading.Lock()
         self._values: set[str] = set()
         self._pattern: re.Pattern[str] | None = None
+        #: Length of the shortest registered form: shorter text cannot hold a secret.
+        self.shortest = 1 << 30
 
     def add(self, value: str) -> None:
         if not isinstance(value, str):
@@ -111,6 +113,7 @@ class _SecretRegistry:
             if variants <= self._values:
                 return
             self._values |= variants
+            self.shortest = min(len(item) for item in self._values)
             ordered = sorted(self._values, key=len, reverse=True)
             self._pattern = re.compile("|".join(re.escape(item) for item in ordered))
 
@@ -120,6 +123,8 @@ class _SecretRegistry:
 
 
 _secrets = _SecretRegistry()
+#: The shortest text a phone number takes (a bare ``84XXXXXXX``).
+_SHORTEST_NUMBER = 9
 
 
 def register_secret(value: str) -> None:
@@ -169,7 +174,14 @@ def sanitize_text(text: str) -> str:
     The order matters: literal secrets first (before phone masking could alter the digits in one),
     then bearer tokens and secret key/value pairs, then phone numbers. Each step is one linear scan.
     """
-    if not text:
+    if not text or (
+        # Most field values (codes, amounts, operation names) are short: too short for a phone
+        # number or a registered secret, and with no key=value pair in them.
+        len(text) < _SHORTEST_NUMBER
+        and len(text) < _secrets.shortest
+        and "=" not in text
+        and ":" not in text
+    ):
         return text
     text = _secrets.redact(text)
     text = _BEARER.sub(_bearer, text)

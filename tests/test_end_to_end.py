@@ -41,6 +41,7 @@ from payments.logger import payment_logger, shutdown_logging
 from payments.signing import MpesaAuth
 from payments.simulator import masked_customer_name
 from payments.simulator_keys import SIMULATOR_API_KEY, SIMULATOR_SECURITY_CREDENTIAL
+from payments.transport import AiohttpTransport
 from payments.values import Msisdn
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -164,16 +165,27 @@ def client_from_env(
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
     get_settings.cache_clear()
-    client = MpesaClient.from_settings(get_settings())
+    settings = get_settings()
+    # The client's own transport (aiohttp over the network), wrapped to see what goes on the wire.
+    return MpesaClient.from_settings(
+        settings,
+        transport=TokenRecorder(AiohttpTransport(max_connections=10), sent_tokens),
+    )
 
-    async def record(request: httpx.Request) -> None:
+
+class TokenRecorder(httpx.AsyncBaseTransport):
+    def __init__(self, inner: httpx.AsyncBaseTransport, sent_tokens: list[str]) -> None:
+        self.inner = inner
+        self.sent_tokens = sent_tokens
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         assert scheme == "Bearer" and token
-        sent_tokens.append(token)
+        self.sent_tokens.append(token)
+        return await self.inner.handle_async_request(request)
 
-    # Request hooks run after authentication, so they see the header that goes on the wire.
-    client._http.event_hooks["request"].append(record)
-    return client
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 async def simulator_transactions(simulator: LiveSimulator) -> dict[str, dict[str, Any]]:
@@ -207,7 +219,7 @@ async def complete_six_operations(
         MPESA_ENVIRONMENT="simulator",
         MPESA_BASE_URL=simulator.base_url,
     ) as client:
-        assert isinstance(client._http.auth, MpesaAuth)
+        assert isinstance(client._auth, MpesaAuth)
         c2b_reference = reference("C2B")
         c2b = await client.c2b_payment(
             msisdn=Msisdn(CUSTOMER),
