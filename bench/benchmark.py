@@ -637,7 +637,10 @@ async def postgres_database(admin_url: str) -> Any:
         async def connections() -> int:
             return int(
                 await admin.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1", name
+                    # Client connections only: autovacuum workers show up on the database too.
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = $1 AND backend_type = 'client backend'",
+                    name,
                 )
             )
 
