@@ -92,6 +92,7 @@ class PaymentSettings(BaseSettings):
     payment_log_dir: str = "logs"
     payment_log_format: Literal["text", "json"] = "text"
     payment_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    payment_log_background: bool = False
 
     @field_validator("mpesa_environment", mode="before")
     @classmethod

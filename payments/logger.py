@@ -18,9 +18,11 @@ explicitly (and may be called again: it replaces its own handlers, never duplica
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import queue
 import re
 import sys
 import threading
@@ -421,8 +423,57 @@ def _install(handlers: list[logging.Handler]) -> None:
         handler.close()
 
 
-def _from_settings() -> tuple[str, str, str, list[str]]:
-    """(log dir, format, level, secrets) from the settings, or the defaults if they are invalid."""
+class _BackgroundHandler(logging.Handler):
+    """Hands records to a writer thread, which formats, sanitises and writes them with the real
+    handlers: the event loop only builds the record. Closing it (``shutdown_logging``, and at
+    interpreter exit) writes everything still queued; a process killed outright may lose the
+    last few milliseconds of lines (the database, not the log, is the record of payments)."""
+
+    _STOP = object()
+
+    def __init__(self, handlers: list[logging.Handler]) -> None:
+        super().__init__()
+        self._handlers = handlers
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._write, name="payments-log", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._queue.put(record)
+
+    def _write(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._STOP:
+                return
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            for handler in self._handlers:
+                if item.levelno >= handler.level:
+                    handler.handle(item)
+
+    def flush(self) -> None:
+        """Wait until every record queued so far is written."""
+        if self._thread.is_alive():
+            written = threading.Event()
+            self._queue.put(written)
+            written.wait(timeout=5)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(self._STOP)
+            self._thread.join(timeout=5)
+        for handler in self._handlers:
+            handler.close()
+        atexit.unregister(self.close)
+        super().close()
+
+
+def _from_settings() -> tuple[str, str, str, list[str], bool]:
+    """(log dir, format, level, secrets, background) from the settings, or the defaults if they
+    are invalid."""
     from .config import get_settings
 
     try:
@@ -436,12 +487,14 @@ def _from_settings() -> tuple[str, str, str, list[str]]:
             log_format if log_format in LOG_FORMATS else DEFAULT_LOG_FORMAT,
             level if level in LOG_LEVELS else DEFAULT_LOG_LEVEL,
             [],
+            False,
         )
     return (
         settings.payment_log_dir,
         settings.payment_log_format,
         settings.payment_log_level,
         settings.secret_values(),
+        settings.payment_log_background,
     )
 
 
@@ -453,18 +506,26 @@ def configure_logging(
     console: bool = True,
     secrets: Iterable[str] = (),
     clock: Callable[[], datetime] | None = None,
+    background: bool | None = None,
 ) -> None:
     """Install the module's handlers (daily file, and console unless ``console=False``).
 
     Arguments left as ``None`` come from the settings (``PAYMENT_LOG_DIR``, ``PAYMENT_LOG_FORMAT``,
     ``PAYMENT_LOG_LEVEL``), or the defaults (``logs``, ``text``, ``INFO``) when the settings are
     invalid. The settings' secrets and ``secrets`` are registered for redaction. Calling it again
-    replaces the handlers it installed before.
+    replaces the handlers it installed before. ``background`` (``PAYMENT_LOG_BACKGROUND``) moves
+    formatting and writing to a writer thread, off the event loop.
     """
     with _state.lock:
         _state.configuring = True
         try:
-            settings_dir, settings_format, settings_level, settings_secrets = _from_settings()
+            (
+                settings_dir,
+                settings_format,
+                settings_level,
+                settings_secrets,
+                settings_background,
+            ) = _from_settings()
             chosen_format = (log_format or settings_format).strip().lower()
             if chosen_format not in LOG_FORMATS:
                 raise ValueError(f"log_format must be one of {LOG_FORMATS}, not {log_format!r}")
@@ -484,8 +545,9 @@ def configure_logging(
                 handlers.append(_ConsoleHandler())
             for handler in handlers:
                 handler.setFormatter(formatter)
-                _owned(handler)
-            _install(handlers)
+            if settings_background if background is None else background:
+                handlers = [_BackgroundHandler(handlers)]
+            _install([_owned(handler) for handler in handlers])
             _guard_transport_loggers()
             _logger.setLevel(chosen_level)
             _logger.propagate = False

@@ -555,3 +555,14 @@ def test_sanitize_text_is_linear_on_hostile_input() -> None:
     for text in hostile:
         sanitize_text(text)
     assert time.perf_counter() - started < 1.0
+
+
+def test_background_writing_keeps_every_line_and_its_masking(tmp_path: Path) -> None:
+    configure_logging(log_dir=str(tmp_path), console=False, clock=fixed_clock(), background=True)
+    for index in range(200):
+        payment_logger.info("Payment initiated", phone=FULL, index=index)
+    shutdown_logging()  # drains the writer thread
+    lines = written(tmp_path).splitlines()
+    assert len(lines) == 200
+    assert lines[-1].endswith(f"Payment initiated | phone={MASKED} | index=199")
+    assert FULL not in written(tmp_path)
