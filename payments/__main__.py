@@ -105,7 +105,7 @@ def serve(host: str, port: int) -> None:
         os.environ["PAYMENT_ADMIN_API_KEY"] = secrets.token_urlsafe(24)
     settings = get_settings()  # fail fast, naming the variable, before serving anything
     print(f"Payments demo gateway on http://{host}:{port}/api/payments (docs: /docs)")
-    print(f"Provider: {settings.mpesa_environment}; database: {settings.payment_database_url}")
+    print(f"Provider: {settings.mpesa_environment}; database: {settings.database_url_for_display}")
     print(f"Admin API key (send as X-API-Key): {settings.admin_api_key}")
     uvicorn.run(create_app(), host=host, port=port, log_level="warning")
 
@@ -123,7 +123,13 @@ async def reconcile(min_age: float | None, loop: float | None, batch_size: int |
             )
             print(f"reconciliation: {report}")
         else:
-            await reconcile_forever(service, get_database().session, interval=loop, min_age=min_age)
+            await reconcile_forever(
+                service,
+                get_database().session,
+                interval=loop,
+                min_age=min_age,
+                batch_size=batch_size,
+            )
     finally:
         await service.aclose()
         await get_database().dispose()

@@ -36,6 +36,8 @@ from .models import AuditAction, PaymentStatus, PaymentWebhookLog, utcnow
 from .service import Outcome, PaymentService, committing
 
 _SUCCESS_CODES = {"0", "INS-0"}
+#: A result notification is a few hundred bytes; anything far larger is not one.
+MAX_NOTIFICATION_BYTES = 64 * 1024
 _REFERENCE = re.compile(r"[A-Za-z0-9_-]{1,100}")
 _SECRET_HEADERS = {"x-callback-token", "authorization", "cookie", "x-api-key"}
 
@@ -144,8 +146,12 @@ class CallbackProcessor:
         settings = self.service.settings
         caller_ip = client_ip(notification.peer_ip, notification.headers, settings)
         rejection = authenticate(notification, caller_ip, settings)
-        text = notification.body.decode("utf-8", errors="replace")
-        body = _parse(text)
+        oversized = len(notification.body) > MAX_NOTIFICATION_BYTES
+        # Stored before anything else, but never unbounded: an oversized body keeps its start.
+        text = notification.body[:MAX_NOTIFICATION_BYTES].decode("utf-8", errors="replace")
+        body = None if oversized else _parse(text)
+        if oversized and rejection is None:
+            rejection = f"body larger than {MAX_NOTIFICATION_BYTES} bytes"
         malformed = rejection is None and body is None
         if malformed:
             rejection = "body is not a JSON object"
@@ -175,6 +181,8 @@ class CallbackProcessor:
         payment_logger.info(
             "Callback received", webhook_id=webhook_id, valid=rejection is None, ip=caller_ip
         )
+        if oversized:
+            return 413, provider_answer({}, "INS-21", "The body is too large")
         if malformed:
             return 400, provider_answer({}, "INS-21", "The body must be a JSON object")
         if rejection is not None:
@@ -245,14 +253,16 @@ class CallbackProcessor:
         code = str(stored.body.get("input_ResultCode") or "").strip().upper()
         error: str | None = None
         if PaymentStatus(record.status) in UNSETTLED:
-            outcome = await self._outcome(record, code)
+            outcome = await self._outcome(record, code, stored.body)
             if outcome is None:
                 error = "not confirmed by an M-Pesa status query yet"
             else:
                 record, _ = await self.service.apply_outcome(db, record, outcome, actor="callback")
         return await self._finish(db, webhook_id, record, error)
 
-    async def _outcome(self, record: repo.PaymentRecord, code: str) -> Outcome | None:
+    async def _outcome(
+        self, record: repo.PaymentRecord, code: str, body: Mapping[str, Any]
+    ) -> Outcome | None:
         """Trust, but verify: a notification only prompts a status query, and M-Pesa's own
         answer settles the payment. A notification never settles it on its word alone (a
         "cancelled" notice overtaken by the real success must not cancel a charged payment).
@@ -268,6 +278,14 @@ class CallbackProcessor:
         # Audited as what it is (completed/failed), and, where M-Pesa agrees with the notice,
         # with the notice's code, which a status answer does not carry.
         agreed = (confirmed.status is PaymentStatus.COMPLETED) == (code in _SUCCESS_CODES)
+        if agreed and confirmed.status is PaymentStatus.COMPLETED:
+            # A status answer carries no transaction ID; the confirmed notice does, and a
+            # reversal needs it.
+            return replace(
+                confirmed,
+                action=None,
+                provider_transaction_id=_reference(body.get("input_TransactionID")),
+            )
         if agreed and code not in _SUCCESS_CODES:
             entry = self.service.client.config.codes.lookup(code)
             status = confirmed.status

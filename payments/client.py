@@ -352,16 +352,7 @@ class MpesaClient:
         amount: Decimal | None = None,
     ) -> ProviderResult:
         """Reverse a completed transaction, fully or (with ``amount``) partially. Never retried."""
-        if not self.config.initiator_identifier:
-            raise PaymentConfigurationError(
-                "MPESA_INITIATOR_IDENTIFIER is required for reversals",
-                details={"variable": "MPESA_INITIATOR_IDENTIFIER"},
-            )
-        if not self.config.security_credential:
-            raise PaymentConfigurationError(
-                "MPESA_SECURITY_CREDENTIAL is required for reversals",
-                details={"variable": "MPESA_SECURITY_CREDENTIAL"},
-            )
+        self.check_reversal_configured()
         fields = {
             "input_TransactionID": validate_reference(
                 transaction_id, field="transaction_id", max_length=64
@@ -405,6 +396,17 @@ class MpesaClient:
             "input_ServiceProviderCode": self.config.service_provider_code,
         }
         return await self._call(Operation.QUERY_CUSTOMER_NAME, fields, CustomerNameResult)
+
+    def check_reversal_configured(self) -> None:
+        """Reversals need the portal's initiator identifier and security credential."""
+        for variable, value in (
+            ("MPESA_INITIATOR_IDENTIFIER", self.config.initiator_identifier),
+            ("MPESA_SECURITY_CREDENTIAL", self.config.security_credential),
+        ):
+            if not value:
+                raise PaymentConfigurationError(
+                    f"{variable} is required for reversals", details={"variable": variable}
+                )
 
     # -- transport ----------------------------------------------------------------------------
 

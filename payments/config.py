@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 from .codes import ResponseCodeTable
 from .exceptions import PaymentConfigurationError
@@ -163,6 +164,14 @@ class PaymentSettings(BaseSettings):
 
     def response_codes(self) -> ResponseCodeTable:
         return ResponseCodeTable.from_json_overrides(self.mpesa_response_code_overrides)
+
+    @property
+    def database_url_for_display(self) -> str:
+        """``PAYMENT_DATABASE_URL`` with any password hidden (for logs and the console)."""
+        try:
+            return make_url(self.payment_database_url).render_as_string(hide_password=True)
+        except Exception:  # an unparsable URL fails later, naming the variable
+            return "<invalid PAYMENT_DATABASE_URL>"
 
     @property
     def api_key(self) -> str:

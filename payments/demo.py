@@ -27,7 +27,7 @@ async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
     payment_logger.info(
         "Payments demo gateway started",
         environment=settings.mpesa_environment,
-        database=settings.payment_database_url,
+        database=settings.database_url_for_display,
     )
     stop = asyncio.Event()
     background = None

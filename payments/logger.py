@@ -561,8 +561,18 @@ class _SanitizingFilter(logging.Filter):
     """Masks records of other libraries' loggers before any handler (the host's) sees them."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = sanitize_text(record.getMessage())
-        record.args = None
+        if isinstance(record.msg, str):
+            record.msg = sanitize_text(record.msg)
+        # Masked one by one, keeping their shape: formatters (uvicorn's) unpack args themselves.
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                sanitize_text(arg) if isinstance(arg, str) else arg for arg in record.args
+            )
+        elif isinstance(record.args, Mapping):
+            record.args = {
+                key: sanitize_text(arg) if isinstance(arg, str) else arg
+                for key, arg in record.args.items()
+            }
         return True
 
 

@@ -22,8 +22,7 @@ from datetime import datetime, timedelta
 from sqlalchemy.orm import Session
 
 from . import repository as repo
-from .database import DATABASE_ERRORS, DbSession, run_db
-from .exceptions import PaymentError
+from .database import DbSession, run_db
 from .logger import payment_logger
 from .models import AuditAction, PaymentStatus, utcnow
 from .repository import PaymentRecord
@@ -105,7 +104,7 @@ async def reconcile_once(
                 await _settle_one(
                     service, db, record, report, now(), attention_after, abandoned_after
                 )
-            except (PaymentError, *DATABASE_ERRORS) as exc:
+            except Exception as exc:  # one payment's trouble must not stop the others
                 report.errors += 1
                 payment_logger.error(
                     "Reconciliation failed for a payment",
@@ -190,6 +189,7 @@ async def reconcile_forever(
     *,
     interval: float | None = None,
     min_age: float | None = None,
+    batch_size: int | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
     """Run passes every ``interval`` seconds until ``stop`` is set (or the task is cancelled)."""
@@ -197,8 +197,8 @@ async def reconcile_forever(
     stop = stop or asyncio.Event()
     while not stop.is_set():
         try:
-            await reconcile_once(service, sessions, min_age=min_age)
-        except DATABASE_ERRORS as exc:  # the database may be down for a while: keep trying
+            await reconcile_once(service, sessions, min_age=min_age, batch_size=batch_size)
+        except Exception as exc:  # the database may be down for a while: keep trying
             payment_logger.error("Reconciliation pass failed", error=type(exc).__name__)
         try:
             await asyncio.wait_for(stop.wait(), timeout=interval)

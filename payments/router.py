@@ -45,7 +45,7 @@ from .exceptions import (
     ProviderUnavailableError,
     UnauthorizedError,
 )
-from .logger import payment_logger
+from .logger import payment_logger, sanitize_text
 from .schemas import (
     AuditTrailResponse,
     CustomerNameResponse,
@@ -85,7 +85,9 @@ def error_response(error: PaymentError) -> JSONResponse:
     """The one mapping from domain errors to HTTP. An unknown outcome of a recorded payment is
     202 with the payment itself (status ``unknown``): the request was accepted, not failed."""
     payment: PaymentResponse | None = getattr(error, "payment", None)
-    if isinstance(error, PaymentOutcomeUnknownError) and payment is not None:
+    if payment is not None and not error.outcome_known:
+        # Recorded, and M-Pesa may have moved the money: accepted, not failed (never retry it
+        # with a new idempotency key); reconciliation settles it.
         return JSONResponse(payment.model_dump(mode="json"), status_code=202)
     status = next(code for kind, code in ERROR_STATUS if isinstance(error, kind))
     body = error.to_dict()
@@ -364,7 +366,13 @@ def create_payment_router(
             ),
         )
         return WebhookListResponse(
-            items=[WebhookEntry.model_validate(row) for row in rows],
+            items=[
+                # Forwarders may put phone numbers in the body: masked like every other answer.
+                WebhookEntry.model_validate(row).model_copy(
+                    update={"raw_body": sanitize_text(row.raw_body)}
+                )
+                for row in rows
+            ],
             total=total,
             page=page,
             per_page=per_page,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import re
 import secrets
@@ -42,6 +43,7 @@ from .exceptions import (
     InvalidPaymentRequestError,
     InvalidStateTransitionError,
     PaymentCancelledError,
+    PaymentConfigurationError,
     PaymentError,
     PaymentInitiationError,
     PaymentNotFoundError,
@@ -52,7 +54,7 @@ from .exceptions import (
     ProviderUnavailableError,
 )
 from .lifecycle import SUCCEEDED, UNSETTLED, check_transition
-from .logger import payment_logger, sanitize
+from .logger import payment_logger, sanitize, sanitize_text
 from .models import AuditAction, PaymentOperation, PaymentStatus, utcnow
 from .repository import PaymentRecord
 from .schemas import (
@@ -104,6 +106,7 @@ class Outcome:
     conversation_id: str | None = None
     error: PaymentError | None = None
     action: AuditAction | None = None  # audit action for the status change, if not the default
+    attention: str | None = None  # why an operator must look at the payment, if one must
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,13 +133,15 @@ def new_transaction_id(now: datetime | None = None) -> str:
     return f"TXN-{stamp}-{''.join(secrets.choice(_REFERENCE_ALPHABET) for _ in range(8))}"
 
 
-def third_party_reference_for(operation: str, idempotency_key: str | None) -> str:
+def third_party_reference_for(operation: str, idempotency_key: str | None, secret: str) -> str:
     """The ``input_ThirdPartyReference``: derived from the idempotency key (so a retry meets
-    M-Pesa's own duplicate check instead of charging twice), random without one."""
+    M-Pesa's own duplicate check instead of charging twice), random without one. Keyed by a
+    per-deployment ``secret``, so another app on the same shortcode using the same key (say
+    ``order-1001``) sends a different reference."""
     if idempotency_key is None:
         return secrets.token_hex(10).upper()
-    digest = hashlib.sha256(f"{operation}:{idempotency_key}".encode()).hexdigest()
-    return digest[:20].upper()
+    message = f"{operation}:{idempotency_key}".encode()
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()[:20].upper()
 
 
 def query_reference() -> str:
@@ -273,6 +278,12 @@ class PaymentService:
         if self._settings is None:
             self._settings = get_settings()
         return self._settings
+
+    def reference_for(self, operation: str, idempotency_key: str | None) -> str:
+        """The ``input_ThirdPartyReference`` this deployment sends for ``idempotency_key``."""
+        settings = self.settings
+        secret = f"{settings.mpesa_service_provider_code}:{settings.api_key}"
+        return third_party_reference_for(operation, idempotency_key, secret)
 
     @property
     def client(self) -> MpesaClient:
@@ -442,6 +453,7 @@ class PaymentService:
         key = self._key(request.idempotency_key, idempotency_key)
         body = _request_body(request) | {"original_transaction_id": transaction_id}
         original_provider_id: str | None = None
+        self.client.check_reversal_configured()  # before anything is recorded
 
         def reserve(session: Session) -> tuple[PaymentRecord, bool]:
             nonlocal original_provider_id
@@ -517,6 +529,12 @@ class PaymentService:
             outcome = await self._settle_duplicate(record, error)
         except PaymentProviderError as error:
             outcome = outcome_of_error(error)
+        except (PaymentValidationError, PaymentConfigurationError) as error:
+            # Refused before sending: nothing was reversed, and nothing stays reserved.
+            await self.apply_outcome(
+                db, record, Outcome(S.FAILED, error.message, error=error), actor=user_id
+            )
+            raise
         except Exception as error:
             await self.apply_outcome(db, record, _unexpected(error), actor=user_id)
             raise
@@ -652,7 +670,7 @@ class PaymentService:
             "receiver_party_code": new.receiver_party_code,
             "conversation_id": None,
             "provider_transaction_id": None,
-            "third_party_reference": third_party_reference_for(new.operation, new.idempotency_key),
+            "third_party_reference": self.reference_for(new.operation, new.idempotency_key),
             "transaction_reference": transaction_reference_for(
                 new.account_reference, transaction_id
             ),
@@ -811,15 +829,30 @@ class PaymentService:
     async def _settle_duplicate(
         self, record: PaymentRecord, error: DuplicateTransactionError
     ) -> Outcome:
-        """INS-10: M-Pesa has seen this reference. Ask what happened to it instead of failing."""
+        """INS-10: M-Pesa refused this request because it has seen the reference before. Ask what
+        happened to that earlier request instead of failing. If it completed, it may have been
+        this payment (sent before a database restore) or not: an operator decides."""
         queried = await self.query_outcome(record, by_reference=True)
+        exchanges = error.exchanges + queried.exchanges
+        unknown = PaymentOutcomeUnknownError(
+            "M-Pesa reports this payment's reference as already used (INS-10); the outcome is"
+            " unknown until it is confirmed",
+            provider_code=error.provider_code,
+            provider_description=error.provider_description,
+            http_status=error.http_status,
+        )
+        still_unknown = replace(
+            outcome_of_error(unknown), status=S.UNKNOWN, exchanges=exchanges, error=unknown
+        )
         if queried.status is None:
+            return still_unknown
+        if queried.status is S.COMPLETED:
             return replace(
-                outcome_of_error(error),
-                status=S.UNKNOWN,
-                exchanges=error.exchanges + queried.exchanges,
+                still_unknown,
+                attention="M-Pesa reports an earlier, completed transaction with this payment's"
+                " reference (INS-10): confirm it is this payment before delivering",
             )
-        return replace(queried, exchanges=error.exchanges + queried.exchanges)
+        return replace(queried, exchanges=exchanges)
 
     async def query_outcome(self, record: PaymentRecord, *, by_reference: bool = False) -> Outcome:
         reference = record.third_party_reference
@@ -879,12 +912,14 @@ class PaymentService:
                         outcome=outcome.status.value if outcome.status else None,
                         error=type(exc).__name__,
                     )
-                    raise PaymentStorageError(
+                    lost = PaymentStorageError(
                         "M-Pesa answered but the outcome could not be recorded; the payment stays"
                         f" {record.status} until reconciliation settles it",
                         details={"transaction_id": record.transaction_id},
                         outcome_known=False,
-                    ) from exc
+                    )
+                    lost.payment = to_response(record)  # type: ignore[attr-defined]
+                    raise lost from exc
                 await asyncio.sleep(self._db_retry_delays[attempt])
                 attempt += 1
         updated, before, original = result
@@ -925,7 +960,9 @@ class PaymentService:
             payment_logger.exception(
                 "Payment hook failed", transaction_id=record.transaction_id, status=status.value
             )
-            message = f"{type(exc).__name__} in hook for status {status.value}: {exc}"
+            message = sanitize_text(
+                f"{type(exc).__name__} in hook for status {status.value}: {exc}"
+            )
             try:
                 await run_db(
                     db,
@@ -1074,6 +1111,22 @@ def _apply_outcome(
                     transaction_id=record.transaction_id,
                     status=before,
                 )
+    if outcome.attention:
+        changes["attention_required"] = True
+        audits.append(
+            repo.audit_entry(
+                record.id,
+                AuditAction.ATTENTION_REQUIRED,
+                status_before=before,
+                error_message=outcome.attention,
+                actor=actor,
+            )
+        )
+        payment_logger.warning(
+            "Payment needs an operator",
+            transaction_id=record.transaction_id,
+            reason=outcome.attention,
+        )
     if changed:
         assert outcome.status is not None
         changes["status"] = outcome.status.value
