@@ -8,6 +8,7 @@ Without it they are skipped, unless ``PAYMENT_REQUIRE_POSTGRES=1`` makes that a 
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -206,3 +207,25 @@ async def payment_api_factory(
 async def payment_api(payment_api_factory: PaymentApiFactory) -> PaymentApi:
     """The API with default settings (simulator environment, no admin key: open)."""
     return await payment_api_factory()
+
+
+# --- an unreachable database --------------------------------------------------------------------
+
+
+def join_failed_sqlite_workers() -> None:
+    """aiosqlite stops the worker thread of a connection that failed to open without awaiting
+    it; let those threads finish while the test's event loop is still open."""
+    for thread in threading.enumerate():
+        if "_connection_worker_thread" in thread.name:
+            thread.join(timeout=0.5)
+
+
+@pytest.fixture
+async def unreachable_sessions(tmp_path: Path) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    """Sessions on a SQLite file in a folder that does not exist: every connection fails."""
+    engine = create_engine_for(f"sqlite:///{tmp_path}/no/such/folder/payments.db")
+    try:
+        yield async_sessionmaker(engine, expire_on_commit=False)
+    finally:
+        await engine.dispose()
+        join_failed_sqlite_workers()

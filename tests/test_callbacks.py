@@ -5,9 +5,6 @@ once, never demoting a settled payment, and replayable."""
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,7 +12,6 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from payments.database import create_engine_for
 from payments.exceptions import PaymentError
 from payments.models import PaymentAuditLog, PaymentTransaction, PaymentWebhookLog
 from payments.repository import PaymentRecord
@@ -502,24 +498,6 @@ async def test_token_and_allowlist_are_both_required(
 
 
 # --- storage failure ----------------------------------------------------------------------------
-
-
-def join_failed_sqlite_workers() -> None:
-    """aiosqlite stops the worker thread of a connection that failed to open without awaiting
-    it; let those threads finish while this test's event loop is still open."""
-    for thread in threading.enumerate():
-        if "_connection_worker_thread" in thread.name:
-            thread.join(timeout=0.5)
-
-
-@pytest.fixture
-async def unreachable_sessions(tmp_path: Path) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    engine = create_engine_for(f"sqlite:///{tmp_path}/missing/folder/payments.db")
-    try:
-        yield async_sessionmaker(engine, expire_on_commit=False)
-    finally:
-        await engine.dispose()
-        join_failed_sqlite_workers()
 
 
 async def test_callback_that_cannot_be_stored_is_not_acknowledged(

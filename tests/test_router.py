@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import threading
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,7 +21,6 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from payments import get_db, get_payment_service, payment_router, require_api_key
 from payments.config import get_settings
-from payments.database import create_engine_for
 from payments.exceptions import UnauthorizedError
 from payments.simulator_keys import SIMULATOR_API_KEY, SIMULATOR_PUBLIC_KEY
 from tests.conftest import PaymentApi, PaymentApiFactory, build_payment_api
@@ -866,25 +863,6 @@ async def test_responses_never_contain_the_full_msisdn(payment_api: PaymentApi) 
 
 
 # --- the database is down -----------------------------------------------------------------------
-
-
-def join_failed_sqlite_workers() -> None:
-    """aiosqlite stops the worker thread of a connection that failed to open without awaiting
-    it; let those threads finish while this test's event loop is still open."""
-    for thread in threading.enumerate():
-        if "_connection_worker_thread" in thread.name:
-            thread.join(timeout=0.5)
-
-
-@pytest.fixture
-async def unreachable_sessions(tmp_path: Path) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    """Sessions on a SQLite file in a folder that does not exist: every connection fails."""
-    engine = create_engine_for(f"sqlite:///{tmp_path}/no/such/folder/payments.db")
-    try:
-        yield async_sessionmaker(engine, expire_on_commit=False)
-    finally:
-        await engine.dispose()
-        join_failed_sqlite_workers()
 
 
 async def test_database_down_health_is_503_and_payments_are_not_sent(

@@ -390,15 +390,13 @@ async def test_amount_limits_reject_before_anything_is_written(
 
 
 async def test_unavailable_database_means_no_provider_call(
-    service: RecordingService, simulator: MpesaSimulator, tmp_path: Any
+    service: RecordingService,
+    simulator: MpesaSimulator,
+    unreachable_sessions: async_sessionmaker[AsyncSession],
 ) -> None:
-    from payments.database import create_engine_for
-
-    engine = create_engine_for(f"sqlite:///{tmp_path}/missing-dir/none.db")
-    async with async_sessionmaker(engine)() as db:
+    async with unreachable_sessions() as db:
         with pytest.raises(PaymentStorageError, match="nothing was sent"):
             await service.initiate_payment(request=c2b(), db=db)
-    await engine.dispose()
     assert simulator.calls() == 0
 
 
