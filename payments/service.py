@@ -333,28 +333,12 @@ class PaymentService:
         ``IdempotencyConflictError``, ``PaymentValidationError``, ``PaymentStorageError``.
         Every error raised after the payment was recorded carries ``error.payment``.
         """
-        amount = self._checked_amount(request.amount)
-        new = _NewPayment(
-            operation=PaymentOperation.C2B,
-            amount=amount,
-            phone=request.phone_number,
-            receiver_party_code=None,
-            account_reference=request.account_reference,
-            description=request.description,
-            entity_type=request.entity_type,
-            entity_id=request.entity_id,
-            customer_name=request.customer_name,
-            customer_email=request.customer_email,
-            metadata=request.metadata,
-            idempotency_key=self._key(request.idempotency_key, idempotency_key),
-            request_body=_request_body(request),
-        )
+        new = self._new_payment(PaymentOperation.C2B, request, idempotency_key)
 
         async def send(record: PaymentRecord) -> ProviderResult:
-            assert request.phone_number is not None
             return await self.client.c2b_payment(
                 msisdn=request.phone_number,
-                amount=amount,
+                amount=new.amount,
                 transaction_reference=record.transaction_reference or record.transaction_id,
                 third_party_reference=record.third_party_reference,
             )
@@ -371,27 +355,12 @@ class PaymentService:
         client_ip: str | None = None,
     ) -> PaymentResponse:
         """B2C: pay a customer's wallet from the business's shortcode."""
-        amount = self._checked_amount(request.amount)
-        new = _NewPayment(
-            operation=PaymentOperation.B2C,
-            amount=amount,
-            phone=request.phone_number,
-            receiver_party_code=None,
-            account_reference=request.account_reference,
-            description=request.description,
-            entity_type=request.entity_type,
-            entity_id=request.entity_id,
-            customer_name=request.customer_name,
-            customer_email=None,
-            metadata=request.metadata,
-            idempotency_key=self._key(request.idempotency_key, idempotency_key),
-            request_body=_request_body(request),
-        )
+        new = self._new_payment(PaymentOperation.B2C, request, idempotency_key)
 
         async def send(record: PaymentRecord) -> ProviderResult:
             return await self.client.b2c_payment(
                 msisdn=request.phone_number,
-                amount=amount,
+                amount=new.amount,
                 transaction_reference=record.transaction_reference or record.transaction_id,
                 third_party_reference=record.third_party_reference,
             )
@@ -408,32 +377,40 @@ class PaymentService:
         client_ip: str | None = None,
     ) -> PaymentResponse:
         """B2B: pay another business's shortcode."""
-        amount = self._checked_amount(request.amount)
-        new = _NewPayment(
-            operation=PaymentOperation.B2B,
-            amount=amount,
-            phone=None,
-            receiver_party_code=request.receiver_party_code,
-            account_reference=request.account_reference,
-            description=request.description,
-            entity_type=request.entity_type,
-            entity_id=request.entity_id,
-            customer_name=None,
-            customer_email=None,
-            metadata=request.metadata,
-            idempotency_key=self._key(request.idempotency_key, idempotency_key),
-            request_body=_request_body(request),
-        )
+        new = self._new_payment(PaymentOperation.B2B, request, idempotency_key)
 
         async def send(record: PaymentRecord) -> ProviderResult:
             return await self.client.b2b_payment(
                 receiver_party_code=request.receiver_party_code,
-                amount=amount,
+                amount=new.amount,
                 transaction_reference=record.transaction_reference or record.transaction_id,
                 third_party_reference=record.third_party_reference,
             )
 
         return await self._move_money(db, new, send, user_id=user_id, client_ip=client_ip)
+
+    def _new_payment(
+        self,
+        operation: PaymentOperation,
+        request: PaymentInitiateRequest | PayoutRequest | TransferRequest,
+        header_key: str | None,
+    ) -> _NewPayment:
+        """What a money-moving request asks for, checked against the amount limits."""
+        return _NewPayment(
+            operation=operation,
+            amount=self._checked_amount(request.amount),
+            phone=getattr(request, "phone_number", None),
+            receiver_party_code=getattr(request, "receiver_party_code", None),
+            account_reference=request.account_reference,
+            description=request.description,
+            entity_type=request.entity_type,
+            entity_id=request.entity_id,
+            customer_name=getattr(request, "customer_name", None),
+            customer_email=getattr(request, "customer_email", None),
+            metadata=request.metadata,
+            idempotency_key=self._key(request.idempotency_key, header_key),
+            request_body=_request_body(request),
+        )
 
     async def reverse(
         self,
@@ -994,9 +971,7 @@ def _record_loader(transaction_id: str) -> Callable[[Session], PaymentRecord]:
 
 def _request_body(request: Any) -> dict[str, Any]:
     """The request as data: phone number as digits (for the fingerprint), amounts as strings."""
-    body = request.model_dump(mode="python", exclude_none=True)
-    if isinstance(body.get("phone_number"), Msisdn):
-        body["phone_number"] = body["phone_number"].digits
+    body = request.model_dump(mode="python", exclude_none=True)  # the phone comes out masked
     phone = getattr(request, "phone_number", None)
     if isinstance(phone, Msisdn):
         body["phone_number"] = phone.digits
