@@ -23,6 +23,7 @@ from .models import (
     PaymentStatus,
     PaymentTransaction,
     PaymentWebhookLog,
+    as_utc,
     utcnow,
 )
 from .schemas import PaymentFilters
@@ -112,13 +113,6 @@ _GUARDED_UPDATE = update(_PAYMENTS).where(
 _ATTRIBUTE = {"metadata": "metadata_"}
 
 
-def as_utc(value: datetime | None) -> datetime | None:
-    """SQLite returns naive datetimes for timezone-aware columns; they were stored in UTC."""
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
 def get(
     session: Session, transaction_id: str, *, for_update: bool = False
 ) -> PaymentTransaction | None:
@@ -152,12 +146,6 @@ def transaction_id_of(session: Session, id_: int | None) -> str | None:
 
 def record_of(session: Session, row: PaymentTransaction) -> PaymentRecord:
     return PaymentRecord.of(row, transaction_id_of(session, row.original_id))
-
-
-def add(session: Session, row: PaymentTransaction) -> PaymentTransaction:
-    session.add(row)
-    session.flush()
-    return row
 
 
 def audit_entry(

@@ -4,7 +4,7 @@ README). Provider wire fields (``input_*``/``output_*``) never appear here."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Self
 
@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from .exceptions import PaymentValidationError
+from .models import as_utc
 from .values import Msisdn, parse_amount
 
 
@@ -65,46 +66,37 @@ class _Request(BaseModel):
         return self
 
 
-class PaymentInitiateRequest(_Request):
+class _MoneyRequest(_Request):
+    """What every money-moving request carries."""
+
+    amount: Amount
+    account_reference: ShortText | None = None
+    description: Annotated[str, Field(max_length=255)] | None = None
+    entity_type: Annotated[str, Field(max_length=50)] | None = None
+    entity_id: Annotated[str, Field(max_length=50)] | None = None
+    idempotency_key: IdempotencyKey | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class PaymentInitiateRequest(_MoneyRequest):
     """C2B single stage: the customer pays the business after a PIN prompt on the handset."""
 
     phone_number: Msisdn
-    amount: Amount
-    account_reference: ShortText | None = None
-    description: Annotated[str, Field(max_length=255)] | None = None
-    entity_type: Annotated[str, Field(max_length=50)] | None = None
-    entity_id: Annotated[str, Field(max_length=50)] | None = None
     customer_name: Annotated[str, Field(max_length=255)] | None = None
     customer_email: Email | None = None
-    idempotency_key: IdempotencyKey | None = None
-    metadata: dict[str, Any] | None = None
 
 
-class PayoutRequest(_Request):
+class PayoutRequest(_MoneyRequest):
     """B2C: the business pays a customer's wallet."""
 
     phone_number: Msisdn
-    amount: Amount
-    account_reference: ShortText | None = None
-    description: Annotated[str, Field(max_length=255)] | None = None
-    entity_type: Annotated[str, Field(max_length=50)] | None = None
-    entity_id: Annotated[str, Field(max_length=50)] | None = None
     customer_name: Annotated[str, Field(max_length=255)] | None = None
-    idempotency_key: IdempotencyKey | None = None
-    metadata: dict[str, Any] | None = None
 
 
-class TransferRequest(_Request):
+class TransferRequest(_MoneyRequest):
     """B2B: the business pays another business's shortcode."""
 
     receiver_party_code: Annotated[str, Field(pattern=r"^[0-9]{5,6}$")]
-    amount: Amount
-    account_reference: ShortText | None = None
-    description: Annotated[str, Field(max_length=255)] | None = None
-    entity_type: Annotated[str, Field(max_length=50)] | None = None
-    entity_id: Annotated[str, Field(max_length=50)] | None = None
-    idempotency_key: IdempotencyKey | None = None
-    metadata: dict[str, Any] | None = None
 
 
 class ReversalRequest(_Request):
@@ -205,11 +197,7 @@ class AuditLogEntry(BaseModel):
     actor: str | None
     created_at: datetime
 
-    @field_validator("created_at")
-    @classmethod
-    def _utc(cls, value: datetime) -> datetime:
-        # SQLite hands back naive datetimes; they were stored in UTC.
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+    _utc = field_validator("created_at")(as_utc)
 
 
 class AuditTrailResponse(BaseModel):

@@ -434,10 +434,8 @@ class PaymentService:
 
         def reserve(session: Session) -> tuple[PaymentRecord, bool]:
             nonlocal original_provider_id
-            if key is not None:
-                existing = repo.get_by_idempotency_key(session, key)
-                if existing is not None:
-                    return repo.record_of(session, existing), False
+            if key is not None and (existing := _record_by_key(session, key)) is not None:
+                return existing, False
             original = repo.get(session, transaction_id, for_update=True)
             if original is None:
                 raise PaymentNotFoundError(f"payment {transaction_id} not found")
