@@ -27,13 +27,14 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from . import repository as repo
+from .client import ProviderExchange
 from .config import PaymentSettings
 from .database import DATABASE_ERRORS, DbSession, run_db
-from .exceptions import PaymentNotFoundError, PaymentStorageError
-from .lifecycle import UNSETTLED
+from .exceptions import PaymentError, PaymentNotFoundError, PaymentStorageError
+from .lifecycle import SUCCEEDED, UNSETTLED, UNSUCCESSFUL
 from .logger import payment_logger, sanitize
 from .models import AuditAction, PaymentStatus, PaymentWebhookLog, utcnow
-from .service import Outcome, PaymentService, committing
+from .service import Outcome, PaymentService, committing, query_reference
 
 _SUCCESS_CODES = {"0", "INS-0"}
 #: A result notification is a few hundred bytes; anything far larger is not one.
@@ -252,53 +253,119 @@ class CallbackProcessor:
 
         code = str(stored.body.get("input_ResultCode") or "").strip().upper()
         error: str | None = None
-        if PaymentStatus(record.status) in UNSETTLED:
+        if self._needs_query(record, code, stored.body):
             outcome = await self._outcome(record, code, stored.body)
             if outcome is None:
                 error = "not confirmed by an M-Pesa status query yet"
             else:
                 record, _ = await self.service.apply_outcome(db, record, outcome, actor="callback")
+                if PaymentStatus(record.status) in UNSETTLED and not record.operator_hold:
+                    # E.g. the payment's own call may still be answered: the sender delivers
+                    # again (or the stored copy is replayed) once M-Pesa's answer can settle it.
+                    error = "not settled by M-Pesa's status answer yet"
         return await self._finish(db, webhook_id, record, error)
+
+    @staticmethod
+    def _needs_query(record: repo.PaymentRecord, code: str, body: Mapping[str, Any]) -> bool:
+        """An open payment; a success notice for one recorded as not paid (a contradiction an
+        operator must see); a success notice that may carry the M-Pesa transaction ID a
+        completed payment lacks (settled by a status answer, which carries none)."""
+        status = PaymentStatus(record.status)
+        if status in UNSETTLED:
+            return True
+        if code not in _SUCCESS_CODES:
+            return False
+        if status in UNSUCCESSFUL:
+            return True
+        notice_id = _reference(body.get("input_TransactionID"))
+        return status in SUCCEEDED and not record.provider_transaction_id and notice_id is not None
 
     async def _outcome(
         self, record: repo.PaymentRecord, code: str, body: Mapping[str, Any]
     ) -> Outcome | None:
         """Trust, but verify: a notification only prompts a status query, and M-Pesa's own
         answer settles the payment. A notification never settles it on its word alone (a
-        "cancelled" notice overtaken by the real success must not cancel a charged payment).
+        "cancelled" notice overtaken by the real success must not cancel a charged payment),
+        whatever its code (an ambiguous, unknown or empty one too).
         ``None``: M-Pesa did not confirm an outcome yet."""
-        if (
-            code not in _SUCCESS_CODES
-            and not self.service.client.config.codes.lookup(code).outcome_known
-        ):
-            return Outcome(None, f"notification with ambiguous code {code or 'none'}")
         confirmed = await self.service.query_outcome(record)
         if confirmed.status is None:
             return None
-        # Audited as what it is (completed/failed), and, where M-Pesa agrees with the notice,
-        # with the notice's code, which a status answer does not carry.
-        agreed = (confirmed.status is PaymentStatus.COMPLETED) == (code in _SUCCESS_CODES)
+        success = code in _SUCCESS_CODES
+        status = PaymentStatus(record.status)
+        if status in UNSUCCESSFUL:
+            if confirmed.status is PaymentStatus.COMPLETED:
+                # Applying it is refused by the state machine, which flags and holds it.
+                return replace(confirmed, action=None)
+            return replace(
+                confirmed,
+                status=None,
+                attention=f"a success notice arrived for this {status.value} payment, but M-Pesa"
+                f" reports it {confirmed.status.value}: check who sent the notice",
+            )
+        entry = self.service.client.config.codes.lookup(code)
+        definite = success or (bool(code) and entry.outcome_known)
+        # Audited as what it is (completed/failed), and, where M-Pesa agrees with a notice whose
+        # code is definite, with the notice's code, which a status answer does not carry.
+        agreed = definite and (confirmed.status is PaymentStatus.COMPLETED) == success
         if agreed and confirmed.status is PaymentStatus.COMPLETED:
-            # A status answer carries no transaction ID; the confirmed notice does, and a
-            # reversal needs it.
+            notice_id, exchanges, attention = await self._proven_transaction_id(
+                record, body, confirmed
+            )
             return replace(
                 confirmed,
                 action=None,
-                provider_transaction_id=_reference(body.get("input_TransactionID")),
+                provider_transaction_id=notice_id,
+                exchanges=confirmed.exchanges + exchanges,
+                attention=attention,
             )
-        if agreed and code not in _SUCCESS_CODES:
-            entry = self.service.client.config.codes.lookup(code)
-            status = confirmed.status
-            if status is PaymentStatus.CANCELLED and code != "INS-5":
-                status = PaymentStatus.FAILED  # "not completed" per M-Pesa; the notice says why
+        if agreed and not success:
+            status_after = confirmed.status
+            if status_after is PaymentStatus.CANCELLED and code != "INS-5":
+                status_after = PaymentStatus.FAILED  # "not completed" per M-Pesa; notice says why
             return replace(
                 confirmed,
-                status=status,
+                status=status_after,
                 action=None,
                 response_code=code,
                 response_description=entry.description,
             )
         return replace(confirmed, action=None)
+
+    async def _proven_transaction_id(
+        self, record: repo.PaymentRecord, body: Mapping[str, Any], confirmed: Outcome
+    ) -> tuple[str | None, tuple[ProviderExchange, ...], str | None]:
+        """The notice's ``input_TransactionID``, if M-Pesa proves it is this payment's:
+        (ID or None, the exchanges, why an operator must look, if one must).
+
+        A reversal sends this ID, so a notice naming another payment's transaction must never
+        supply it. The proof: a status query *by that ID* answers with this payment's
+        ConversationID (the one M-Pesa gave our own call, or the one the query by our own
+        third-party reference just returned) and reports it completed."""
+        notice_id = _reference(body.get("input_TransactionID"))
+        if notice_id is None or record.provider_transaction_id:
+            return None, (), None
+        ours = record.conversation_id or confirmed.conversation_id
+        try:
+            result = await self.service.client.query_transaction_status(
+                query_reference=notice_id, third_party_reference=query_reference()
+            )
+        except PaymentError as exc:
+            return (
+                None,
+                tuple(getattr(exc, "exchanges", ())),
+                f"the notice's M-Pesa transaction ID {notice_id} could not be checked"
+                f" ({exc.message}); it was not recorded",
+            )
+        completed = (result.transaction_status or "").strip().lower() == "completed"
+        if ours is not None and completed and result.conversation_id == ours:
+            return notice_id, result.exchanges, None
+        return (
+            None,
+            result.exchanges,
+            f"M-Pesa does not confirm the notice's transaction ID {notice_id} as this payment's;"
+            " it was not recorded",
+        )
 
     async def _finish(
         self,

@@ -36,6 +36,11 @@ NAMING_CONVENTION = {
 }
 
 
+#: Length of ``response_code``; ``ID_LENGTH`` of the provider's IDs.
+RESPONSE_CODE_LENGTH = 64
+ID_LENGTH = 100
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -85,6 +90,7 @@ class AuditAction(StrEnum):
     ATTENTION_REQUIRED = "attention_required"
     HOOK_FAILED = "hook_failed"
     IDEMPOTENT_REPLAY = "idempotent_replay"
+    OPERATOR_RESOLVED = "operator_resolved"
 
 
 def _in(values: type[StrEnum]) -> str:
@@ -105,7 +111,8 @@ class PaymentTransaction(Base):
     receiver_party_code: Mapped[str | None] = mapped_column(String(10))
 
     conversation_id: Mapped[str | None] = mapped_column(String(100))
-    provider_transaction_id: Mapped[str | None] = mapped_column(String(100))
+    #: M-Pesa's transaction ID: one belongs to at most one payment (reversals send it).
+    provider_transaction_id: Mapped[str | None] = mapped_column(String(100), unique=True)
     #: The exact ``input_ThirdPartyReference`` sent to M-Pesa.
     third_party_reference: Mapped[str] = mapped_column(String(20), unique=True)
     #: The exact ``input_TransactionReference`` sent to M-Pesa.
@@ -123,9 +130,13 @@ class PaymentTransaction(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
     request_fingerprint: Mapped[str | None] = mapped_column(String(64))
 
-    response_code: Mapped[str | None] = mapped_column(String(20))
+    #: Wide enough for any code M-Pesa sends (longer ones are cut, never refused).
+    response_code: Mapped[str | None] = mapped_column(String(RESPONSE_CODE_LENGTH))
     response_description: Mapped[str | None] = mapped_column(String(255))
     status_description: Mapped[str | None] = mapped_column(String(255))
+    #: The module's ``error_code`` of the answer that settled it unsuccessfully, so a replay
+    #: tells the same truth (e.g. ``provider_unavailable``: never sent).
+    error_code: Mapped[str | None] = mapped_column(String(32))
 
     original_id: Mapped[int | None] = mapped_column(
         ForeignKey("payment_transactions.id", ondelete="RESTRICT")
@@ -134,6 +145,9 @@ class PaymentTransaction(Base):
 
     #: Set when reconciliation could not settle the payment in time: an operator must look.
     attention_required: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Only an operator may settle it (``PaymentService.resolve``): M-Pesa's answers cannot (an
+    #: INS-10 with an earlier completed transaction, a success reported for an unpaid payment).
+    operator_hold: Mapped[bool] = mapped_column(Boolean, default=False)
     reconcile_attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_reconcile_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     #: Optimistic lock: every update checks it, so two writers never both apply a transition.
@@ -165,7 +179,6 @@ class PaymentTransaction(Base):
         Index("ix_payment_transactions_entity", "entity_type", "entity_id"),
         Index("ix_payment_transactions_user_id", "user_id"),
         Index("ix_payment_transactions_conversation_id", "conversation_id"),
-        Index("ix_payment_transactions_provider_transaction_id", "provider_transaction_id"),
         Index("ix_payment_transactions_original_id", "original_id"),
         Index("ix_payment_transactions_reconcile", "status", "next_reconcile_at"),
     )

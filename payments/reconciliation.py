@@ -14,25 +14,27 @@ or start ``reconcile_forever`` as a background task with the app.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
 
 from . import repository as repo
+from .config import PaymentSettings
 from .database import DbSession, run_db
 from .logger import payment_logger
-from .models import AuditAction, PaymentStatus, utcnow
+from .models import AuditAction, PaymentOperation, PaymentStatus, utcnow
 from .repository import PaymentRecord
 from .service import Outcome, PaymentService, committing
 
 #: Opens a session: an ``async_sessionmaker``, or ``get_database().session``.
 SessionSource = Callable[[], AbstractAsyncContextManager[DbSession]]
 
-#: How long a claimed payment stays invisible to other workers while its query runs.
-LEASE = timedelta(minutes=5)
+#: Time a payment's database work may take after its query (retries on conflicts included).
+DATABASE_MARGIN = timedelta(seconds=30)
 #: Backoff between attempts for one payment: 30 s, 1 min, 2 min, … capped at 30 min.
 BACKOFF_BASE = timedelta(seconds=30)
 BACKOFF_CAP = timedelta(minutes=30)
@@ -52,6 +54,23 @@ class ReconcileReport:
             f"examined={self.examined} settled={self.settled} unresolved={self.unresolved}"
             f" flagged={self.flagged} errors={self.errors}"
         )
+
+
+def query_budget(settings: PaymentSettings) -> timedelta:
+    """The longest one status query may take (every attempt timing out, with its backoff); a
+    pass cuts a query off there, so the lease below really covers it."""
+    attempts = settings.payment_query_max_attempts
+    per_attempt = settings.payment_request_timeout + settings.payment_connect_timeout
+    return timedelta(
+        seconds=attempts * per_attempt + (attempts - 1) * settings.payment_retry_backoff_max
+    )
+
+
+def lease_for(settings: PaymentSettings, batch_size: int, concurrency: int) -> timedelta:
+    """How long claimed payments stay invisible to other workers: the whole pass, since the
+    last of ``batch_size`` payments waits for ``concurrency`` slots before its query starts."""
+    waves = math.ceil(batch_size / max(1, concurrency))
+    return waves * (query_budget(settings) + DATABASE_MARGIN)
 
 
 def backoff(attempts: int) -> timedelta:
@@ -76,8 +95,8 @@ async def reconcile_once(
         settings.payment_reconcile_attention_after if attention_after is None else attention_after
     )
     batch_size = batch_size or settings.payment_reconcile_batch_size
-    # A "processing" payment older than this has lost the process that was waiting for it.
-    abandoned_after = timedelta(seconds=settings.payment_c2b_timeout + 60)
+    # Whatever min_age says, a payment whose own call may still be answered is not asked about.
+    longest_call = max(service.call_window(operation) for operation in PaymentOperation)
     report = ReconcileReport()
     started = now()
 
@@ -89,8 +108,9 @@ async def reconcile_once(
                     s,
                     now=started,
                     created_before=started - timedelta(seconds=min_age),
-                    lease_until=started + LEASE,
+                    lease_until=started + lease_for(settings, batch_size, concurrency),
                     limit=batch_size,
+                    open_calls_created_before=started - longest_call,
                 )
             ),
             write=True,
@@ -101,9 +121,7 @@ async def reconcile_once(
     async def settle(record: PaymentRecord) -> None:
         async with limit, sessions() as db:
             try:
-                await _settle_one(
-                    service, db, record, report, now(), attention_after, abandoned_after
-                )
+                await _settle_one(service, db, record, report, now(), attention_after)
             except Exception as exc:  # one payment's trouble must not stop the others
                 report.errors += 1
                 payment_logger.error(
@@ -125,10 +143,15 @@ async def _settle_one(
     report: ReconcileReport,
     now: datetime,
     attention_after: float,
-    abandoned_after: timedelta,
 ) -> None:
-    outcome = await service.query_outcome(record)
+    try:
+        async with asyncio.timeout(query_budget(service.settings).total_seconds()):
+            outcome = await service.query_outcome(record)
+    except Exception as exc:  # a refused, hung or crashed query is no evidence, never a stall
+        outcome = Outcome(None, f"status query could not be made ({type(exc).__name__}: {exc})")
     age = now - record.created_at
+    # A "processing" payment older than this has lost the process that was waiting for it.
+    abandoned_after = service.call_window(record.operation) + timedelta(seconds=60)
     if (
         outcome.status is None
         and record.status == PaymentStatus.PROCESSING
@@ -141,7 +164,19 @@ async def _settle_one(
             exchanges=outcome.exchanges,
             action=AuditAction.RECONCILED,
         )
-    updated, _ = await service.apply_outcome(db, record, outcome, actor="reconciler")
+    try:
+        updated, _ = await service.apply_outcome(db, record, outcome, actor="reconciler")
+    except Exception as exc:  # still scheduled and, in time, flagged below
+        report.errors += 1
+        payment_logger.error(
+            "Reconciliation could not apply an answer",
+            transaction_id=record.transaction_id,
+            error=f"{type(exc).__name__}: {exc}",
+        )
+        updated = record
+        outcome = replace(
+            outcome, status_description=f"the answer could not be recorded ({type(exc).__name__})"
+        )
     if PaymentStatus(updated.status) not in (
         PaymentStatus.PENDING,
         PaymentStatus.PROCESSING,
@@ -167,7 +202,7 @@ async def _settle_one(
     def schedule(session: Session) -> None:
         row = repo.get_by_id(session, updated.id, for_update=True)
         row.next_reconcile_at = now + backoff(row.reconcile_attempts)
-        if flag:
+        if flag and not row.attention_required:
             row.attention_required = True
             repo.add_audit(
                 session,
@@ -176,7 +211,7 @@ async def _settle_one(
                 status_before=row.status,
                 status_after=row.status,
                 error_message=f"outcome still unknown after {round(age.total_seconds())} s;"
-                f" last answer: {outcome.status_description}",
+                f" last answer: {outcome.status_description}"[:2000],
                 actor="reconciler",
             )
 

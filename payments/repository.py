@@ -13,7 +13,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Select, bindparam, func, insert, or_, select, update
+from sqlalchemy import Select, bindparam, func, insert, or_, select, true, update
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -58,9 +58,11 @@ class PaymentRecord:
     response_code: str | None
     response_description: str | None
     status_description: str | None
+    error_code: str | None
     original_id: int | None
     metadata: dict[str, Any] | None
     attention_required: bool
+    operator_hold: bool
     reconcile_attempts: int
     version: int
     created_at: datetime
@@ -136,6 +138,16 @@ def get_by_idempotency_key(session: Session, key: str) -> PaymentTransaction | N
     ).one_or_none()
 
 
+def get_by_provider_transaction_id(
+    session: Session, provider_transaction_id: str
+) -> PaymentTransaction | None:
+    return session.scalars(
+        select(PaymentTransaction).where(
+            PaymentTransaction.provider_transaction_id == provider_transaction_id
+        )
+    ).one_or_none()
+
+
 def transaction_id_of(session: Session, id_: int | None) -> str | None:
     if id_ is None:
         return None
@@ -173,7 +185,7 @@ def audit_entry(
         "http_status": http_status,
         "error_message": error_message,
         "response_time_ms": round(response_time_ms) if response_time_ms is not None else None,
-        "actor": actor,
+        "actor": actor[:100] if actor else actor,  # a host's actor name may be long
         "client_ip": client_ip,
         "created_at": utcnow(),
     }
@@ -372,18 +384,33 @@ def list_webhooks(
 
 
 def claim_due_for_reconciliation(
-    session: Session, *, now: datetime, created_before: datetime, lease_until: datetime, limit: int
+    session: Session,
+    *,
+    now: datetime,
+    created_before: datetime,
+    lease_until: datetime,
+    limit: int,
+    open_calls_created_before: datetime | None = None,
 ) -> list[PaymentRecord]:
     """Lease up to ``limit`` unsettled payments that are due: ``next_reconcile_at`` moves to
     ``lease_until`` so other workers skip them while this one asks the provider, without holding
-    a lock. ``SKIP LOCKED`` keeps concurrent claims on PostgreSQL from waiting on each other."""
+    a lock. ``SKIP LOCKED`` keeps concurrent claims on PostgreSQL from waiting on each other.
+
+    Skipped: payments held for an operator (no answer of M-Pesa's can settle them), and
+    ``pending``/``processing`` ones not created before ``open_calls_created_before`` (their own
+    call may still be answered)."""
+    in_flight = PaymentTransaction.status.in_([PaymentStatus.PENDING, PaymentStatus.PROCESSING])
     rows = session.scalars(
         select(PaymentTransaction)
         .where(
             PaymentTransaction.status.in_(
                 [PaymentStatus.PENDING, PaymentStatus.PROCESSING, PaymentStatus.UNKNOWN]
             ),
+            PaymentTransaction.operator_hold.is_(False),
             PaymentTransaction.created_at <= created_before,
+            or_(~in_flight, PaymentTransaction.created_at <= open_calls_created_before)
+            if open_calls_created_before is not None
+            else true(),
             or_(
                 PaymentTransaction.next_reconcile_at.is_(None),
                 PaymentTransaction.next_reconcile_at <= now,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -107,6 +107,17 @@ class ReversalRequest(_Request):
     idempotency_key: IdempotencyKey | None = None
 
 
+ProviderTransactionId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,100}$")]
+
+
+class ResolveRequest(_Request):
+    """An operator's decision on a payment M-Pesa's answers cannot settle."""
+
+    status: Literal["completed", "failed"] | None = None
+    provider_transaction_id: ProviderTransactionId | None = None
+    reason: Annotated[str, Field(min_length=1, max_length=500)]
+
+
 class PaymentResponse(BaseModel):
     """A payment as callers see it: the initiate answer and the status answer alike."""
 
@@ -133,6 +144,9 @@ class PaymentResponse(BaseModel):
     entity_id: str | None = None
     original_transaction_id: str | None = None
     attention_required: bool = False
+    #: Waiting for an operator's decision (``POST /payments/{id}/resolve``): no answer of
+    #: M-Pesa's settles it.
+    operator_hold: bool = False
     created_at: datetime
     updated_at: datetime | None = None
     completed_at: datetime | None = None

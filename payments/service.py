@@ -23,7 +23,7 @@ import secrets
 import string
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from functools import partial
 from typing import Any
@@ -53,9 +53,16 @@ from .exceptions import (
     PaymentValidationError,
     ProviderUnavailableError,
 )
-from .lifecycle import SUCCEEDED, UNSETTLED, check_transition
+from .lifecycle import SUCCEEDED, UNSETTLED, UNSUCCESSFUL, check_transition
 from .logger import payment_logger, sanitize, sanitize_text
-from .models import AuditAction, PaymentOperation, PaymentStatus, utcnow
+from .models import (
+    ID_LENGTH,
+    RESPONSE_CODE_LENGTH,
+    AuditAction,
+    PaymentOperation,
+    PaymentStatus,
+    utcnow,
+)
 from .repository import PaymentRecord
 from .schemas import (
     AuditLogEntry,
@@ -76,6 +83,13 @@ from .values import Msisdn, mask_msisdn, parse_amount
 S = PaymentStatus
 _REFERENCE_ALPHABET = string.ascii_uppercase + string.digits
 _NOT_ALNUM = re.compile(r"[^A-Za-z0-9]")
+_PROVIDER_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")
+#: Errors of payments recorded ``failed`` without anything reaching M-Pesa, by ``error_code``.
+_NOT_SENT_ERRORS: dict[str, type[PaymentError]] = {
+    PaymentValidationError.error_code: PaymentValidationError,
+    PaymentConfigurationError.error_code: PaymentConfigurationError,
+    ProviderUnavailableError.error_code: ProviderUnavailableError,
+}
 
 #: ``output_ResponseTransactionStatus`` → our status. ``N/A`` (or anything else) is no evidence.
 _PROVIDER_STATUS = {"completed": S.COMPLETED, "cancelled": S.CANCELLED, "expired": S.EXPIRED}
@@ -107,6 +121,11 @@ class Outcome:
     error: PaymentError | None = None
     action: AuditAction | None = None  # audit action for the status change, if not the default
     attention: str | None = None  # why an operator must look at the payment, if one must
+    #: Only an operator may settle the payment from now on (``PaymentService.resolve``).
+    hold: bool = False
+    #: The answer of the payment's own call (not a status query made by someone else): only it
+    #: may settle a payment whose call may still be answered.
+    live: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +205,7 @@ def to_response(record: PaymentRecord) -> PaymentResponse:
         entity_id=record.entity_id,
         original_transaction_id=record.original_transaction_id,
         attention_required=record.attention_required,
+        operator_hold=record.operator_hold,
         created_at=record.created_at,
         updated_at=record.updated_at,
         completed_at=record.completed_at,
@@ -240,13 +260,19 @@ def error_for_record(record: PaymentRecord) -> PaymentError | None:
     if status is S.CANCELLED:
         return PaymentCancelledError(message, **common)
     if status in (S.FAILED, S.EXPIRED):
+        not_sent = _NOT_SENT_ERRORS.get(record.error_code or "")
+        if not_sent is not None:  # recorded failed, and nothing reached M-Pesa
+            error = not_sent(message, **common)
+            error.details["sent"] = False
+            return error
         if record.response_code == "INS-2006":
             return InsufficientFundsError(message, **common)
         if status is S.EXPIRED or record.response_code in ("INS-4", "INS-6", "INS-995", "INS-996"):
             return PaymentCancelledError(message, **common)
         if record.response_code:
             return InvalidPaymentRequestError(message, **common)
-        return ProviderUnavailableError(message, **common)
+        # Sent, and M-Pesa reports it did not go through (a status answer carries no code).
+        return PaymentInitiationError(message, **common)
     return None
 
 
@@ -284,6 +310,23 @@ class PaymentService:
         settings = self.settings
         secret = f"{settings.mpesa_service_provider_code}:{settings.api_key}"
         return third_party_reference_for(operation, idempotency_key, secret)
+
+    def call_window(self, operation: str) -> timedelta:
+        """How long after a payment was recorded its own call may still be answered: the
+        read timeout of its operation plus every connect attempt and backoff of the client."""
+        settings = self.settings
+        read = (
+            settings.payment_c2b_timeout
+            if operation == PaymentOperation.C2B
+            else settings.payment_request_timeout
+        )
+        attempts = settings.payment_query_max_attempts
+        connect = attempts * (settings.payment_connect_timeout + settings.payment_retry_backoff_max)
+        return timedelta(seconds=read + connect)
+
+    def in_flight_until(self, record: PaymentRecord) -> datetime:
+        """Until then only the payment's own call settles a ``pending``/``processing`` one."""
+        return record.created_at + self.call_window(record.operation)
 
     @property
     def client(self) -> MpesaClient:
@@ -396,6 +439,8 @@ class PaymentService:
         header_key: str | None,
     ) -> _NewPayment:
         """What a money-moving request asks for, checked against the amount limits."""
+        key = self._key(request.idempotency_key, header_key)
+        _warn_without_key(operation, key)
         return _NewPayment(
             operation=operation,
             amount=self._checked_amount(request.amount),
@@ -408,7 +453,7 @@ class PaymentService:
             customer_name=getattr(request, "customer_name", None),
             customer_email=getattr(request, "customer_email", None),
             metadata=request.metadata,
-            idempotency_key=self._key(request.idempotency_key, header_key),
+            idempotency_key=key,
             request_body=_request_body(request),
         )
 
@@ -428,15 +473,18 @@ class PaymentService:
         status query (``refresh``/reconciliation) settles it.
         """
         key = self._key(request.idempotency_key, idempotency_key)
+        _warn_without_key(PaymentOperation.REVERSAL, key)
         body = _request_body(request) | {"original_transaction_id": transaction_id}
         original_provider_id: str | None = None
         self.client.check_reversal_configured()  # before anything is recorded
 
         def reserve(session: Session) -> tuple[PaymentRecord, bool]:
             nonlocal original_provider_id
+            original = repo.get(session, transaction_id, for_update=True)
+            # The key is looked up only once the original is locked: a concurrent reversal with
+            # the same key has committed by then (PostgreSQL), and its result is the answer.
             if key is not None and (existing := _record_by_key(session, key)) is not None:
                 return existing, False
-            original = repo.get(session, transaction_id, for_update=True)
             if original is None:
                 raise PaymentNotFoundError(f"payment {transaction_id} not found")
             if original.operation == PaymentOperation.REVERSAL:
@@ -450,8 +498,12 @@ class PaymentService:
                     details={"transaction_id": transaction_id, "status": original.status},
                 )
             if not original.provider_transaction_id:
-                raise PaymentValidationError(
-                    "the payment has no M-Pesa transaction ID to reverse", field="transaction_id"
+                raise InvalidStateTransitionError(
+                    f"{transaction_id} has no M-Pesa transaction ID (it was settled by a status"
+                    " query, which carries none), and a reversal must send it: record it with"
+                    f" POST /payments/{transaction_id}/resolve (PaymentService.resolve) first",
+                    details={"transaction_id": transaction_id, "status": original.status},
+                    error_code="provider_transaction_id_missing",
                 )
             available = (
                 original.amount
@@ -506,14 +558,161 @@ class PaymentService:
             outcome = outcome_of_error(error)
         except (PaymentValidationError, PaymentConfigurationError) as error:
             # Refused before sending: nothing was reversed, and nothing stays reserved.
-            await self.apply_outcome(
-                db, record, Outcome(S.FAILED, error.message, error=error), actor=user_id
-            )
-            raise
+            raise await self._refused_before_sending(db, record, error, actor=user_id) from None
         except Exception as error:
             await self.apply_outcome(db, record, _unexpected(error), actor=user_id)
             raise
         return await self._finish(db, record, outcome, actor=user_id)
+
+    # -- operators -----------------------------------------------------------------------------
+
+    async def resolve(
+        self,
+        transaction_id: str,
+        db: DbSession,
+        *,
+        reason: str,
+        status: str | None = None,
+        provider_transaction_id: str | None = None,
+        actor: str | None = None,
+    ) -> PaymentResponse:
+        """An operator's decision, for what M-Pesa's answers cannot settle.
+
+        - A payment that is ``unknown``, flagged ``attention_required``, or ``pending``/
+          ``processing`` past its call's window: settled to ``status`` (``completed`` needs the
+          M-Pesa ``provider_transaction_id``; ``failed`` on a flagged unpaid one keeps its
+          status), the flag and the hold cleared, the hooks fired once.
+        - A completed payment without M-Pesa's transaction ID: the ID is recorded (``status``
+          omitted or ``completed``), so it can be reversed.
+        - Anything else: ``InvalidStateTransitionError`` (409), nothing changed.
+
+        Every resolution is audited as ``operator_resolved`` with the actor, the reason, the
+        statuses before and after, and the ID."""
+        reason = (reason or "").strip()
+        if not 1 <= len(reason) <= 500:
+            raise PaymentValidationError("reason must be 1-500 characters", field="reason")
+        wanted = PaymentStatus(status) if status else None
+        if wanted not in (None, S.COMPLETED, S.FAILED):
+            raise PaymentValidationError("status must be completed or failed", field="status")
+        if provider_transaction_id is not None and not _PROVIDER_ID.fullmatch(
+            provider_transaction_id
+        ):
+            raise PaymentValidationError(
+                "provider_transaction_id must be 1-100 letters, digits, '-' or '_'",
+                field="provider_transaction_id",
+            )
+        now = utcnow()
+
+        def refuse(message: str, **details: Any) -> InvalidStateTransitionError:
+            return InvalidStateTransitionError(
+                message, details={"transaction_id": transaction_id, **details}
+            )
+
+        def decide(session: Session) -> tuple[PaymentRecord, str]:
+            row = repo.get(session, transaction_id, for_update=True)
+            if row is None:
+                raise PaymentNotFoundError(f"payment {transaction_id} not found")
+            before = PaymentStatus(row.status)
+            if row.operation == PaymentOperation.REVERSAL:
+                raise refuse(
+                    "a reversal is settled by M-Pesa's status query, not resolved",
+                    status=before.value,
+                )
+            record = repo.record_of(session, row)
+            stuck = before in (S.PENDING, S.PROCESSING) and now >= self.in_flight_until(record)
+            after = before
+            if before in SUCCEEDED and not row.provider_transaction_id:
+                if wanted not in (None, S.COMPLETED):
+                    raise refuse(
+                        f"{transaction_id} is {before.value}: money moved, it cannot become"
+                        f" {status}; reverse it instead",
+                        status=before.value,
+                    )
+                if provider_transaction_id is None:
+                    raise PaymentValidationError(
+                        "provider_transaction_id is required to record M-Pesa's ID",
+                        field="provider_transaction_id",
+                    )
+            elif (
+                before is S.UNKNOWN or stuck or (row.attention_required and before in UNSUCCESSFUL)
+            ):
+                if wanted is None:
+                    raise PaymentValidationError(
+                        "status is required: completed or failed", field="status"
+                    )
+                if wanted is S.COMPLETED and provider_transaction_id is None:
+                    raise PaymentValidationError(
+                        "completed requires M-Pesa's provider_transaction_id",
+                        field="provider_transaction_id",
+                    )
+                if wanted is S.COMPLETED:
+                    after = S.COMPLETED  # also over a flagged unpaid status: M-Pesa contradicted it
+                elif before not in UNSUCCESSFUL:
+                    after = S.FAILED
+            else:
+                raise refuse(
+                    f"{transaction_id} is {before.value}"
+                    + (" with an M-Pesa transaction ID" if row.provider_transaction_id else "")
+                    + ": there is nothing for an operator to resolve",
+                    status=before.value,
+                )
+            if provider_transaction_id is not None:
+                holder = repo.get_by_provider_transaction_id(session, provider_transaction_id)
+                if holder is not None and holder.id != row.id:
+                    raise InvalidStateTransitionError(
+                        f"M-Pesa transaction ID {provider_transaction_id} is already recorded on"
+                        f" {holder.transaction_id}",
+                        details={"transaction_id": transaction_id},
+                        error_code="provider_transaction_id_conflict",
+                    )
+                row.provider_transaction_id = provider_transaction_id
+            if after is not before:
+                row.status = after.value
+                row.status_description = f"Resolved by an operator: {reason}"[:255]
+                row.completed_at = now
+                row.next_reconcile_at = None
+            row.attention_required = False
+            row.operator_hold = False
+            repo.add_audit(
+                session,
+                row.id,
+                AuditAction.OPERATOR_RESOLVED,
+                status_before=before.value,
+                status_after=after.value,
+                request_body={
+                    "status": wanted.value if wanted else None,
+                    "provider_transaction_id": provider_transaction_id,
+                    "reason": reason,
+                },
+                actor=actor,
+            )
+            session.flush()
+            return repo.record_of(session, row), before.value
+
+        try:
+            updated, before = await run_db(db, committing(decide), write=True)
+        except IntegrityError as exc:  # a concurrent resolution recorded the same ID elsewhere
+            raise InvalidStateTransitionError(
+                f"M-Pesa transaction ID {provider_transaction_id} is already recorded on another"
+                " payment",
+                details={"transaction_id": transaction_id},
+                error_code="provider_transaction_id_conflict",
+            ) from exc
+        except StaleDataError as exc:
+            raise refuse(f"{transaction_id} changed while it was resolved; look again") from exc
+        payment_logger.warning(
+            "Payment resolved by an operator",
+            transaction_id=transaction_id,
+            status_before=before,
+            status=updated.status,
+            mpesa_receipt=updated.provider_transaction_id,
+            actor=actor,
+        )
+        if updated.status != before:
+            await self._fire_hooks(
+                db, updated, Outcome(PaymentStatus(updated.status), reason), None
+            )
+        return to_response(updated)
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -661,9 +860,11 @@ class PaymentService:
             "response_code": None,
             "response_description": None,
             "status_description": _MESSAGES[S.PROCESSING],
+            "error_code": None,
             "original_id": new.original_id,
             "metadata": new.metadata,
             "attention_required": False,
+            "operator_hold": False,
             "reconcile_attempts": 0,
             "next_reconcile_at": None,
             "version": 1,
@@ -749,14 +950,28 @@ class PaymentService:
         except PaymentProviderError as error:
             outcome = outcome_of_error(error)
         except PaymentValidationError as error:  # refused before sending: nothing moved
-            await self.apply_outcome(
-                db, record, Outcome(S.FAILED, error.message, error=error), actor=user_id
-            )
-            raise
+            raise await self._refused_before_sending(db, record, error, actor=user_id) from None
         except Exception as error:
             await self.apply_outcome(db, record, _unexpected(error), actor=user_id)
             raise
         return await self._finish(db, record, outcome, actor=user_id)
+
+    async def _refused_before_sending(
+        self, db: DbSession, record: PaymentRecord, error: PaymentError, *, actor: str | None
+    ) -> PaymentError:
+        """The client refused the request before sending it: the payment is recorded
+        ``failed``, and the error says so (it was written, nothing was sent)."""
+        message = (
+            f"{error.message}; payment {record.transaction_id} was recorded as failed and"
+            " nothing was sent to M-Pesa"
+        )
+        outcome = Outcome(S.FAILED, message, error=error, live=True)
+        record, _ = await self.apply_outcome(db, record, outcome, actor=actor)
+        error.message = message
+        error.args = (message,)
+        error.details.update(transaction_id=record.transaction_id, sent=False)
+        error.payment = to_response(record)  # type: ignore[attr-defined]
+        return error
 
     def _replay(
         self, record: PaymentRecord, operation: str, request_body: dict[str, Any]
@@ -777,6 +992,7 @@ class PaymentService:
     async def _finish(
         self, db: DbSession, record: PaymentRecord, outcome: Outcome, *, actor: str | None
     ) -> PaymentResponse:
+        outcome = replace(outcome, live=True)  # the answer of the payment's own call
         record, changed = await self.apply_outcome(db, record, outcome, actor=actor)
         response = to_response(record)
         status = PaymentStatus(record.status)
@@ -787,6 +1003,16 @@ class PaymentService:
                 mpesa_receipt=record.provider_transaction_id,
             )
             return response
+        if outcome.status is S.COMPLETED:
+            # M-Pesa says this call took the money, but the payment was settled otherwise before
+            # (it is flagged and held): never answered as a failure; an operator decides.
+            contradiction = PaymentOutcomeUnknownError(
+                f"M-Pesa reports this payment completed, but it was recorded as {status.value}"
+                " before; it is held for an operator to confirm",
+                details={"transaction_id": record.transaction_id, "status": status.value},
+            )
+            contradiction.payment = response  # type: ignore[attr-defined]
+            raise contradiction
         error = outcome.error or error_for_record(record)
         if error is None:
             return response
@@ -826,6 +1052,7 @@ class PaymentService:
                 still_unknown,
                 attention="M-Pesa reports an earlier, completed transaction with this payment's"
                 " reference (INS-10): confirm it is this payment before delivering",
+                hold=True,
             )
         return replace(queried, exchanges=exchanges)
 
@@ -866,13 +1093,20 @@ class PaymentService:
         # First try on the values we hold (no read); if anyone changed the payment since, the
         # version-guarded UPDATE fails and the retry works on a fresh, locked read.
         known: Mapping[str, Any] | None = record.columns()
+        check_ids = False
         while True:
             try:
                 result = await run_db(
                     db,
                     committing(
                         partial(
-                            _apply_outcome, record=record, outcome=outcome, actor=actor, known=known
+                            _apply_outcome,
+                            record=record,
+                            outcome=outcome,
+                            actor=actor,
+                            known=known,
+                            in_flight_until=self.in_flight_until(record),
+                            check_ids=check_ids,
                         )
                     ),
                     write=True,
@@ -880,17 +1114,31 @@ class PaymentService:
                 break
             except (*DATABASE_ERRORS, StaleDataError) as exc:
                 known = None
+                # A unique violation: M-Pesa's transaction ID may be another payment's already.
+                # The retry looks before it writes (not on the hot path: it is one more read).
+                check_ids = check_ids or isinstance(exc, IntegrityError)
                 if attempt >= len(self._db_retry_delays):
+                    # The log line is the last place M-Pesa's answer survives: every ID in it.
                     payment_logger.critical(
                         "Payment outcome NOT recorded; reconciliation will settle it from M-Pesa",
                         transaction_id=record.transaction_id,
                         outcome=outcome.status.value if outcome.status else None,
+                        mpesa_receipt=outcome.provider_transaction_id,
+                        conversation_id=outcome.conversation_id,
+                        third_party_reference=record.third_party_reference,
+                        code=outcome.response_code,
                         error=type(exc).__name__,
                     )
                     lost = PaymentStorageError(
                         "M-Pesa answered but the outcome could not be recorded; the payment stays"
                         f" {record.status} until reconciliation settles it",
-                        details={"transaction_id": record.transaction_id},
+                        details={
+                            "transaction_id": record.transaction_id,
+                            "outcome": outcome.status.value if outcome.status else None,
+                            "provider_transaction_id": outcome.provider_transaction_id,
+                            "conversation_id": outcome.conversation_id,
+                            "third_party_reference": record.third_party_reference,
+                        },
                         outcome_known=False,
                     )
                     lost.payment = to_response(record)  # type: ignore[attr-defined]
@@ -978,6 +1226,16 @@ def _request_body(request: Any) -> dict[str, Any]:
     return body
 
 
+def _warn_without_key(operation: PaymentOperation, key: str | None) -> None:
+    if key is None:
+        # Keys stay optional (as in the original API), but a retry without one (a proxy's, a
+        # user's double click) makes a second payment.
+        payment_logger.warning(
+            "Money-moving request without an idempotency key: a retry would move money again",
+            operation=operation.value,
+        )
+
+
 def _record_by_key(session: Session, key: str) -> PaymentRecord | None:
     row = repo.get_by_idempotency_key(session, key)
     return repo.record_of(session, row) if row is not None else None
@@ -1010,12 +1268,19 @@ def _apply_outcome(
     outcome: Outcome,
     actor: str | None,
     known: Mapping[str, Any] | None,
+    in_flight_until: datetime | None = None,
+    check_ids: bool = False,
 ) -> tuple[PaymentRecord, str, PaymentRecord | None]:
     """(updated record, status before, updated original for a completed reversal).
 
     The hot path of every payment, so plain statements: the payment's ``known`` values (or a
     locked read), one UPDATE guarded by the row's version (a concurrent writer makes it fail,
-    and ``apply_outcome`` retries), one batched INSERT of the audit rows."""
+    and ``apply_outcome`` retries), one batched INSERT of the audit rows.
+
+    Two gates keep answers that are not evidence enough from settling a payment, whoever asks:
+    a payment held for an operator changes only through ``PaymentService.resolve``, and a
+    ``pending``/``processing`` one whose own call may still be answered (before
+    ``in_flight_until``) only through that call's answer (``outcome.live``)."""
     current = known if known is not None else repo.lock_payment(session, record.id)
     audits = [
         entry
@@ -1047,14 +1312,65 @@ def _apply_outcome(
     before = current["status"]
     now = utcnow()
     changes: dict[str, Any] = {"updated_at": now}
-    if outcome.provider_transaction_id and not current["provider_transaction_id"]:
-        changes["provider_transaction_id"] = outcome.provider_transaction_id
+    attention = [outcome.attention] if outcome.attention else []
+    hold = outcome.hold
+    new_id = outcome.provider_transaction_id
+    if new_id and not current["provider_transaction_id"]:
+        holder = repo.get_by_provider_transaction_id(session, new_id) if check_ids else None
+        if len(new_id) > ID_LENGTH:
+            attention.append(
+                f"M-Pesa's transaction ID is longer than {ID_LENGTH} characters and was not"
+                " recorded (the audit trail has the answer)"
+            )
+        elif holder is not None and holder.id != record.id:
+            # One M-Pesa transaction belongs to one payment: never two, never silently.
+            attention.append(
+                f"M-Pesa transaction ID {new_id} is already recorded on {holder.transaction_id};"
+                " it was not recorded here"
+            )
+        else:
+            changes["provider_transaction_id"] = new_id
     if outcome.conversation_id and not current["conversation_id"]:
-        changes["conversation_id"] = outcome.conversation_id
+        if len(outcome.conversation_id) <= ID_LENGTH:
+            changes["conversation_id"] = outcome.conversation_id
+    status = outcome.status
+    if status is not None and current["operator_hold"]:
+        audits.append(
+            repo.audit_entry(
+                record.id,
+                AuditAction.STATUS_CHANGED,
+                status_before=before,
+                error_message="not applied, the payment is held for an operator:"
+                f" {outcome.status_description}"[:2000],
+                actor=actor,
+            )
+        )
+        status = None
+    elif (
+        status is not None
+        and not outcome.live
+        and before in (S.PENDING, S.PROCESSING)
+        and in_flight_until is not None
+        and now < in_flight_until
+    ):
+        # E.g. "Expired" from a query while the customer still types the PIN: the call's own
+        # answer (or, once it cannot come any more, a later query) settles it.
+        audits.append(
+            repo.audit_entry(
+                record.id,
+                AuditAction.STATUS_CHANGED,
+                status_before=before,
+                error_message="not applied, the payment's own call may still be answered"
+                f" (until {in_flight_until.isoformat(timespec='seconds')}):"
+                f" {outcome.status_description}"[:2000],
+                actor=actor,
+            )
+        )
+        status = None
     changed = False
-    if outcome.status is not None:
+    if status is not None:
         try:
-            changed = check_transition(before, outcome.status)
+            changed = check_transition(before, status)
         except InvalidStateTransitionError as refused:
             audits.append(
                 repo.audit_entry(
@@ -1065,57 +1381,53 @@ def _apply_outcome(
                     actor=actor,
                 )
             )
-            if outcome.status is S.COMPLETED:
+            if status is S.COMPLETED:
                 # M-Pesa says the money moved, yet the payment was settled as not paid:
                 # never flip it silently, never leave it unseen. An operator decides.
-                changes["attention_required"] = True
-                audits.append(
-                    repo.audit_entry(
-                        record.id,
-                        AuditAction.ATTENTION_REQUIRED,
-                        status_before=before,
-                        status_after=before,
-                        error_message=f"M-Pesa reports completed for a {before} payment",
-                        actor=actor,
-                    )
-                )
+                hold = True
+                attention.append(f"M-Pesa reports completed for a {before} payment")
                 payment_logger.critical(
                     "M-Pesa reports a settled payment as completed: operator needed",
                     transaction_id=record.transaction_id,
                     status=before,
+                    mpesa_receipt=new_id,
                 )
-    if outcome.attention:
-        changes["attention_required"] = True
+    for reason in attention:
         audits.append(
             repo.audit_entry(
                 record.id,
                 AuditAction.ATTENTION_REQUIRED,
                 status_before=before,
-                error_message=outcome.attention,
+                status_after=before,
+                error_message=reason,
                 actor=actor,
             )
         )
         payment_logger.warning(
-            "Payment needs an operator",
-            transaction_id=record.transaction_id,
-            reason=outcome.attention,
+            "Payment needs an operator", transaction_id=record.transaction_id, reason=reason
         )
+    if attention or hold:
+        changes["attention_required"] = True
+    if hold:
+        changes["operator_hold"] = True
     if changed:
-        assert outcome.status is not None
-        changes["status"] = outcome.status.value
+        assert status is not None
+        changes["status"] = status.value
         changes["status_description"] = outcome.status_description[:255]
         if outcome.response_code:
-            changes["response_code"] = outcome.response_code
+            changes["response_code"] = outcome.response_code[:RESPONSE_CODE_LENGTH]
             changes["response_description"] = (outcome.response_description or "")[:255]
-        if outcome.status not in UNSETTLED:
+        if outcome.error is not None and status in UNSUCCESSFUL:
+            changes["error_code"] = outcome.error.error_code[:32]
+        if status not in UNSETTLED:
             changes["completed_at"] = now
             changes["next_reconcile_at"] = None
         audits.append(
             repo.audit_entry(
                 record.id,
-                outcome.action or _audit_action_for(outcome.status),
+                outcome.action or _audit_action_for(status),
                 status_before=before,
-                status_after=outcome.status.value,
+                status_after=status.value,
                 error_message=outcome.status_description if outcome.error else None,
                 actor=actor,
             )

@@ -67,12 +67,14 @@ def upgrade() -> None:
         sa.Column("user_id", sa.String(length=100), nullable=True),
         sa.Column("idempotency_key", sa.String(length=255), nullable=True),
         sa.Column("request_fingerprint", sa.String(length=64), nullable=True),
-        sa.Column("response_code", sa.String(length=20), nullable=True),
+        sa.Column("response_code", sa.String(length=64), nullable=True),
         sa.Column("response_description", sa.String(length=255), nullable=True),
         sa.Column("status_description", sa.String(length=255), nullable=True),
+        sa.Column("error_code", sa.String(length=32), nullable=True),
         sa.Column("original_id", sa.Integer(), nullable=True),
         sa.Column("metadata", sa.JSON(), nullable=True),
         sa.Column("attention_required", sa.Boolean(), nullable=False),
+        sa.Column("operator_hold", sa.Boolean(), nullable=False),
         sa.Column("reconcile_attempts", sa.Integer(), nullable=False),
         sa.Column("next_reconcile_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("version", sa.Integer(), nullable=False),
@@ -98,6 +100,10 @@ def upgrade() -> None:
         sa.UniqueConstraint(
             "idempotency_key", name=op.f("uq_payment_transactions_idempotency_key")
         ),
+        sa.UniqueConstraint(
+            "provider_transaction_id",
+            name=op.f("uq_payment_transactions_provider_transaction_id"),
+        ),
         sa.ForeignKeyConstraint(
             ["original_id"],
             ["payment_transactions.id"],
@@ -113,7 +119,6 @@ def upgrade() -> None:
         ("ix_payment_transactions_entity", ["entity_type", "entity_id"]),
         ("ix_payment_transactions_user_id", ["user_id"]),
         ("ix_payment_transactions_conversation_id", ["conversation_id"]),
-        ("ix_payment_transactions_provider_transaction_id", ["provider_transaction_id"]),
         ("ix_payment_transactions_original_id", ["original_id"]),
         ("ix_payment_transactions_reconcile", ["status", "next_reconcile_at"]),
     ):
@@ -206,7 +211,6 @@ def downgrade() -> None:
     for name in (
         "ix_payment_transactions_reconcile",
         "ix_payment_transactions_original_id",
-        "ix_payment_transactions_provider_transaction_id",
         "ix_payment_transactions_conversation_id",
         "ix_payment_transactions_user_id",
         "ix_payment_transactions_entity",
