@@ -96,9 +96,11 @@ async def reconcile_once(
     )
     batch_size = batch_size or settings.payment_reconcile_batch_size
     # Whatever min_age says, a payment whose own call may still be answered is not asked about.
-    longest_call = max(service.call_window(operation) for operation in PaymentOperation)
-    report = ReconcileReport()
     started = now()
+    calls_over = {
+        operation.value: started - service.call_window(operation) for operation in PaymentOperation
+    }
+    report = ReconcileReport()
 
     async with sessions() as db:
         claimed = await run_db(
@@ -110,7 +112,7 @@ async def reconcile_once(
                     created_before=started - timedelta(seconds=min_age),
                     lease_until=started + lease_for(settings, batch_size, concurrency),
                     limit=batch_size,
-                    open_calls_created_before=started - longest_call,
+                    open_calls_created_before=calls_over,
                 )
             ),
             write=True,

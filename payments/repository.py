@@ -13,7 +13,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Select, bindparam, func, insert, or_, select, true, update
+from sqlalchemy import Select, and_, bindparam, func, insert, or_, select, true, update
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -390,16 +390,29 @@ def claim_due_for_reconciliation(
     created_before: datetime,
     lease_until: datetime,
     limit: int,
-    open_calls_created_before: datetime | None = None,
+    open_calls_created_before: Mapping[str, datetime] | None = None,
 ) -> list[PaymentRecord]:
     """Lease up to ``limit`` unsettled payments that are due: ``next_reconcile_at`` moves to
     ``lease_until`` so other workers skip them while this one asks the provider, without holding
     a lock. ``SKIP LOCKED`` keeps concurrent claims on PostgreSQL from waiting on each other.
 
     Skipped: payments held for an operator (no answer of M-Pesa's can settle them), and
-    ``pending``/``processing`` ones not created before ``open_calls_created_before`` (their own
-    call may still be answered)."""
+    ``pending``/``processing`` ones not created before ``open_calls_created_before[operation]``
+    (their own call may still be answered)."""
     in_flight = PaymentTransaction.status.in_([PaymentStatus.PENDING, PaymentStatus.PROCESSING])
+    call_over = (
+        or_(
+            *(
+                and_(
+                    PaymentTransaction.operation == operation,
+                    PaymentTransaction.created_at <= cutoff,
+                )
+                for operation, cutoff in open_calls_created_before.items()
+            )
+        )
+        if open_calls_created_before
+        else true()
+    )
     rows = session.scalars(
         select(PaymentTransaction)
         .where(
@@ -408,9 +421,7 @@ def claim_due_for_reconciliation(
             ),
             PaymentTransaction.operator_hold.is_(False),
             PaymentTransaction.created_at <= created_before,
-            or_(~in_flight, PaymentTransaction.created_at <= open_calls_created_before)
-            if open_calls_created_before is not None
-            else true(),
+            or_(~in_flight, call_over),
             or_(
                 PaymentTransaction.next_reconcile_at.is_(None),
                 PaymentTransaction.next_reconcile_at <= now,
