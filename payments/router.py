@@ -55,6 +55,7 @@ from .schemas import (
     PaymentResponse,
     PaymentSummary,
     PayoutRequest,
+    ResolveRequest,
     ReversalRequest,
     TransferRequest,
 )
@@ -289,6 +290,23 @@ def create_payment_router(
     async def refresh(transaction_id: str, db: Db, actor: Actor, payments: Service) -> Response:
         """Ask M-Pesa for the status now and apply it."""
         return _json(await payments.refresh(transaction_id, db, actor=actor))
+
+    @router.post("/{transaction_id}/resolve", response_model=PaymentResponse)
+    async def resolve(
+        transaction_id: str, body: ResolveRequest, db: Db, actor: Actor, payments: Service
+    ) -> Response:
+        """An operator's decision, audited: settle a payment M-Pesa's answers cannot settle,
+        or record the M-Pesa transaction ID a completed payment lacks (so it can be reversed)."""
+        return _json(
+            await payments.resolve(
+                transaction_id,
+                db,
+                reason=body.reason,
+                status=body.status,
+                provider_transaction_id=body.provider_transaction_id,
+                actor=actor,
+            )
+        )
 
     @router.get("/status/{transaction_id}", response_model=PaymentResponse)
     async def status(transaction_id: str, db: Db, _: Actor, payments: Service) -> Response:

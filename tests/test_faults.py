@@ -744,6 +744,11 @@ async def test_database_failing_after_the_provider_answered_is_reported_and_reco
         assert len(not_recorded) == 1, logs
         assert transaction_id in not_recorded[0]
         assert "outcome=completed" in not_recorded[0]
+        # The line is the last place M-Pesa's answer survives: it carries the receipt and IDs.
+        (answered,) = await simulator.recorded(body["third_party_reference"])
+        assert f"mpesa_receipt={answered['transaction_id']}" in not_recorded[0]
+        assert f"conversation_id={answered['conversation_id']}" in not_recorded[0]
+        assert f"third_party_reference={body['third_party_reference']}" in not_recorded[0]
 
         # Nothing half-written: the row is still the intent; M-Pesa has the money.
         stuck = await payment(session_factory, transaction_id)
