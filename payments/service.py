@@ -1246,6 +1246,7 @@ def _unexpected(error: Exception) -> Outcome:
     return Outcome(
         S.UNKNOWN,
         f"unexpected error while calling M-Pesa ({type(error).__name__}); outcome unknown",
+        live=True,  # the call itself ended: nothing else will answer it
     )
 
 

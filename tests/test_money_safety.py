@@ -320,6 +320,20 @@ async def test_no_query_settles_a_c2b_still_waiting_for_the_pin(
     assert service.events == [("completed", row.transaction_id, "completed")]
 
 
+async def test_a_crash_during_the_call_ends_unknown_not_stuck_processing(
+    service: RecordingService, session_factory: Sessions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def crash(**_: Any) -> Any:
+        raise RuntimeError("bug in the middle of the call")
+
+    monkeypatch.setattr(service.client, "c2b_payment", crash)
+    async with session_factory() as db:
+        with pytest.raises(RuntimeError):
+            await service.initiate_payment(request=c2b(), db=db)
+    (row,) = await all_rows(session_factory)
+    assert row.status == "unknown"  # the call's own end: the in-flight gate does not apply
+
+
 async def all_rows(sessions: Sessions) -> list[PaymentTransaction]:
     async with sessions() as session:
         return list(await session.scalars(select(PaymentTransaction)))
