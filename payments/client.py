@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ from .exceptions import (
     PaymentConfigurationError,
     PaymentOutcomeUnknownError,
     PaymentProviderError,
+    PaymentValidationError,
     ProviderUnavailableError,
 )
 from .logger import payment_logger, sanitize
@@ -88,6 +91,24 @@ OPERATIONS: dict[Operation, OperationSpec] = {
 # Errors raised before a single byte of the request could reach the provider.
 _NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
+#: M-Pesa's own IDs (transaction and conversation IDs) as they come back: letters, digits and the
+#: ``_`` (and ``-``) of the portal's ``AG_20180206_00005e7dccc6da08efa8``.
+_PROVIDER_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")
+
+#: Codes of a status answer that mean "M-Pesa cannot find what was asked for": INS-23 ("Unknown
+#: Status", the OpenAPI's "Transaction not found"). A not-found answer is not retried; the caller
+#: may ask by another of the payment's IDs.
+NOT_FOUND_CODES = frozenset({"INS-23"})
+
+#: Refusals of the deployment's credentials or permissions (not of one request's fields).
+_AUTH_CODES = frozenset({"INS-2", "INS-13", "INS-26"})
+
+#: What to check when the gateway refuses a request in its own words (``output_error``, no code).
+_REFUSAL_ACTION = (
+    "Check MPESA_API_KEY, MPESA_PUBLIC_KEY and MPESA_ORIGIN (the portal app's settings):"
+    " the gateway refused the request before processing it"
+)
+
 
 @dataclass(frozen=True, slots=True)
 class ProviderExchange:
@@ -121,8 +142,18 @@ class ProviderResult:
 
 @dataclass(frozen=True, slots=True)
 class TransactionStatusResult(ProviderResult):
+    """A status answer: INS-0 with a status, or a not-found answer (``NOT_FOUND_CODES``)."""
+
     #: ``Completed``, ``Cancelled``, ``Expired`` or ``N/A`` (documented values).
     transaction_status: str | None = None
+
+    @property
+    def found(self) -> bool:
+        """False when M-Pesa says it cannot find the transaction asked for: a not-found code,
+        or a status of ``N/A`` (or none)."""
+        if self.response_code in NOT_FOUND_CODES:
+            return False
+        return (self.transaction_status or "").strip().upper() not in ("", "N/A")
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +252,19 @@ def error_for_answer(
         provider_description=description,
         http_status=http_status,
         details={"action": entry.action, "disposition": entry.disposition.value},
+    )
+
+
+def refusal_error(http_status: int, text: str) -> InvalidPaymentRequestError:
+    """The gateway refused the request in its own words (``output_error``, no response code, a
+    4xx status: "Origin not allowed", a wrong API key on some gateways). Nothing was processed,
+    so the payment fails; the cause is this deployment's configuration, not the caller's input."""
+    return InvalidPaymentRequestError(
+        f"M-Pesa refused the request: {text}. {_REFUSAL_ACTION}",
+        provider_description=text,
+        http_status=http_status,
+        error_code="configuration_refused",
+        details={"action": _REFUSAL_ACTION, "disposition": Disposition.INVALID_REQUEST.value},
     )
 
 
@@ -354,9 +398,7 @@ class MpesaClient:
         """Reverse a completed transaction, fully or (with ``amount``) partially. Never retried."""
         self.check_reversal_configured()
         fields = {
-            "input_TransactionID": validate_reference(
-                transaction_id, field="transaction_id", max_length=64
-            ),
+            "input_TransactionID": validate_provider_id(transaction_id, field="transaction_id"),
             "input_SecurityCredential": self.config.security_credential,
             "input_InitiatorIdentifier": self.config.initiator_identifier,
             "input_ThirdPartyReference": validate_reference(
@@ -377,9 +419,7 @@ class MpesaClient:
             "input_ThirdPartyReference": validate_reference(
                 third_party_reference, field="third_party_reference"
             ),
-            "input_QueryReference": validate_reference(
-                query_reference, field="query_reference", max_length=64
-            ),
+            "input_QueryReference": validate_provider_id(query_reference, field="query_reference"),
             "input_ServiceProviderCode": self.config.service_provider_code,
         }
         return await self._call(Operation.QUERY_STATUS, fields, TransactionStatusResult)
@@ -396,6 +436,20 @@ class MpesaClient:
             "input_ServiceProviderCode": self.config.service_provider_code,
         }
         return await self._call(Operation.QUERY_CUSTOMER_NAME, fields, CustomerNameResult)
+
+    async def check_access(self) -> str | None:
+        """Ask M-Pesa one status query for a made-up reference: ``None`` when the gateway accepts
+        this deployment's credentials and Origin (any answer but a refusal), else what it said."""
+        try:
+            await self.query_transaction_status(
+                query_reference="HEALTHCHECK", third_party_reference="H" + secrets.token_hex(9)
+            )
+        except InvalidPaymentRequestError as error:
+            if error.error_code == "configuration_refused" or error.provider_code in _AUTH_CODES:
+                return error.message
+        except PaymentProviderError as error:
+            return error.message
+        return None
 
     def check_reversal_configured(self) -> None:
         """Reversals need the portal's initiator identifier and security credential."""
@@ -510,12 +564,25 @@ class MpesaClient:
             entry = self.config.codes.lookup(
                 code if isinstance(code, str) else None, response.status_code
             )
+            refusal = _refusal_text(body)
+            if refusal is not None:
+                description = refusal  # the provider's own words, whatever is decided below
+                if 400 <= response.status_code < 500:
+                    error = refusal_error(response.status_code, refusal)
+                    _attach(error, body, exchanges)
+                    raise error
             if not isinstance(body, dict):
                 entry = self.config.codes.lookup(None, response.status_code)
                 description = "The response was not a JSON object"
             elif response.status_code >= 500 and entry.disposition is not Disposition.OVERLOADED:
                 entry = _as_ambiguous(entry)
             if entry.disposition is Disposition.SUCCESS and response.is_success:
+                return _build_result(result_type, operation, response.status_code, body, exchanges)
+            if (
+                operation is Operation.QUERY_STATUS
+                and entry.code in NOT_FOUND_CODES
+                and response.status_code < 500
+            ):  # a definite answer about what was asked for: no retry, the caller decides
                 return _build_result(result_type, operation, response.status_code, body, exchanges)
             if entry.disposition is Disposition.SUCCESS:  # INS-0 with an error status: untrusted
                 entry = _as_ambiguous(entry)
@@ -531,7 +598,7 @@ class MpesaClient:
             error = error_for_answer(
                 operation, entry, response.status_code, description or entry.description
             )
-            error.exchanges = tuple(exchanges)
+            _attach(error, body, exchanges)
             raise error
 
     async def _backoff(self, attempt: int) -> None:
@@ -576,6 +643,39 @@ def _parse_body(response: httpx.Response) -> Any:
         return response.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         return response.text[:2000]
+
+
+def validate_provider_id(value: str, *, field: str) -> str:
+    """An M-Pesa ID (or a third-party reference) sent back to M-Pesa: ``_PROVIDER_ID``."""
+    if not isinstance(value, str) or not _PROVIDER_ID.fullmatch(value):
+        raise PaymentValidationError(
+            f"{field} must be 1-100 letters, digits, '_' or '-'", field=field
+        )
+    return value
+
+
+def _refusal_text(body: Any) -> str | None:
+    """The text of an ``output_error`` answer that carries no response code."""
+    if not isinstance(body, dict) or body.get("output_ResponseCode") not in (None, ""):
+        return None
+    text = body.get("output_error")
+    if not isinstance(text, str) or not text.strip():
+        return None
+    return text.strip()[:255]
+
+
+def _attach(error: PaymentProviderError, body: Any, exchanges: list[ProviderExchange]) -> None:
+    """Every ID the answer carried and the exchanges, on the error (error answers count too)."""
+    error.exchanges = tuple(exchanges)
+    if isinstance(body, dict):
+        error.provider_transaction_id = _id_in(body, "output_TransactionID")
+        error.conversation_id = _id_in(body, "output_ConversationID")
+
+
+def _id_in(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    text = value.strip() if isinstance(value, str) else ""
+    return text if _PROVIDER_ID.fullmatch(text) else None
 
 
 def _as_ambiguous(entry: ResponseCode) -> ResponseCode:

@@ -99,6 +99,9 @@ class PaymentProviderError(PaymentError):
     error_code = "provider_error"
     #: The sanitised HTTP exchanges that led here (``client.ProviderExchange``), for auditing.
     exchanges: tuple[Any, ...] = ()
+    #: IDs M-Pesa's answer carried, error answers included (a later status query can use them).
+    provider_transaction_id: str | None = None
+    conversation_id: str | None = None
 
 
 class PaymentInitiationError(PaymentProviderError):

@@ -347,7 +347,8 @@ def create_payment_router(
     @router.get("/health")
     async def health(db: Db, payments: Service, deep: bool = False) -> JSONResponse:
         """Database reachable, provider configuration valid; ``deep=true`` also opens a TCP
-        connection to each provider port (outbound firewalls are the usual production failure)."""
+        connection to each provider port (outbound firewalls are the usual production failure)
+        and sends one status query to see that M-Pesa accepts the credentials and Origin."""
         return await _health(db, payments, deep)
 
     @router.post("/callback/c2b")
@@ -456,6 +457,10 @@ async def _health(db: DbSession, payments: PaymentService, deep: bool) -> JSONRe
     if deep and report.get("provider_configuration") == "ok":
         report["provider_ports"] = ports = await _probe_ports(payments)
         healthy = healthy and all(result == "ok" for result in ports.values())
+        # One status query for a made-up reference: does M-Pesa accept the key and Origin?
+        refused = await payments.client.check_access()
+        report["provider_access"] = refused or "ok"
+        healthy = healthy and refused is None
     report["status"] = "ok" if healthy else "degraded"
     return JSONResponse(report, status_code=200 if healthy else 503)
 

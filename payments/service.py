@@ -94,6 +94,10 @@ _NOT_SENT_ERRORS: dict[str, type[PaymentError]] = {
 #: ``output_ResponseTransactionStatus`` → our status. ``N/A`` (or anything else) is no evidence.
 _PROVIDER_STATUS = {"completed": S.COMPLETED, "cancelled": S.CANCELLED, "expired": S.EXPIRED}
 
+#: Status-query refusals of the key itself ("Invalid Reference/TransactionID Used", "Parameter
+#: validations failed"): the gateway would not look that key up, so the next one is tried.
+_KEY_REFUSED_CODES = frozenset({"INS-14", "INS-18", "INS-21"})
+
 _MESSAGES = {
     S.PENDING: "Payment recorded, not sent yet",
     S.PROCESSING: "Waiting for M-Pesa",
@@ -168,10 +172,12 @@ def query_reference() -> str:
     return "Q" + secrets.token_hex(9).upper()
 
 
-def transaction_reference_for(account_reference: str | None, transaction_id: str) -> str:
-    """The ``input_TransactionReference`` (1–20 letters and digits) from the caller's reference."""
+def transaction_reference_for(account_reference: str | None, third_party_reference: str) -> str:
+    """The ``input_TransactionReference`` (1–20 letters and digits): the caller's reference, or
+    the third-party reference. Both follow from the request and its idempotency key, so a retry
+    that slips past the database is the same on the wire, whatever M-Pesa's INS-10 compares."""
     cleaned = _NOT_ALNUM.sub("", account_reference or "")[:20]
-    return cleaned or _NOT_ALNUM.sub("", transaction_id)[-20:]
+    return cleaned or third_party_reference
 
 
 def fingerprint(operation: str, request_body: dict[str, Any]) -> str:
@@ -241,6 +247,10 @@ def outcome_of_error(error: PaymentProviderError) -> Outcome:
         exchanges=error.exchanges,
         response_code=error.provider_code,
         response_description=error.provider_description,
+        # Error answers carry IDs too (INS-9 after the PIN wait, INS-1, …): a later status query
+        # by them is the way back when M-Pesa will not take a third-party reference.
+        provider_transaction_id=error.provider_transaction_id,
+        conversation_id=error.conversation_id,
         error=error,
     )
 
@@ -833,6 +843,7 @@ class PaymentService:
         """Every column of the new payment's row, as it is committed before M-Pesa is called."""
         now = utcnow()
         transaction_id = new_transaction_id(now)
+        third_party_reference = self.reference_for(new.operation, new.idempotency_key)
         return {
             "transaction_id": transaction_id,
             "operation": new.operation.value,
@@ -844,9 +855,9 @@ class PaymentService:
             "receiver_party_code": new.receiver_party_code,
             "conversation_id": None,
             "provider_transaction_id": None,
-            "third_party_reference": self.reference_for(new.operation, new.idempotency_key),
+            "third_party_reference": third_party_reference,
             "transaction_reference": transaction_reference_for(
-                new.account_reference, transaction_id
+                new.account_reference, third_party_reference
             ),
             "account_reference": new.account_reference,
             "description": new.description,
@@ -1057,31 +1068,58 @@ class PaymentService:
         return replace(queried, exchanges=exchanges)
 
     async def query_outcome(self, record: PaymentRecord, *, by_reference: bool = False) -> Outcome:
-        reference = record.third_party_reference
+        """Ask M-Pesa for the payment's status by every key it has, in the order TransactionID,
+        ConversationID, third-party reference (``by_reference``: that one only), moving to the
+        next while M-Pesa cannot find (or will not look up) the one asked for. Each query has
+        a fresh ``input_ThirdPartyReference``. A status answer's ConversationID is the query's,
+        not the payment's: it stays in the audit exchange only."""
+        keys: dict[str | None, str] = {record.third_party_reference: "third-party reference"}
         if not by_reference:
-            reference = record.provider_transaction_id or record.conversation_id or reference
-        try:
-            result = await self.client.query_transaction_status(
-                query_reference=reference, third_party_reference=query_reference()
-            )
-        except PaymentProviderError as error:
-            return Outcome(None, f"status query failed: {error.message}", exchanges=error.exchanges)
-        provider_status = (result.transaction_status or "").strip().lower()
-        status = _PROVIDER_STATUS.get(provider_status)
-        if status is not None and record.operation == PaymentOperation.REVERSAL:
-            status = S.COMPLETED if status is S.COMPLETED else S.FAILED
-        if status is None:
+            keys = {
+                record.provider_transaction_id: "transaction ID",
+                record.conversation_id: "conversation ID",
+            } | keys
+        exchanges: tuple[ProviderExchange, ...] = ()
+        answers: list[str] = []
+        for key, kind in keys.items():
+            if not key:
+                continue
+            try:
+                result = await self.client.query_transaction_status(
+                    query_reference=key, third_party_reference=query_reference()
+                )
+            except PaymentProviderError as error:
+                exchanges += error.exchanges
+                answers.append(f"status query failed: {error.message}")
+                if error.provider_code in _KEY_REFUSED_CODES:
+                    continue  # M-Pesa will not look this key up; another may do
+                break
+            exchanges += result.exchanges
+            if not result.found:
+                answers.append(f"{kind} ({result.transaction_status or result.response_code})")
+                continue
+            provider_status = (result.transaction_status or "").strip().lower()
+            status = _PROVIDER_STATUS.get(provider_status)
+            if status is not None and record.operation == PaymentOperation.REVERSAL:
+                status = S.COMPLETED if status is S.COMPLETED else S.FAILED
+            if status is None:
+                return Outcome(
+                    None,
+                    f"M-Pesa reports status {result.transaction_status}: no outcome yet",
+                    exchanges=exchanges,
+                )
             return Outcome(
-                None,
-                f"M-Pesa reports status {result.transaction_status or 'N/A'}: no outcome yet",
-                exchanges=result.exchanges,
+                status,
+                f"M-Pesa reports the transaction {provider_status}",
+                exchanges=exchanges,
+                action=AuditAction.RECONCILED,
             )
+        if answers and answers[-1].startswith("status query failed"):
+            return Outcome(None, answers[-1], exchanges=exchanges)
         return Outcome(
-            status,
-            f"M-Pesa reports the transaction {provider_status}",
-            exchanges=result.exchanges,
-            conversation_id=result.conversation_id,
-            action=AuditAction.RECONCILED,
+            None,
+            f"M-Pesa cannot find this payment yet (asked by {', '.join(answers)}): no outcome yet",
+            exchanges=exchanges,
         )
 
     async def apply_outcome(

@@ -144,6 +144,29 @@ class SimulatorConfig:
     pin_delay_seconds: float = 0.0  # how long C2B waits for the "customer's PIN"
     slow_response_seconds: float = 300.0  # delay of the scripted slow number
     check_origin: bool = False
+    # Switches for behaviour the wire reference leaves open (§8); the defaults are the guesses
+    # the module must not depend on. Each has a test of the module's behaviour under it.
+    #: False: a third-party reference is no query reference (§8 Q2): such a query is not found.
+    query_by_third_party_reference: bool = True
+    #: INS-10 also needs the same ``input_TransactionReference`` (§8 Q4: which fields?).
+    duplicates_match_transaction_reference: bool = False
+    #: INS-10 only within this many seconds of the earlier request (§8 Q4: window?); None: forever.
+    duplicate_window_seconds: float | None = None
+    #: Not found answers INS-23 (400) instead of INS-0 with status N/A.
+    not_found_as_ins_23: bool = False
+    #: A status answer carries its own ConversationID, not the original's (§2.2 vs §2.6 examples).
+    status_answer_own_conversation_id: bool = False
+    #: Every API call is refused with ``{"output_error": <this text>}`` (HTTP 401), no code.
+    refusal_output_error: str | None = None
+    #: Every answer carries a header with non-ASCII bytes (§1: strict parsers reject them).
+    non_ascii_header: bool = False
+    #: The gateway's own C2B timeout (the real one: about 66 s, §5.1): a customer slower than
+    #: this gets INS-9 at this time, and the payment is recorded Expired. None: no timeout.
+    c2b_server_timeout_seconds: float | None = None
+    #: queryCustomerName answers INS-26 "Not authorized", as the real sandbox does (§2.7).
+    customer_name_not_authorized: bool = False
+    #: ConversationIDs shaped like the portal's example ``AG_20180206_00005e7dccc6da08efa8``.
+    portal_conversation_ids: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +180,7 @@ class ScriptedOutcome:
 
 
 _SUCCESS = ScriptedOutcome("INS-0", "Completed", after_pin=True)
+_SERVER_TIMEOUT = ScriptedOutcome("INS-9", "Expired", after_pin=True)
 
 SCRIPTED_OUTCOMES: Mapping[str, ScriptedOutcome] = {
     "258841000005": ScriptedOutcome("INS-5", "Cancelled", after_pin=True),
@@ -235,6 +259,30 @@ class _DroppedConnectionResponse(Response):
             }
         )
         raise SimulatedDisconnect("simulated connection drop")
+
+
+#: A header value a strict parser rejects: "Transação aceite" in Latin-1 (not ASCII, not UTF-8).
+NON_ASCII_HEADER = (b"x-gateway-note", "Transação aceite".encode("latin-1"))
+
+
+class _NonAsciiHeaderMiddleware:
+    """Adds ``NON_ASCII_HEADER`` to every answer while ``non_ascii_header`` is on."""
+
+    def __init__(self, app: ASGIApp, simulator: MpesaSimulator) -> None:
+        self.app = app
+        self.simulator = simulator
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.simulator.config.non_ascii_header:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), NON_ASCII_HEADER]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
 
 
 class _QuietDisconnectFilter(logging.Filter):
@@ -361,12 +409,14 @@ class MpesaSimulator:
     def transactions(self) -> list[SimulatedTransaction]:
         return list(self._transactions)
 
-    def find(self, reference: str) -> SimulatedTransaction | None:
+    def find(
+        self, reference: str, *, by_third_party_reference: bool = True
+    ) -> SimulatedTransaction | None:
         """A recorded transaction by TransactionID, ConversationID or ThirdPartyReference."""
         return (
             self._by_transaction_id.get(reference)
             or self._by_conversation_id.get(reference)
-            or self._by_reference.get(reference)
+            or (self._by_reference.get(reference) if by_third_party_reference else None)
         )
 
     def reset(self) -> None:
@@ -380,7 +430,8 @@ class MpesaSimulator:
         self._by_transaction_id: dict[str, SimulatedTransaction] = {}
         self._by_conversation_id: dict[str, SimulatedTransaction] = {}
         self._by_reference: dict[str, SimulatedTransaction] = {}
-        self._pending_references: set[str] = set()
+        self._claims: dict[tuple[str, str | None], SimulatedTransaction] = {}
+        self._pending_claims: set[tuple[str, str | None]] = set()
 
     def stats(self) -> dict[str, Any]:
         return {"calls": {op: self._calls[op] for op in OPERATIONS}, "total": self.calls()}
@@ -408,6 +459,7 @@ class MpesaSimulator:
             redoc_url=None,
         )
         app.state.simulator = self
+        app.add_middleware(_NonAsciiHeaderMiddleware, simulator=self)
 
         app.add_api_route(
             "/ipg/v1x/c2bPayment/singleStage/", self._c2b, methods=["POST"], name="c2b"
@@ -473,6 +525,8 @@ class MpesaSimulator:
         return api_key
 
     def _auth_error(self, request: Request) -> Response | None:
+        if self.config.refusal_output_error:
+            return JSONResponse({"output_error": self.config.refusal_output_error}, status_code=401)
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         token = token.strip()
         api_key = self._decrypt(token) if scheme.lower() == "bearer" and token else None
@@ -550,12 +604,28 @@ class MpesaSimulator:
         except _ProviderError as error:
             return self._money_answer(
                 error.code,
-                conversation_id=_new_conversation_id(),
+                conversation_id=self._conversation_id(),
                 reference=echo,
             )
 
-    def _claim_reference(self, reference: str) -> None:
-        if reference in self._by_reference or reference in self._pending_references:
+    def _claim_key(
+        self, reference: str, transaction_reference: str | None
+    ) -> tuple[str, str | None]:
+        """What INS-10 compares: the third-party reference, and with
+        ``duplicates_match_transaction_reference`` the transaction reference too."""
+        if self.config.duplicates_match_transaction_reference:
+            return reference, transaction_reference
+        return reference, None
+
+    def _claim_reference(self, reference: str, transaction_reference: str | None = None) -> None:
+        key = self._claim_key(reference, transaction_reference)
+        if key in self._pending_claims:
+            raise _ProviderError("INS-10")
+        earlier = self._claims.get(key)
+        if earlier is None:
+            return
+        window = self.config.duplicate_window_seconds
+        if window is None or (datetime.now(UTC) - earlier.created).total_seconds() <= window:
             raise _ProviderError("INS-10")
 
     def _record(self, transaction: SimulatedTransaction) -> SimulatedTransaction:
@@ -563,7 +633,14 @@ class MpesaSimulator:
         self._by_transaction_id[transaction.transaction_id] = transaction
         self._by_conversation_id[transaction.conversation_id] = transaction
         self._by_reference[transaction.third_party_reference] = transaction
+        key = self._claim_key(transaction.third_party_reference, transaction.transaction_reference)
+        self._claims[key] = transaction
         return transaction
+
+    def _conversation_id(self) -> str:
+        if self.config.portal_conversation_ids:
+            return f"AG_{datetime.now(UTC):%Y%m%d}_{secrets.token_hex(10)}"
+        return _new_conversation_id()
 
     async def _c2b(self, request: Request) -> Response:
         return await self._money_call(
@@ -594,10 +671,16 @@ class MpesaSimulator:
         reference = _check(_REFERENCE, _text(payload["input_ThirdPartyReference"]), "INS-19")
         if _text(payload["input_ServiceProviderCode"]) != self.config.service_provider_code:
             raise _ProviderError("INS-13")
-        self._claim_reference(reference)
+        self._claim_reference(reference, transaction_reference)
 
         script = SCRIPTED_OUTCOMES.get(msisdn, _SUCCESS)
-        conversation_id = _new_conversation_id()
+        delay = self.config.pin_delay_seconds if operation == "c2b" else 0.0
+        server_timeout = self.config.c2b_server_timeout_seconds
+        if operation == "c2b" and server_timeout is not None and script.after_pin:
+            if script.code == "INS-9" or delay > server_timeout:
+                # The customer did not answer in time: the gateway gives up and says so.
+                script, delay = _SERVER_TIMEOUT, server_timeout
+        conversation_id = self._conversation_id()
         if script.fault == "html_500":
             return HTMLResponse(_HTML_500, status_code=500)
         if script.recorded_status is None:
@@ -616,10 +699,9 @@ class MpesaSimulator:
             transaction_reference=transaction_reference,
             response_code=script.code or "INS-0",
         )
-        delay = self.config.pin_delay_seconds if operation == "c2b" else 0.0
         if delay > 0:
             # The customer side runs on its own: a client giving up does not stop the payment.
-            self._pending_references.add(reference)
+            self._pending_claims.add(self._claim_key(reference, transaction_reference))
             task = asyncio.get_running_loop().create_task(self._settle(transaction, delay))
             self._settlements.add(task)
             task.add_done_callback(self._settlements.discard)
@@ -634,7 +716,10 @@ class MpesaSimulator:
             transaction.created = datetime.now(UTC)
             self._record(transaction)
         finally:
-            self._pending_references.discard(transaction.third_party_reference)
+            reference = transaction.third_party_reference
+            self._pending_claims.discard(
+                self._claim_key(reference, transaction.transaction_reference)
+            )
 
     async def _answer(self, script: ScriptedOutcome, transaction: SimulatedTransaction) -> Response:
         if script.fault == "drop":
@@ -679,12 +764,12 @@ class MpesaSimulator:
         receiver = _text(payload["input_ReceiverPartyCode"])
         if not _PARTY_CODE.fullmatch(receiver) or receiver == _INVALID_RECEIVER:
             raise _ProviderError("INS-2002")
-        self._claim_reference(reference)
+        self._claim_reference(reference, transaction_reference)
         transaction = self._record(
             SimulatedTransaction(
                 operation="b2b",
                 transaction_id=_new_transaction_id(),
-                conversation_id=_new_conversation_id(),
+                conversation_id=self._conversation_id(),
                 third_party_reference=reference,
                 msisdn=None,
                 amount=amount,
@@ -740,7 +825,7 @@ class MpesaSimulator:
             SimulatedTransaction(
                 operation="reversal",
                 transaction_id=_new_transaction_id(),
-                conversation_id=_new_conversation_id(),
+                conversation_id=self._conversation_id(),
                 third_party_reference=reference,
                 msisdn=original.msisdn,
                 amount=amount,
@@ -776,14 +861,27 @@ class MpesaSimulator:
                 raise _ProviderError("INS-13")
         except _ProviderError as error:
             body, status = self._body(
-                error.code, ConversationID=_new_conversation_id(), ThirdPartyReference=echo
+                error.code, ConversationID=self._conversation_id(), ThirdPartyReference=echo
             )
             return JSONResponse(body, status_code=status)
-        found = self.find(params["input_QueryReference"])
+        found = self.find(
+            params["input_QueryReference"],
+            by_third_party_reference=self.config.query_by_third_party_reference,
+        )
+        if found is None and self.config.not_found_as_ins_23:
+            body, status = self._body(
+                "INS-23", ConversationID=self._conversation_id(), ThirdPartyReference=echo
+            )
+            return JSONResponse(body, status_code=status)
+        conversation_id = (
+            found.conversation_id
+            if found is not None and not self.config.status_answer_own_conversation_id
+            else self._conversation_id()
+        )
         body, _ = self._body(
             "INS-0",
             ResponseTransactionStatus=found.status if found else "N/A",
-            ConversationID=found.conversation_id if found else _new_conversation_id(),
+            ConversationID=conversation_id,
             ThirdPartyReference=echo,
         )
         return JSONResponse(body, status_code=200)
@@ -795,7 +893,7 @@ class MpesaSimulator:
             return denied
         params = dict(request.query_params)
         echo = params.get("input_ThirdPartyReference", "")
-        conversation_id = _new_conversation_id()
+        conversation_id = self._conversation_id()
         try:
             _require(
                 params,
@@ -807,6 +905,8 @@ class MpesaSimulator:
             _check(_REFERENCE, echo, "INS-19")
             if params["input_ServiceProviderCode"] != self.config.service_provider_code:
                 raise _ProviderError("INS-13")
+            if self.config.customer_name_not_authorized:
+                raise _ProviderError("INS-26")
         except _ProviderError as error:
             body, status = self._body(
                 error.code,
@@ -847,21 +947,22 @@ class MpesaSimulator:
         return JSONResponse({"reset": True})
 
     def _public_config(self) -> dict[str, object]:
-        return {
-            "pin_delay_seconds": self.config.pin_delay_seconds,
-            "slow_response_seconds": self.config.slow_response_seconds,
-            "check_origin": self.config.check_origin,
-            "service_provider_code": self.config.service_provider_code,
-        }
+        settable = {name: getattr(self.config, name) for name in _SETTABLE}
+        return settable | {"service_provider_code": self.config.service_provider_code}
 
     async def _config_endpoint(self, request: Request) -> Response:
         payload = await self._read_object(request)
         if payload is None:
             return JSONResponse({"detail": "body must be a JSON object"}, status_code=400)
+        unknown = set(payload) - set(_SETTABLE)
+        if unknown:
+            return JSONResponse({"detail": f"unknown settings: {sorted(unknown)}"}, status_code=400)
         changes: dict[str, Any] = {}
-        for name in ("pin_delay_seconds", "slow_response_seconds"):
-            if name in payload:
-                value = payload[name]
+        for name, value in payload.items():
+            kind = _SETTABLE[name]
+            if value is None and kind.endswith("?"):
+                changes[name] = None
+            elif kind.startswith("seconds"):
                 if (
                     isinstance(value, bool)
                     or not isinstance(value, int | float)
@@ -871,16 +972,37 @@ class MpesaSimulator:
                         {"detail": f"{name} must be a non-negative number"}, status_code=400
                     )
                 changes[name] = float(value)
-        if "check_origin" in payload:
-            if not isinstance(payload["check_origin"], bool):
-                return JSONResponse({"detail": "check_origin must be a boolean"}, status_code=400)
-            changes["check_origin"] = payload["check_origin"]
-        unknown = set(payload) - {"pin_delay_seconds", "slow_response_seconds", "check_origin"}
-        if unknown:
-            return JSONResponse({"detail": f"unknown settings: {sorted(unknown)}"}, status_code=400)
+            elif kind == "flag":
+                if not isinstance(value, bool):
+                    return JSONResponse({"detail": f"{name} must be a boolean"}, status_code=400)
+                changes[name] = value
+            else:  # text?
+                if not isinstance(value, str) or not value:
+                    return JSONResponse(
+                        {"detail": f"{name} must be a non-empty string or null"}, status_code=400
+                    )
+                changes[name] = value
         for name, value in changes.items():
             setattr(self.config, name, value)
         return JSONResponse(self._public_config())
+
+
+#: What ``PUT /simulator/config`` may change, and its kind (``?``: may be null).
+_SETTABLE: dict[str, str] = {
+    "pin_delay_seconds": "seconds",
+    "slow_response_seconds": "seconds",
+    "check_origin": "flag",
+    "query_by_third_party_reference": "flag",
+    "duplicates_match_transaction_reference": "flag",
+    "duplicate_window_seconds": "seconds?",
+    "not_found_as_ins_23": "flag",
+    "status_answer_own_conversation_id": "flag",
+    "refusal_output_error": "text?",
+    "non_ascii_header": "flag",
+    "c2b_server_timeout_seconds": "seconds?",
+    "customer_name_not_authorized": "flag",
+    "portal_conversation_ids": "flag",
+}
 
 
 def create_simulator_app(config: SimulatorConfig | None = None) -> FastAPI:

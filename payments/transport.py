@@ -60,6 +60,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 auto_decompress=False,  # httpx decodes by Content-Encoding itself
                 skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
             )
+            # aiohttp's own switch (its test client sets it the same way); no public option yet.
+            self._session._retry_connection = False
         return self._session
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -80,12 +82,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 ),
             ) as response:
                 body = await response.read()
-                headers = [
-                    (k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers
-                ]
                 return httpx.Response(
                     status_code=response.status,
-                    headers=headers,
+                    headers=list(response.raw_headers),
                     content=body,
                     request=request,
                     extensions={"http_version": b"HTTP/1.1"},

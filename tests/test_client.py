@@ -1,3 +1,4 @@
+import asyncio
 import json
 from decimal import Decimal
 from urllib.parse import parse_qs, urlsplit
@@ -478,3 +479,198 @@ async def test_inputs_are_validated_before_anything_is_sent() -> None:
                 transaction_reference="T1",
                 third_party_reference="TPR1",
             )
+
+
+# --- evidence in every answer (issue 10) ---------------------------------------------------------
+
+
+@respx.mock
+async def test_error_answers_keep_the_ids_they_carry() -> None:
+    """INS-9 after the PIN wait (and INS-1, INS-16, …) carries M-Pesa's IDs: the only way back
+    to the payment when the gateway will not take a third-party reference as query reference."""
+    respx.post(f"{SANDBOX}:18352/ipg/v1x/c2bPayment/singleStage/").mock(
+        return_value=httpx.Response(
+            408,
+            json={
+                "output_ResponseCode": "INS-9",
+                "output_ResponseDesc": "Request timeout",
+                "output_TransactionID": "",
+                "output_ConversationID": "AG_20180206_00005e7dccc6da08efa8",
+                "output_ThirdPartyReference": "TPR1",
+            },
+        )
+    )
+    client, _ = make_client()
+    async with client:
+        with pytest.raises(PaymentOutcomeUnknownError) as info:
+            await c2b(client)
+    assert info.value.conversation_id == "AG_20180206_00005e7dccc6da08efa8"
+    assert info.value.provider_transaction_id is None  # empty is no ID
+
+
+@pytest.mark.parametrize("status", [401, 403])
+@respx.mock
+async def test_a_refusal_in_the_gateways_own_words_is_a_configuration_failure(
+    status: int,
+) -> None:
+    route = respx.post(f"{SANDBOX}:18352/ipg/v1x/c2bPayment/singleStage/").mock(
+        return_value=httpx.Response(status, json={"output_error": "Origin not allowed"})
+    )
+    client, sleeps = make_client()
+    async with client:
+        with pytest.raises(InvalidPaymentRequestError) as info:
+            await c2b(client)
+    error = info.value
+    assert error.error_code == "configuration_refused"
+    assert error.outcome_known is True  # refused before processing: nothing can have moved
+    assert "Origin not allowed" in error.message and "MPESA_ORIGIN" in error.message
+    assert error.provider_description == "Origin not allowed"
+    assert (route.call_count, sleeps) == (1, [])
+
+
+@respx.mock
+async def test_output_error_on_a_5xx_stays_ambiguous_but_keeps_the_text() -> None:
+    respx.post(f"{SANDBOX}:18352/ipg/v1x/c2bPayment/singleStage/").mock(
+        return_value=httpx.Response(502, json={"output_error": "Upstream unavailable"})
+    )
+    client, _ = make_client()
+    async with client:
+        with pytest.raises(PaymentOutcomeUnknownError) as info:
+            await c2b(client)
+    assert info.value.provider_description == "Upstream unavailable"
+
+
+@respx.mock
+async def test_ins_23_status_answer_is_not_found_and_is_not_retried() -> None:
+    route = respx.get(url__startswith=f"{SANDBOX}:18353/").mock(
+        return_value=error_response(400, "INS-23", "Unknown Status. Contact M-Pesa Support")
+    )
+    client, sleeps = make_client()
+    async with client:
+        result = await client.query_transaction_status(
+            query_reference="3cr8whltpb6m", third_party_reference="Q1"
+        )
+    assert (result.found, result.response_code, result.transaction_status) == (
+        False,
+        "INS-23",
+        None,
+    )
+    assert (route.call_count, sleeps) == (1, [])
+
+
+@pytest.mark.parametrize(
+    ("status", "found"), [("Completed", True), ("Expired", True), ("N/A", False), (None, False)]
+)
+def test_a_status_answer_is_found_unless_n_a(status: str | None, found: bool) -> None:
+    from payments.client import TransactionStatusResult
+
+    result = TransactionStatusResult(
+        operation=Operation.QUERY_STATUS,
+        response_code="INS-0",
+        response_description="",
+        http_status=200,
+        transaction_id=None,
+        conversation_id=None,
+        third_party_reference=None,
+        raw={},
+        transaction_status=status,
+    )
+    assert result.found is found
+
+
+@respx.mock
+async def test_m_pesa_ids_with_underscores_are_valid_query_and_reversal_references() -> None:
+    """The portal's example ConversationID is ``AG_20180206_00005e7dccc6da08efa8``."""
+    query = respx.get(url__startswith=f"{SANDBOX}:18353/").mock(
+        return_value=httpx.Response(
+            200,
+            json={"output_ResponseCode": "INS-0", "output_ResponseTransactionStatus": "Completed"},
+        )
+    )
+    reversal = respx.put(f"{SANDBOX}:18354/ipg/v1x/reversal/").mock(
+        return_value=httpx.Response(200, json=OK_BODY)
+    )
+    client, _ = make_client()
+    async with client:
+        await client.query_transaction_status(
+            query_reference="AG_20180206_00005e7dccc6da08efa8", third_party_reference="Q1"
+        )
+        await client.reversal(transaction_id="49X_CDF6", third_party_reference="R1")
+        with pytest.raises(ValueError, match="query_reference"):
+            await client.query_transaction_status(
+                query_reference="AG 2018&x=1", third_party_reference="Q2"
+            )
+    assert parse_qs(urlsplit(str(query.calls.last.request.url)).query)[
+        "input_QueryReference"
+    ] == ["AG_20180206_00005e7dccc6da08efa8"]
+    assert json.loads(reversal.calls.last.request.content)["input_TransactionID"] == "49X_CDF6"
+    assert query.call_count == 1
+
+
+# --- at most once at the socket (issue 9.3) ------------------------------------------------------
+
+
+async def _commit_then_drop_server(
+    received: list[bytes],
+) -> tuple[asyncio.AbstractServer, str]:
+    """A loopback server that reads each request in full, counts it (as M-Pesa would commit
+    it), then closes the connection without answering."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            (
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            ),
+            0,
+        )
+        received.append(head + await reader.readexactly(length))
+        writer.close()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+@pytest.mark.parametrize("operation", ["c2b", "b2c", "b2b", "reversal"])
+async def test_every_money_moving_request_leaves_at_most_once(operation: str) -> None:
+    received: list[bytes] = []
+    server, base_url = await _commit_then_drop_server(received)
+    _, der_b64, _ = rsa_key_pair()
+    client = MpesaClient(  # the production transport (aiohttp), over a real socket
+        ClientConfig(
+            api_key="test-api-key",
+            public_key=der_b64,
+            service_provider_code="171717",
+            initiator_identifier="MPesa2018",
+            security_credential="Mpesa2019",
+            base_url=base_url,
+        )
+    )
+    calls = {
+        "c2b": lambda: c2b(client),
+        "b2c": lambda: client.b2c_payment(
+            msisdn=Msisdn("841234567"),
+            amount=Decimal("1"),
+            transaction_reference="T1",
+            third_party_reference="TPR1",
+        ),
+        "b2b": lambda: client.b2b_payment(
+            receiver_party_code="979797",
+            amount=Decimal("1"),
+            transaction_reference="T1",
+            third_party_reference="TPR1",
+        ),
+        "reversal": lambda: client.reversal(transaction_id="49XCDF6", third_party_reference="R1"),
+    }
+    try:
+        async with client:
+            with pytest.raises(PaymentOutcomeUnknownError) as info:
+                await calls[operation]()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert len(received) == 1, [request.split(b"\r\n")[0] for request in received]
+    assert received[0].split(b" ")[0] == (b"PUT" if operation == "reversal" else b"POST")
+    assert len(info.value.exchanges) == 1

@@ -121,7 +121,9 @@ async def test_no_evidence_never_fails_it_backs_off_then_flags_an_operator(
         summary = await service.summary(db)
     assert [item.transaction_id for item in listed.items] == [transaction_id]
     assert summary.attention_required == 1
-    assert simulator.calls("query_status") == 2
+    # Two passes, each asking by the ConversationID the INS-16 answer carried, then by the
+    # third-party reference (issue 10.1: every key M-Pesa gave is tried).
+    assert simulator.calls("query_status") == 4
 
 
 async def test_abandoned_processing_payment_becomes_unknown_not_failed(

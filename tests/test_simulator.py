@@ -795,6 +795,179 @@ async def test_real_server_over_loopback(live_server: tuple[str, MpesaSimulator]
     assert [t.status for t in simulator.transactions()] == ["Completed", "Completed"]
 
 
+# ------------------------------------------------- switches for what the wire reference leaves open
+# Each switch's effect on the module is tested in tests/test_provider_fidelity.py.
+
+
+async def test_switch_gateway_refuses_a_third_party_reference_as_query_reference(
+    client: httpx.AsyncClient, simulator: MpesaSimulator
+) -> None:
+    simulator.config.query_by_third_party_reference = False
+    body = c2b_body()
+    paid = (await client.post(C2B, json=body)).json()
+    assert await status_of(client, body["input_ThirdPartyReference"]) == "N/A"
+    assert await status_of(client, paid["output_TransactionID"]) == "Completed"
+    assert await status_of(client, paid["output_ConversationID"]) == "Completed"
+
+
+async def test_switch_not_found_is_ins_23(
+    client: httpx.AsyncClient, simulator: MpesaSimulator
+) -> None:
+    simulator.config.not_found_as_ins_23 = True
+    response = await client.get(QUERY, params=query_params("nosuchthing"))
+    data = response.json()
+    assert (response.status_code, data["output_ResponseCode"]) == (400, "INS-23")
+    assert "output_ResponseTransactionStatus" not in data
+    paid = (await pay(client)).json()
+    assert await status_of(client, paid["output_TransactionID"]) == "Completed"
+
+
+async def test_switch_status_answer_carries_its_own_conversation_id(
+    client: httpx.AsyncClient, simulator: MpesaSimulator
+) -> None:
+    simulator.config.status_answer_own_conversation_id = True
+    paid = (await pay(client)).json()
+    answers = [
+        (await client.get(QUERY, params=query_params(paid["output_TransactionID"]))).json()
+        for _ in range(2)
+    ]
+    ids = {answer["output_ConversationID"] for answer in answers}
+    assert len(ids) == 2 and paid["output_ConversationID"] not in ids
+    assert {answer["output_ResponseTransactionStatus"] for answer in answers} == {"Completed"}
+
+
+async def test_switch_duplicates_also_match_the_transaction_reference(
+    client: httpx.AsyncClient, simulator: MpesaSimulator
+) -> None:
+    simulator.config.duplicates_match_transaction_reference = True
+    first = c2b_body()
+    assert (await client.post(C2B, json=first)).status_code == 201
+    same = await client.post(C2B, json=first)
+    assert (same.status_code, same.json()["output_ResponseCode"]) == (409, "INS-10")
+    other = await client.post(C2B, json={**first, "input_TransactionReference": "OTHER1"})
+    assert other.status_code == 201  # same third-party reference, yet a second payment
+    assert len(simulator.transactions()) == 2
+
+
+async def test_switch_duplicates_only_within_a_window(
+    client: httpx.AsyncClient, simulator: MpesaSimulator
+) -> None:
+    simulator.config.duplicate_window_seconds = 0.2
+    first = c2b_body()
+    assert (await client.post(C2B, json=first)).status_code == 201
+    assert (await client.post(C2B, json=first)).status_code == 409
+    await asyncio.sleep(0.3)
+    assert (await client.post(C2B, json=first)).status_code == 201
+    assert len(simulator.transactions()) == 2
+
+
+async def test_switch_refusal_in_output_error_without_a_code(
+    client: httpx.AsyncClient, simulator: MpesaSimulator
+) -> None:
+    simulator.config.refusal_output_error = "Origin not allowed"
+    for response in (
+        await pay(client),
+        await client.get(QUERY, params=query_params("x")),
+        await client.get(NAME, params={"input_CustomerMSISDN": GOOD_MSISDN}),
+    ):
+        assert response.status_code == 401
+        assert response.json() == {"output_error": "Origin not allowed"}
+    assert simulator.transactions() == []
+
+
+async def test_switch_non_ascii_response_header(
+    client: httpx.AsyncClient, simulator: MpesaSimulator
+) -> None:
+    simulator.config.non_ascii_header = True
+    response = await pay(client)
+    assert response.status_code == 201
+    assert (b"x-gateway-note", "Transação aceite".encode("latin-1")) in response.headers.raw
+
+
+async def test_switch_server_side_c2b_timeout(
+    client: httpx.AsyncClient, simulator: MpesaSimulator
+) -> None:
+    simulator.config.pin_delay_seconds = 0.5  # the customer is slower than the gateway waits
+    simulator.config.c2b_server_timeout_seconds = 0.1
+    started = time.monotonic()
+    body = c2b_body()
+    response = await client.post(C2B, json=body)
+    elapsed = time.monotonic() - started
+    data = response.json()
+    assert (response.status_code, data["output_ResponseCode"]) == (408, "INS-9")
+    assert 0.1 <= elapsed < 0.45
+    assert CONVERSATION_ID.fullmatch(data["output_ConversationID"])
+    assert await status_of(client, data["output_ConversationID"]) == "Expired"
+    assert await status_of(client, body["input_ThirdPartyReference"]) == "Expired"
+    # A customer quicker than the timeout pays as usual; B2C never waits.
+    simulator.config.pin_delay_seconds = 0.0
+    assert (await pay(client)).status_code == 201
+    # The scripted "never answers" number gets INS-9 at the gateway's timeout too.
+    simulator.config.pin_delay_seconds = 5.0
+    started = time.monotonic()
+    assert (await pay(client, msisdn="258841000009")).status_code == 408
+    assert time.monotonic() - started < 1.0
+
+
+async def test_switch_customer_name_not_authorized_as_in_the_sandbox(
+    client: httpx.AsyncClient, simulator: MpesaSimulator
+) -> None:
+    simulator.config.customer_name_not_authorized = True
+    response = await client.get(
+        NAME,
+        params={
+            "input_CustomerMSISDN": GOOD_MSISDN,
+            "input_ThirdPartyReference": ref(),
+            "input_ServiceProviderCode": "171717",
+        },
+    )
+    data = response.json()
+    assert response.status_code == 400
+    assert data["output_ResponseCode"] == "INS-26"
+    assert data["output_ResponseDesc"] == "Not authorized"
+    assert data["output_CustomerName"] == "N/A"
+
+
+async def test_switch_portal_shaped_conversation_ids(
+    client: httpx.AsyncClient, simulator: MpesaSimulator
+) -> None:
+    simulator.config.portal_conversation_ids = True
+    paid = (await pay(client)).json()
+    assert re.fullmatch(r"AG_\d{8}_[0-9a-f]{20}", paid["output_ConversationID"])
+    assert await status_of(client, paid["output_ConversationID"]) == "Completed"
+
+
+async def test_switches_are_settable_over_http(simulator: MpesaSimulator) -> None:
+    async with httpx.AsyncClient(
+        transport=SimulatorTransport(simulator), base_url="http://simulator"
+    ) as http:
+        changed = await http.put(
+            "/simulator/config",
+            json={
+                "query_by_third_party_reference": False,
+                "duplicate_window_seconds": 30,
+                "refusal_output_error": "Origin not allowed",
+            },
+        )
+        assert changed.status_code == 200, changed.text
+        assert changed.json()["duplicate_window_seconds"] == 30.0
+        assert simulator.config.query_by_third_party_reference is False
+        assert simulator.config.refusal_output_error == "Origin not allowed"
+        cleared = await http.put(
+            "/simulator/config",
+            json={"duplicate_window_seconds": None, "refusal_output_error": None},
+        )
+        assert cleared.json()["refusal_output_error"] is None
+        assert simulator.config.duplicate_window_seconds is None
+        for bad in (
+            {"not_found_as_ins_23": "yes"},
+            {"c2b_server_timeout_seconds": -1},
+            {"refusal_output_error": 3},
+            {"check_origin": None},
+        ):
+            assert (await http.put("/simulator/config", json=bad)).status_code == 400, bad
+
+
 # -------------------------------------------------------------------- counting and control
 
 

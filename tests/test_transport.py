@@ -121,3 +121,47 @@ async def test_read_timeout(transport: AiohttpTransport) -> None:
         async with httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(0.3)) as client:
             with pytest.raises(httpx.ReadTimeout):
                 await client.post(f"{base}/", json={})
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "GET"])
+async def test_a_request_whose_connection_drops_leaves_once(
+    transport: AiohttpTransport, method: str
+) -> None:
+    """aiohttp re-sends "idempotent" methods (PUT: a reversal) once on a dropped connection;
+    through this transport nothing is re-sent, whatever the method (issue 9.3)."""
+    received: list[bytes] = []
+
+    async def commit_then_drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await read_request(reader))  # the server has it, and commits it
+        writer.close()  # ... and the answer never comes
+
+    async for base in serve(commit_then_drop):
+        with pytest.raises(httpx.TransportError):
+            await transport.handle_async_request(
+                httpx.Request(method, f"{base}/ipg/v1x/reversal/", json={"input_Amount": "1"})
+            )
+    assert len(received) == 1
+
+
+async def test_a_non_ascii_header_byte_never_loses_the_answer(transport: AiohttpTransport) -> None:
+    """The gateway sends header bytes a strict parser rejects (wire reference §1): the answer
+    that arrived is kept, the header's bytes as they came."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        body = b'{"output_ResponseCode": "INS-0"}'
+        writer.write(
+            b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n"
+            b"X-Gateway-Note: Transa\xe7\xe3o aceite\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        writer.close()
+
+    async for base in serve(handler):
+        response = await transport.handle_async_request(httpx.Request("POST", f"{base}/", json={}))
+        await response.aread()
+    assert response.status_code == 201
+    assert response.json() == {"output_ResponseCode": "INS-0"}
+    assert (b"X-Gateway-Note", b"Transa\xe7\xe3o aceite") in response.headers.raw
