@@ -15,6 +15,7 @@ _SEPARATORS = re.compile(r"[\s\-().]")
 _VODACOM_MSISDN = re.compile(r"^2588[45]\d{7}$")
 _ANY_MZ_MOBILE = re.compile(r"^2588\d{8}$")
 _REFERENCE = re.compile(r"^[A-Za-z0-9]+$")
+_AMOUNT_TEXT = re.compile(r"-?[0-9]+(?:\.[0-9]{1,2})?", re.ASCII)
 CENT = Decimal("0.01")
 #: What a Numeric(12, 2) column holds; no M-Pesa amount comes near it.
 MAX_AMOUNT = Decimal("10000000000")
@@ -44,16 +45,16 @@ class Msisdn:
         if isinstance(raw, bool) or not isinstance(raw, str | int):
             raise PaymentValidationError("phone number must be a string", field="phone_number")
         text = _SEPARATORS.sub("", str(raw).strip())
-        if text.startswith("+"):
-            text = text[1:]
-        elif text.startswith("00"):
-            text = text[2:]
+        # "+" and "00" introduce a country code, which must be Mozambique's (258): "+841234567"
+        # is a number in another country, not a local one.
+        international = text.startswith(("+", "00"))
+        text = text[1:] if text.startswith("+") else text[2:] if international else text
         if not text.isdigit() or not text.isascii():
             raise PaymentValidationError(
                 "phone number may only contain digits, spaces, dashes and a leading + or 00",
                 field="phone_number",
             )
-        if len(text) == 9:
+        if len(text) == 9 and not international:
             text = "258" + text
         if _VODACOM_MSISDN.match(text):
             return text
@@ -126,7 +127,16 @@ def parse_amount(
         elif isinstance(value, int | Decimal):
             amount = Decimal(value)
         elif isinstance(value, str):
-            amount = Decimal(value.strip())
+            # Decimal() also takes "10_0", exponents and non-ASCII digits; an amount is plain
+            # ASCII digits with at most one "." and two decimals.
+            text = value.strip()
+            if not _AMOUNT_TEXT.fullmatch(text):
+                raise PaymentValidationError(
+                    "amount must be a finite number: ASCII digits with at most one '.' and"
+                    " 2 decimal places",
+                    field=field,
+                )
+            amount = Decimal(text)
         else:
             raise PaymentValidationError("amount must be a number", field=field)
     except InvalidOperation:
