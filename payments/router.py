@@ -63,7 +63,7 @@ from .schemas import (
     TransferRequest,
 )
 from .service import PaymentService
-from .values import Msisdn
+from .values import MSISDN_PATTERN, Msisdn
 
 #: Exception type → HTTP status; the most specific class listed first wins.
 ERROR_STATUS: tuple[tuple[type[PaymentError], int], ...] = (
@@ -526,7 +526,9 @@ def create_payment_router(
         responses=_responses(400, 402, 404, 502, 504),
     )
     async def customer_name(
-        phone_number: Annotated[str, Query(max_length=30)], _: Actor, payments: Service
+        phone_number: Annotated[str, Query(max_length=30, pattern=MSISDN_PATTERN)],
+        _: Actor,
+        payments: Service,
     ) -> Response:
         """The wallet holder's masked name (confirm before a payout)."""
         return _json(await payments.query_customer_name(Msisdn(phone_number)))
@@ -534,6 +536,8 @@ def create_payment_router(
     @router.get(
         "/health",
         response_model=HealthReport,
+        # Public, except ``deep=true``.
+        openapi_extra={"security": [{}, {"APIKeyHeader": []}]} if auth is require_api_key else None,
         responses={
             401: {"model": ErrorResponse, "description": "``deep=true`` without a valid key"},
             422: {"model": ErrorResponse, "description": "Invalid parameters"},

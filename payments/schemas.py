@@ -15,6 +15,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    WithJsonSchema,
     field_serializer,
     field_validator,
     model_validator,
@@ -33,11 +34,21 @@ def _amount(value: Any) -> Decimal:
         raise ValueError(exc.message) from None
 
 
+#: What ``parse_amount`` accepts, for the OpenAPI document (the deployment's
+#: PAYMENT_MIN_AMOUNT/PAYMENT_MAX_AMOUNT apply on top).
+AMOUNT_JSON_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "number", "exclusiveMinimum": 0, "maximum": 9999999999.99, "multipleOf": 0.01},
+        {"type": "string", "pattern": r"^(?=[0-9.]*[1-9])[0-9]{1,10}(?:\.[0-9]{1,2})?$"},
+    ]
+}
+
 #: Exact cents in, a JSON number out (as the original README's examples show).
 Amount = Annotated[
     Decimal,
     BeforeValidator(_amount),
     PlainSerializer(lambda value: float(value), return_type=float, when_used="json"),
+    WithJsonSchema(AMOUNT_JSON_SCHEMA, mode="validation"),
 ]
 Money = Annotated[
     Decimal, PlainSerializer(lambda value: float(value), return_type=float, when_used="json")

@@ -11,7 +11,16 @@ from pydantic_core import core_schema
 
 from .exceptions import PaymentValidationError
 
-_SEPARATORS = re.compile(r"[\s\-().]")
+#: Spaces, dashes, dots and parentheses may separate the digits (``+258 84 123 4567``,
+#: ``(84) 123-4567``); nothing else.
+_SEPARATORS = re.compile(r"[ \-().]")
+_SEP = r"[ ().-]*"
+#: Every spelling ``Msisdn`` accepts, as one (ECMA- and Python-compatible) pattern for the
+#: OpenAPI document.
+MSISDN_PATTERN = (
+    rf"^{_SEP}(?:(?:\+|0{_SEP}0){_SEP}2{_SEP}5{_SEP}8|2{_SEP}5{_SEP}8)?"
+    rf"{_SEP}8{_SEP}[45](?:{_SEP}[0-9]){{7}}{_SEP}$"
+)
 _VODACOM_MSISDN = re.compile(r"^2588[45]\d{7}$")
 _ANY_MZ_MOBILE = re.compile(r"^2588\d{8}$")
 _REFERENCE = re.compile(r"^[A-Za-z0-9]+$")
@@ -44,7 +53,7 @@ class Msisdn:
     def normalize(raw: str | int) -> str:
         if isinstance(raw, bool) or not isinstance(raw, str | int):
             raise PaymentValidationError("phone number must be a string", field="phone_number")
-        text = _SEPARATORS.sub("", str(raw).strip())
+        text = _SEPARATORS.sub("", str(raw))
         # "+" and "00" introduce a country code, which must be Mozambique's (258): "+841234567"
         # is a number in another country, not a local one.
         international = text.startswith(("+", "00"))
@@ -100,7 +109,7 @@ class Msisdn:
 
         return core_schema.no_info_plain_validator_function(
             validate,
-            json_schema_input_schema=core_schema.str_schema(),
+            json_schema_input_schema=core_schema.str_schema(pattern=MSISDN_PATTERN),
             serialization=core_schema.plain_serializer_function_ser_schema(
                 lambda value: value.masked, when_used="always"
             ),
@@ -129,7 +138,7 @@ def parse_amount(
         elif isinstance(value, str):
             # Decimal() also takes "10_0", exponents and non-ASCII digits; an amount is plain
             # ASCII digits with at most one "." and two decimals.
-            text = value.strip()
+            text = value
             if not _AMOUNT_TEXT.fullmatch(text):
                 raise PaymentValidationError(
                     "amount must be a finite number: ASCII digits with at most one '.' and"
