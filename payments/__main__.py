@@ -25,6 +25,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    _add_exposure_flag(serve, "demo gateway")
+    serve.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="close a connection whose request headers are not complete in time (default 10)",
+    )
+    serve.add_argument(
+        "--keep-alive",
+        type=int,
+        default=5,
+        metavar="SECONDS",
+        help="close an idle keep-alive connection after this long (default 5)",
+    )
+    serve.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="answer 503 to new requests beyond N open connections or tasks (default 1000)",
+    )
+    serve.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=16 * 1024,
+        metavar="BYTES",
+        help="largest request line plus headers (default 16384); larger ones get 400",
+    )
 
     simulator = commands.add_parser(
         "simulator",
@@ -34,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulator.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
     simulator.add_argument("--port", type=int, default=8001, help="port (default 8001)")
+    _add_exposure_flag(simulator, "simulator")
     simulator.add_argument(
         "--pin-delay", type=float, default=0.0, help="seconds C2B waits for the customer's PIN"
     )
@@ -72,13 +102,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_exposure_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help=f"allow a non-loopback --host: the {what} is for development and tests only",
+    )
+
+
+def _refuse_remote(host: str, allow_remote: bool, what: str) -> None:
+    """The demo and the simulator are development tools (the simulator's demo credentials are
+    public): reachable from other machines only when asked for explicitly."""
+    from .config import is_loopback_host
+
+    if not allow_remote and not is_loopback_host(host):
+        raise SystemExit(
+            f"refusing to serve the {what} on {host}, which is not a loopback address: it is"
+            " for development and tests. Pass --allow-remote if you really mean it."
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        serve(args.host, args.port)
+        _refuse_remote(args.host, args.allow_remote, "demo gateway")
+        serve(
+            args.host,
+            args.port,
+            header_timeout=args.header_timeout,
+            keep_alive=args.keep_alive,
+            limit_concurrency=args.limit_concurrency,
+            max_header_bytes=args.max_header_bytes,
+        )
     elif args.command == "reconcile":
         asyncio.run(reconcile(args.min_age, args.loop, args.batch_size))
     elif args.command == "simulator":
+        _refuse_remote(args.host, args.allow_remote, "simulator")
         from .simulator import SimulatorConfig, run_simulator
 
         config = SimulatorConfig(
@@ -88,11 +147,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_simulator(args.host, args.port, config)
 
 
-def serve(host: str, port: int) -> None:
+def serve(
+    host: str,
+    port: int,
+    *,
+    header_timeout: float = 10.0,
+    keep_alive: int = 5,
+    limit_concurrency: int = 1000,
+    max_header_bytes: int = 16 * 1024,
+) -> None:
     import uvicorn
 
     from .config import get_settings
-    from .demo import create_app
+    from .demo import bounded_protocol, create_app
 
     os.environ.setdefault("MPESA_ENVIRONMENT", "simulator")
     # The demo settles unknown outcomes itself, quickly, so a newcomer sees them resolve.
@@ -107,7 +174,20 @@ def serve(host: str, port: int) -> None:
     print(f"Payments demo gateway on http://{host}:{port}/api/payments (docs: /docs)")
     print(f"Provider: {settings.mpesa_environment}; database: {settings.database_url_for_display}")
     print(f"Admin API key (send as X-API-Key): {settings.admin_api_key}")
-    uvicorn.run(create_app(), host=host, port=port, log_level="warning")
+    trusted = (settings.payment_trusted_proxies or "").strip()
+    uvicorn.run(
+        create_app(),
+        host=host,
+        port=port,
+        log_level="warning",
+        http=bounded_protocol(header_timeout, max_header_bytes),
+        timeout_keep_alive=keep_alive,
+        limit_concurrency=limit_concurrency,
+        # uvicorn would otherwise believe X-Forwarded-For from 127.0.0.1: only the proxies
+        # PAYMENT_TRUSTED_PROXIES names may set the client address, as in the module itself.
+        proxy_headers=bool(trusted),
+        forwarded_allow_ips=trusted or None,
+    )
 
 
 async def reconcile(min_age: float | None, loop: float | None, batch_size: int | None) -> None:

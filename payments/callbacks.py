@@ -20,10 +20,15 @@ import hmac
 import ipaddress
 import json
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+import time
+import weakref
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from typing import Any
 
+from pydantic import BaseModel
+from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
 from . import repository as repo
@@ -37,10 +42,35 @@ from .models import AuditAction, PaymentStatus, PaymentWebhookLog, utcnow
 from .service import Outcome, PaymentService, committing, query_reference
 
 _SUCCESS_CODES = {"0", "INS-0"}
-#: A result notification is a few hundred bytes; anything far larger is not one.
+#: A result notification is a few hundred bytes; anything far larger is not one. (The cap is
+#: ``PAYMENT_MAX_BODY_BYTES``; this is its default.)
 MAX_NOTIFICATION_BYTES = 64 * 1024
+#: What is stored of a notice, at most: authenticated ones keep their headers up to this many
+#: bytes; rejected ones keep this much of their headers and of their body.
+STORED_HEADER_BYTES = 4096
+REJECTED_HEADER_BYTES = 1024
+REJECTED_BODY_BYTES = 1024
+#: A header value longer than this is stored cut, and marked.
+STORED_HEADER_VALUE_CHARS = 512
+TRUNCATED_MARK = "x-payments-truncated"
+#: A notice is a flat object; anything nested deeper is not one.
+MAX_NOTIFICATION_DEPTH = 4
+#: How often (seconds) storing a rejected notice also deletes the expired ones.
+PRUNE_INTERVAL = 60.0
+#: Sources the rejected-notice limiter remembers at once (the oldest are forgotten first).
+MAX_TRACKED_SOURCES = 10_000
+NO_MATCHING_PAYMENT = "no payment matches this notification"
 _REFERENCE = re.compile(r"[A-Za-z0-9_-]{1,100}")
 _SECRET_HEADERS = {"x-callback-token", "authorization", "cookie", "x-api-key"}
+
+
+class ProviderAnswer(BaseModel):
+    """The callback's answer, in M-Pesa's ``output_*`` shape."""
+
+    output_OriginalConversationID: str
+    output_ResponseCode: str
+    output_ResponseDesc: str
+    output_ThirdPartyConversationID: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,28 +104,52 @@ class ProcessingResult:
 def client_ip(
     peer_ip: str | None, headers: Mapping[str, str], settings: PaymentSettings
 ) -> str | None:
-    """The caller's address: the peer, or, when the peer is a trusted proxy, the right-most
-    untrusted hop of ``X-Forwarded-For`` (never the spoofable left-most one)."""
+    """The caller's address, normalised (no port, no IPv6 scope), or ``None`` when it cannot be
+    known: the peer, or, when the peer is a trusted proxy, the right-most untrusted hop of
+    ``X-Forwarded-For`` (never the spoofable left-most one). Only valid addresses come out."""
+    peer = parse_address(peer_ip)
     trusted = settings.trusted_proxy_networks
-    if peer_ip is None or not _in_networks(peer_ip, trusted):
-        return peer_ip
-    hops = [
-        hop.strip()
-        for hop in headers.get("x-forwarded-for", "").split(",")
-        if _is_address(hop.strip())  # anything else is noise a client made up
-    ]
+    if peer is None or not _in_networks(peer, trusted):
+        return peer
+    forwarded = headers.get("x-forwarded-for")
+    if forwarded is None:
+        return peer
+    hops = [hop.strip() for hop in forwarded.split(",")]
     for hop in reversed(hops):
-        if not _in_networks(hop, trusted):
-            return hop
-    return hops[0] if hops else peer_ip
+        address = parse_address(hop)
+        if address is None:
+            # Our trusted proxies write valid addresses: whatever this is, the client wrote
+            # it, and the client's own address is not known.
+            return None
+        if not _in_networks(address, trusted):
+            return address
+    return parse_address(hops[0])
 
 
-def _is_address(text: str) -> bool:
+def parse_address(text: str | None) -> str | None:
+    """``1.2.3.4``, ``1.2.3.4:80``, ``[2001:db8::1]:443``, ``fe80::1%eth0`` → the address alone,
+    normalised; anything else → ``None``."""
+    if text is None:
+        return None
+    text = text.strip().strip('"')
+    if text.startswith("["):
+        closing = text.find("]")
+        if closing < 0 or (closing + 1 < len(text) and not _is_port(text[closing + 1 :])):
+            return None
+        text = text[1:closing]
+    elif text.count(":") == 1:
+        text, _, port = text.partition(":")
+        if not _is_port(":" + port):
+            return None
+    text = text.split("%", 1)[0]  # an IPv6 zone is local to the proxy's host
     try:
-        ipaddress.ip_address(text)
+        return str(ipaddress.ip_address(text))
     except ValueError:
-        return False
-    return True
+        return None
+
+
+def _is_port(text: str) -> bool:
+    return text.startswith(":") and text[1:].isdigit() and text[1:].isascii() and len(text) <= 6
 
 
 def _in_networks(
@@ -111,15 +165,14 @@ def _in_networks(
 def authenticate(
     notification: InboundNotification, caller_ip: str | None, settings: PaymentSettings
 ) -> str | None:
-    """``None`` if the notification is authentic, else the reason it is not."""
+    """``None`` if the notification is authentic, else the reason it is not. Needs no body:
+    the token travels in a header or the query."""
     expected = settings.callback_token
     if expected is None:
-        if settings.mpesa_environment != "simulator":
-            return "MPESA_CALLBACK_TOKEN is not configured: callbacks are refused"
-    else:
-        given = notification.headers.get("x-callback-token") or notification.query_token or ""
-        if not hmac.compare_digest(given.encode(), expected.encode()):
-            return "missing or wrong callback token"
+        return "MPESA_CALLBACK_TOKEN is not configured: callbacks are refused"
+    given = notification.headers.get("x-callback-token") or notification.query_token or ""
+    if not hmac.compare_digest(given.encode(errors="replace"), expected.encode()):
+        return "missing or wrong callback token"
     allowed = settings.callback_allowed_networks
     if allowed and (caller_ip is None or not _in_networks(caller_ip, allowed)):
         return "caller address is not in MPESA_CALLBACK_ALLOWED_IPS"
@@ -143,32 +196,68 @@ class CallbackProcessor:
     async def receive(
         self, db: DbSession, notification: InboundNotification
     ) -> tuple[int, dict[str, str]]:
-        """Store, authenticate, process. Returns the HTTP status and the answer body."""
+        """Store, authenticate, process a notification whose body is already in memory."""
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield notification.body
+
+        return await self.receive_stream(
+            db,
+            headers=list(notification.headers.items()),
+            peer_ip=notification.peer_ip,
+            query_token=notification.query_token,
+            body=chunks(),
+            source=notification.source,
+        )
+
+    async def receive_stream(
+        self,
+        db: DbSession,
+        *,
+        headers: Iterable[tuple[str, str]],
+        peer_ip: str | None,
+        query_token: str | None,
+        body: AsyncIterable[bytes],
+        source: str = "c2b",
+    ) -> tuple[int, dict[str, str]]:
+        """Authenticate (before reading the body), store a bounded copy, process. Returns the
+        HTTP status and the answer body.
+
+        An authentic notice is read up to ``PAYMENT_MAX_BODY_BYTES`` (a larger one is stored cut
+        and answered 413); a rejected one is stored small (its first ``REJECTED_BODY_BYTES``),
+        at a rate bounded per source and in total, and pruned after
+        ``PAYMENT_REJECTED_NOTICE_RETENTION``."""
         settings = self.service.settings
-        caller_ip = client_ip(notification.peer_ip, notification.headers, settings)
-        rejection = authenticate(notification, caller_ip, settings)
-        oversized = len(notification.body) > MAX_NOTIFICATION_BYTES
-        # Stored before anything else, but never unbounded: an oversized body keeps its start.
-        text = notification.body[:MAX_NOTIFICATION_BYTES].decode("utf-8", errors="replace")
-        body = None if oversized else _parse(text)
-        if oversized and rejection is None:
-            rejection = f"body larger than {MAX_NOTIFICATION_BYTES} bytes"
-        malformed = rejection is None and body is None
+        header_map = {key.lower(): value for key, value in headers}
+        caller_ip = client_ip(peer_ip, header_map, settings)
+        probe = InboundNotification(b"", header_map, caller_ip, query_token, source)
+        rejection = authenticate(probe, caller_ip, settings)
+        guard = _guard_for(self.service)
+        if rejection is not None and not guard.admit(caller_ip, settings):
+            return 429, provider_answer({}, "INS-1", "Too many rejected notifications")
+        limit = REJECTED_BODY_BYTES if rejection is not None else settings.payment_max_body_bytes
+        raw, complete = await _read_prefix(body, limit)
+        text = _storable_text(raw.decode("utf-8", errors="replace"))
+        oversized = rejection is None and not complete
+        parsed = _parse(text) if complete and "\x00" not in text else None
+        if oversized:
+            rejection = f"body larger than {limit} bytes (stored cut at {limit})"
+        malformed = rejection is None and parsed is None
         if malformed:
             rejection = "body is not a JSON object"
+        elif rejection is not None and not complete:
+            rejection = f"{rejection} (stored cut at {limit} bytes)"
         webhook = PaymentWebhookLog(
-            source=notification.source,
+            source=source,
             raw_body=text,
-            headers=sanitize(
-                {
-                    k: ("***" if k.lower() in _SECRET_HEADERS else v)
-                    for k, v in notification.headers.items()
-                }
+            headers=_stored_headers(
+                header_map.items(),
+                STORED_HEADER_BYTES if rejection is None else REJECTED_HEADER_BYTES,
             ),
             remote_ip=caller_ip,
             received_at=utcnow(),
             is_valid=rejection is None,
-            validation_error=rejection,
+            validation_error=rejection[:255] if rejection is not None else None,
             is_processed=False,
             attempts=0,
         )
@@ -178,25 +267,36 @@ class CallbackProcessor:
             )
         except DATABASE_ERRORS as exc:
             payment_logger.error("Callback could not be stored", error=type(exc).__name__)
-            return 503, provider_answer(body or {}, "INS-1", "Could not store the notification")
+            return 503, provider_answer(parsed or {}, "INS-1", "Could not store the notification")
         payment_logger.info(
             "Callback received", webhook_id=webhook_id, valid=rejection is None, ip=caller_ip
         )
+        if rejection is not None:
+            await guard.prune(db, settings)
         if oversized:
             return 413, provider_answer({}, "INS-21", "The body is too large")
         if malformed:
             return 400, provider_answer({}, "INS-21", "The body must be a JSON object")
         if rejection is not None:
-            return 401, provider_answer(body or {}, "INS-2", "Not authorized")
-        assert body is not None
+            return 401, provider_answer(parsed or {}, "INS-2", "Not authorized")
+        assert parsed is not None
         try:
             result = await self.process(db, webhook_id)
         except PaymentStorageError:
-            return 503, provider_answer(body, "INS-1", "Stored, but could not be processed yet")
+            return 503, provider_answer(parsed, "INS-1", "Stored, but could not be processed yet")
+        if result.error == NO_MATCHING_PAYMENT:
+            # Delivering it again cannot make it match: accepted (so the sender stops), kept
+            # unprocessed with its error for an operator (GET /webhooks?is_processed=false).
+            payment_logger.warning(
+                "Callback matches no payment; kept for an operator", webhook_id=webhook_id
+            )
+            return 200, provider_answer(
+                parsed, "0", "Accepted; no payment matches it, kept for an operator"
+            )
         if result.error is not None:
             # Non-2xx so the sender delivers again; the stored copy can also be replayed.
-            return 500, provider_answer(body, "INS-1", result.error)
-        return 200, provider_answer(body, "0", "Successfully Accepted Result")
+            return 500, provider_answer(parsed, "INS-1", result.error)
+        return 200, provider_answer(parsed, "0", "Successfully Accepted Result")
 
     async def process(
         self, db: DbSession, webhook_id: int, *, replay: bool = False
@@ -249,7 +349,7 @@ class CallbackProcessor:
         if not stored.is_valid:
             return ProcessingResult(webhook_id, False, None, None, stored.validation_error)
         if record is None:
-            return await self._finish(db, webhook_id, None, "no payment matches this notification")
+            return await self._finish(db, webhook_id, None, NO_MATCHING_PAYMENT)
 
         code = str(stored.body.get("input_ResultCode") or "").strip().upper()
         error: str | None = None
@@ -395,11 +495,164 @@ class CallbackProcessor:
 
 
 def _parse(text: str) -> dict[str, Any] | None:
+    """The notice as a flat JSON object, or ``None``: not JSON, not an object, nested deeper
+    than a notice is, or holding what no database stores (NaN, NUL, lone surrogates)."""
     try:
-        parsed = json.loads(text)
-    except (json.JSONDecodeError, ValueError):
+        parsed = json.loads(text, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
         return None
-    return parsed if isinstance(parsed, dict) else None
+    if not isinstance(parsed, dict) or _nesting(parsed) > MAX_NOTIFICATION_DEPTH:
+        return None
+    try:
+        dumped = json.dumps(parsed, ensure_ascii=False)
+        dumped.encode("utf-8")
+    except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
+        return None
+    return None if "\\u0000" in dumped else parsed  # json.dumps writes NUL escaped
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+def _nesting(value: Any) -> int:
+    """Nesting depth of a JSON value, without recursion (stops past the limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            if level > MAX_NOTIFICATION_DEPTH:
+                break
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def _storable_text(text: str) -> str:
+    """Text every database stores: NUL (refused by PostgreSQL) becomes U+FFFD."""
+    return text.replace("\x00", "\ufffd")
+
+
+async def read_capped(chunks: AsyncIterable[bytes], limit: int) -> bytes | None:
+    """The whole body, or ``None`` as soon as it passes ``limit`` bytes (the rest is not read)."""
+    data, complete = await _read_prefix(chunks, limit)
+    return data if complete else None
+
+
+async def _read_prefix(chunks: AsyncIterable[bytes], limit: int) -> tuple[bytes, bool]:
+    """At most ``limit`` bytes of the body, and whether that is all of it. Stops reading at the
+    first chunk past the limit, so memory stays bounded whatever the client sends."""
+    buffer = bytearray()
+    async for chunk in chunks:
+        if not chunk:
+            continue
+        room = limit - len(buffer)
+        if len(chunk) > room:
+            buffer += chunk[:room]
+            return bytes(buffer), False
+        buffer += chunk
+    return bytes(buffer), True
+
+
+def _stored_headers(items: Iterable[tuple[str, str]], budget: int) -> dict[str, str]:
+    """The headers worth keeping, masked, in at most ``budget`` characters: secrets as ``***``,
+    long values cut, headers past the budget dropped; what was cut is counted under
+    ``x-payments-truncated``. Cut before masking, so masking costs are bounded too."""
+    kept: dict[str, str] = {}
+    used = cut = 0
+    for key, value in items:
+        key = _storable_text(key[:64])
+        value = "***" if key in _SECRET_HEADERS else _storable_text(value)
+        if len(value) > STORED_HEADER_VALUE_CHARS:
+            value, cut = value[:STORED_HEADER_VALUE_CHARS], cut + 1
+        if used + len(key) + len(value) > budget:
+            cut += 1
+            continue
+        used += len(key) + len(value)
+        kept[key] = value
+    clean: dict[str, str] = sanitize(kept)
+    if cut:
+        clean[TRUNCATED_MARK] = f"{cut} header(s) cut or dropped"
+    return clean
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+@dataclass
+class _NoticeGuard:
+    """Per-process bounds on rejected notices: a token bucket per source and one in total (each
+    refilled at its per-minute rate, holding at most one minute's worth), and the time of the
+    last prune."""
+
+    sources: dict[str | None, _Bucket] = field(default_factory=dict)
+    total: _Bucket | None = None
+    last_prune: float | None = None
+    clock: Any = time.monotonic
+
+    def admit(self, source: str | None, settings: PaymentSettings) -> bool:
+        now = self.clock()
+        per_source = settings.payment_rejected_notices_per_minute
+        overall = settings.payment_rejected_notices_per_minute_total
+        if self.total is None:
+            self.total = _Bucket(overall, now)
+        bucket = self.sources.pop(source, None) or _Bucket(per_source, now)
+        self.sources[source] = bucket  # most recently seen last
+        while len(self.sources) > MAX_TRACKED_SOURCES:
+            del self.sources[next(iter(self.sources))]
+        _refill(bucket, per_source, now)
+        _refill(self.total, overall, now)
+        if bucket.tokens < 1 or self.total.tokens < 1:
+            return False
+        bucket.tokens -= 1
+        self.total.tokens -= 1
+        return True
+
+    async def prune(self, db: DbSession, settings: PaymentSettings) -> None:
+        now = self.clock()
+        if self.last_prune is not None and now - self.last_prune < PRUNE_INTERVAL:
+            return
+        self.last_prune = now
+        cutoff = utcnow() - timedelta(seconds=settings.payment_rejected_notice_retention)
+        try:
+            removed = await run_db(
+                db, committing(lambda s: prune_rejected_notices(s, cutoff)), write=True
+            )
+        except DATABASE_ERRORS as exc:
+            payment_logger.warning("Rejected callbacks not pruned", error=type(exc).__name__)
+            return
+        if removed:
+            payment_logger.info("Pruned rejected callbacks", removed=removed)
+
+
+def prune_rejected_notices(session: Session, older_than: Any) -> int:
+    """Delete rejected notices received before ``older_than``; the number deleted."""
+    result = session.execute(
+        delete(PaymentWebhookLog).where(
+            PaymentWebhookLog.is_valid.is_(False), PaymentWebhookLog.received_at < older_than
+        )
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def _refill(bucket: _Bucket, per_minute: float, now: float) -> None:
+    bucket.tokens = min(per_minute, bucket.tokens + (now - bucket.updated) * per_minute / 60)
+    bucket.updated = now
+
+
+_guards: weakref.WeakKeyDictionary[PaymentService, _NoticeGuard] = weakref.WeakKeyDictionary()
+
+
+def _guard_for(service: PaymentService) -> _NoticeGuard:
+    """One guard per service (so per process in an app; per app in tests)."""
+    guard = _guards.get(service)
+    if guard is None:
+        guard = _guards[service] = _NoticeGuard()
+    return guard
 
 
 def _reference(value: Any) -> str | None:

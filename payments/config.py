@@ -66,6 +66,12 @@ class PaymentSettings(BaseSettings):
     payment_trusted_proxies: str | None = None
     payment_admin_api_key: SecretStr | None = None
 
+    # Limits: what any caller, authenticated or not, can make the process hold or store
+    payment_max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    payment_rejected_notices_per_minute: float = Field(default=10, gt=0)
+    payment_rejected_notices_per_minute_total: float = Field(default=30, gt=0)
+    payment_rejected_notice_retention: float = Field(default=86400, ge=60)
+
     # Payments
     payment_default_currency: Literal["MZN"] = "MZN"
     payment_min_amount: Decimal = Decimal("1")

@@ -69,9 +69,13 @@ _OWNED = "_payments_owned_handler"
 
 #: A Mozambican mobile number: 2588XXXXXXXX with an optional + or 00, or a bare 8[2-7]XXXXXXX,
 #: never a piece of a longer run of digits.
+#: Digits may be spaced or dashed (``+258 84 333 0999``, ``84-333-0999``), as ``Msisdn`` accepts.
+_SEP = r"[\s\-().]*+"
 _MSISDN = re.compile(
-    r"(?<![0-9])(?:(?:\+|00)?258(?P<full>8[0-9]{8})|(?P<local>8[2-7][0-9]{7}))(?![0-9])"
+    rf"(?<![0-9])(?:(?:(?:\+|00){_SEP})?2{_SEP}5{_SEP}8{_SEP}(?P<full>8(?:{_SEP}[0-9]){{8}})"
+    rf"|(?P<local>8{_SEP}[2-7](?:{_SEP}[0-9]){{7}}))(?![0-9])"
 )
+_NOT_DIGIT = re.compile(r"[^0-9]")
 _BEARER = re.compile(r"\b(?P<scheme>bearer)\s+[A-Za-z0-9\-._~+/]+=*", re.IGNORECASE)
 #: Words that make a key secret: api_key, apikey, x-api-key, password, passwd, secret, token,
 #: x-callback-token, authorization, security_credential, input_SecurityCredential, ...
@@ -140,7 +144,7 @@ def is_secret_key(key: str) -> bool:
 
 
 def _masked_msisdn(match: re.Match[str]) -> str:
-    return mask_msisdn("258" + (match.group("full") or match.group("local")))
+    return mask_msisdn("258" + _NOT_DIGIT.sub("", match.group("full") or match.group("local")))
 
 
 def _bearer(match: re.Match[str]) -> str:

@@ -9,22 +9,24 @@ against ``PAYMENT_ADMIN_API_KEY``); hosts swap it, the session and the service t
 import asyncio
 import hmac
 import inspect
+import weakref
 from collections.abc import Awaitable, Callable
-from datetime import date
 from functools import lru_cache
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from pydantic import BaseModel
+from fastapi.security import APIKeyHeader
+from pydantic import AfterValidator, BaseModel, TypeAdapter, ValidationError
 from sqlalchemy import text
 from starlette.exceptions import HTTPException
+from starlette.types import Message
 
 from . import repository as repo
-from .callbacks import CallbackProcessor, InboundNotification
+from .callbacks import CallbackProcessor, ProviderAnswer, client_ip, read_capped
 from .client import OPERATIONS
 from .config import PROVIDER_HOSTS, get_settings
 from .database import DATABASE_ERRORS, DbSession, get_db, run_db
@@ -47,8 +49,10 @@ from .exceptions import (
 )
 from .logger import payment_logger, sanitize_text
 from .schemas import (
+    ApiDate,
     AuditTrailResponse,
     CustomerNameResponse,
+    ErrorResponse,
     PaymentFilters,
     PaymentInitiateRequest,
     PaymentListResponse,
@@ -60,7 +64,7 @@ from .schemas import (
     TransferRequest,
 )
 from .service import PaymentService
-from .values import Msisdn
+from .values import MSISDN_PATTERN, Msisdn
 
 #: Exception type → HTTP status; the most specific class listed first wins.
 ERROR_STATUS: tuple[tuple[type[PaymentError], int], ...] = (
@@ -94,6 +98,11 @@ def error_response(error: PaymentError) -> JSONResponse:
     body = error.to_dict()
     if isinstance(error, PaymentConfigurationError):
         body["details"] = {"variable": error.details.get("variable")}
+    if isinstance(error, PaymentValidationError):
+        # One shape for every 422, whether FastAPI or the module found the problem.
+        details = {key: value for key, value in body["details"].items() if key != "field"}
+        details["errors"] = [{"field": error.field or "", "reason": error.message}]
+        body["details"] = details
     if payment is not None:
         body["details"]["payment"] = payment.model_dump(mode="json")
     return JSONResponse(body, status_code=status)
@@ -107,6 +116,10 @@ def validation_response(error: RequestValidationError) -> JSONResponse:
         }
         for item in error.errors()
     ]
+    return _validation_errors(errors)
+
+
+def _validation_errors(errors: list[dict[str, str]]) -> JSONResponse:
     message = "; ".join(f"{e['field'] or 'body'}: {e['reason']}" for e in errors) or "invalid"
     return JSONResponse(
         {"error_code": "validation_error", "message": message, "details": {"errors": errors}},
@@ -114,24 +127,79 @@ def validation_response(error: RequestValidationError) -> JSONResponse:
     )
 
 
+def _error(status_code: int, error_code: str, message: str, **details: Any) -> JSONResponse:
+    return JSONResponse(
+        {"error_code": error_code, "message": message, "details": details},
+        status_code=status_code,
+    )
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+#: Marks the dependency that makes a route authenticate first (see ``_actor_dependency``).
+_AUTH_MARK = "_payments_auth"
+#: Endpoints that read (and bound) their body themselves: the callback.
+_OWN_BODY_MARK = "_payments_reads_own_body"
+_BODY_METHODS = {"POST", "PUT", "PATCH"}
+_FLAG = TypeAdapter(bool)
+
+
+class _NoApp:
+    """Stands for "no app" (no dependency overrides) as a weak-referenceable key."""
+
+    dependency_overrides: dict[Any, Any] = {}
+
+
+_NO_APP = _NoApp()
+
+
 class PaymentRoute(APIRoute):
-    """Maps errors inside the router itself, so hosts need no exception handlers of their own."""
+    """Maps errors inside the router itself, so hosts need no exception handlers of their own.
+
+    It also runs the checks that must come before FastAPI reads and parses a body: NUL
+    characters in the path or query are refused, the caller is authenticated (a request without
+    a valid key costs no body read), and the body is capped at ``PAYMENT_MAX_BODY_BYTES``, by
+    ``Content-Length`` and while it streams in."""
 
     def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
         handler = super().get_route_handler()
+        auth_rule: tuple[Callable[..., Any], str | None] | None = next(
+            (
+                getattr(dependency.call, _AUTH_MARK)
+                for dependency in self.dependant.dependencies
+                if hasattr(dependency.call, _AUTH_MARK)
+            ),
+            None,
+        )
+        authenticate = self._authenticator(*auth_rule) if auth_rule is not None else None
+        reads_own_body = getattr(self.endpoint, _OWN_BODY_MARK, False)
 
         async def route(request: Request) -> Response:
             try:
+                refused = _nul_in_request(request)
+                if refused is not None:
+                    return refused
+                if authenticate is not None:
+                    await authenticate(request)
+                if request.method in _BODY_METHODS and not reads_own_body:
+                    request = await _with_capped_body(request)
                 return await handler(request)
+            except _BodyTooLarge:
+                limit = get_settings().payment_max_body_bytes
+                return _error(
+                    413,
+                    "payload_too_large",
+                    f"the body is larger than {limit} bytes",
+                    max_bytes=limit,
+                )
             except RequestValidationError as error:
                 return validation_response(error)
             except PaymentError as error:
                 return error_response(error)
             except HTTPException as error:  # e.g. a body FastAPI could not decode
-                return JSONResponse(
-                    {"error_code": "bad_request", "message": str(error.detail), "details": {}},
-                    status_code=error.status_code,
-                )
+                return _error(error.status_code, "bad_request", str(error.detail))
             except DATABASE_ERRORS as error:
                 payment_logger.error(
                     "Database unavailable", path=request.url.path, error=type(error).__name__
@@ -140,8 +208,86 @@ class PaymentRoute(APIRoute):
 
         return route
 
+    def _authenticator(
+        self, auth: Callable[..., Any], only_with_flag: str | None
+    ) -> Callable[[Request], Awaitable[None]]:
+        """Runs ``auth`` (or its override) through FastAPI's own dependency machinery, on a probe
+        route without a body, and leaves the caller's name in ``request.state`` for the real
+        endpoint. ``only_with_flag``: authenticate only when that query flag is true."""
+
+        async def probe(request: Request, actor: Annotated[str, Depends(auth)]) -> Response:
+            request.state.payments_actor = actor
+            return Response(status_code=204)
+
+        # One probe per app: its dependency overrides (the app serving the request) apply.
+        probes: weakref.WeakKeyDictionary[Any, Callable[[Request], Awaitable[Response]]]
+        probes = weakref.WeakKeyDictionary()
+        methods = list(self.methods or ["GET"])
+
+        def probe_for(app: Any) -> Callable[[Request], Awaitable[Response]]:
+            handler = probes.get(app)
+            if handler is None:
+                route = APIRoute(
+                    self.path, probe, methods=methods, dependency_overrides_provider=app
+                )
+                handler = probes[app] = route.get_route_handler()
+            return handler
+
+        async def authenticate(request: Request) -> None:
+            if only_with_flag is not None:
+                try:
+                    wanted = _FLAG.validate_python(request.query_params.get(only_with_flag, "0"))
+                except ValidationError:
+                    return  # the endpoint's own parameter check answers 422
+                if not wanted:
+                    return
+            await probe_for(request.scope.get("app") or _NO_APP)(request)
+
+        return authenticate
+
+
+def _nul_in_request(request: Request) -> JSONResponse | None:
+    """NUL characters cannot be stored or looked up in PostgreSQL: an input error, found here,
+    not a storage alarm later."""
+    errors = [
+        {"field": name, "reason": "must not contain NUL characters"}
+        for name, value in request.path_params.items()
+        if "\x00" in str(value)
+    ]
+    errors += [
+        {"field": name, "reason": "must not contain NUL characters"}
+        for name, value in request.query_params.multi_items()
+        if "\x00" in value or "\x00" in name
+    ]
+    return _validation_errors(errors) if errors else None
+
+
+async def _with_capped_body(request: Request) -> Request:
+    """The request with its body read, at most ``PAYMENT_MAX_BODY_BYTES`` of it."""
+    limit = get_settings().payment_max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise _BodyTooLarge
+    body = await read_capped(request.stream(), limit)
+    if body is None:
+        raise _BodyTooLarge
+    delivered = False
+    receive = request.receive
+
+    async def replay() -> Message:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return Request(request.scope, replay)
+
 
 # -- dependencies (each replaceable with app.dependency_overrides) ------------------------------
+
+#: Documents the admin key as what it is; ``require_api_key`` does the checking.
+api_key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False)
 
 
 async def require_api_key(x_api_key: Annotated[str | None, Header()] = None) -> str:
@@ -149,13 +295,10 @@ async def require_api_key(x_api_key: Annotated[str | None, Header()] = None) -> 
 
     A coroutine only so that FastAPI calls it on the event loop, not through its thread pool.
 
-    Without a configured key everything is denied, except in the simulator environment.
-    Returns the actor name recorded in the audit trail."""
-    settings = get_settings()
-    expected = settings.admin_api_key
+    Without a configured key everything is denied, in every environment (the demo gateway
+    generates one). Returns the actor name recorded in the audit trail."""
+    expected = get_settings().admin_api_key
     if expected is None:
-        if settings.mpesa_environment == "simulator":
-            return "simulator-admin"
         raise UnauthorizedError(
             "PAYMENT_ADMIN_API_KEY is not configured: the payments API is closed"
         )
@@ -176,8 +319,44 @@ async def get_payment_service() -> PaymentService:
     return default_payment_service()
 
 
-def _client_ip(request: Request) -> str | None:
-    return request.client.host if request.client else None
+def _client_ip(request: Request, payments: PaymentService) -> str | None:
+    """The caller's valid address (through trusted proxies), or ``None``."""
+    return client_ip(
+        request.client.host if request.client else None, request.headers, payments.settings
+    )
+
+
+def _actor_dependency(
+    auth: Callable[..., Any], *, only_with_flag: str | None = None
+) -> Callable[..., Awaitable[str | None]]:
+    """The caller's name, as ``PaymentRoute`` found it with ``auth`` before the body was read.
+    Every route that declares this dependency is authenticated first; ``only_with_flag``: only
+    when that query flag is true (``/health?deep=true``)."""
+
+    async def actor(request: Request) -> str | None:
+        found = getattr(request.state, "payments_actor", None)
+        if isinstance(found, str):
+            return found
+        if only_with_flag is not None:
+            return None
+        raise UnauthorizedError("not authenticated")
+
+    async def actor_with_key(
+        request: Request, _: Annotated[str | None, Security(api_key_scheme)] = None
+    ) -> str | None:
+        return await actor(request)
+
+    # The default key is declared as a security scheme in the OpenAPI document; a host's own
+    # auth documents itself.
+    dependency = actor_with_key if auth is require_api_key else actor
+    setattr(dependency, _AUTH_MARK, (auth, only_with_flag))
+    return dependency
+
+
+def _not_blank(value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise ValueError("must not be empty or whitespace")
+    return value.strip() if value is not None else None
 
 
 def _awaitable(factory: Callable[[], Any]) -> Callable[[], Any]:
@@ -208,11 +387,13 @@ def create_payment_router(
     returns the caller's name (or raises); ``service`` returns the ``PaymentService`` to use."""
     router = APIRouter(prefix="/payments", tags=["payments"], route_class=PaymentRoute)
     Db = Annotated[DbSession, Depends(get_session)]
-    Actor = Annotated[str, Depends(auth)]
+    Actor = Annotated[str, Depends(_actor_dependency(auth))]
     Service = Annotated[PaymentService, Depends(_awaitable(service))]
-    IdempotencyHeader = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
+    IdempotencyHeader = Annotated[
+        str | None, Header(alias="Idempotency-Key", max_length=255), AfterValidator(_not_blank)
+    ]
 
-    @router.post("/initiate", response_model=PaymentResponse)
+    @router.post("/initiate", response_model=PaymentResponse, responses=MONEY_RESPONSES)
     async def initiate_payment(
         body: PaymentInitiateRequest,
         request: Request,
@@ -228,11 +409,11 @@ def create_payment_router(
                 db=db,
                 user_id=actor,
                 idempotency_key=idempotency_key,
-                client_ip=_client_ip(request),
+                client_ip=_client_ip(request, payments),
             )
         )
 
-    @router.post("/payouts", response_model=PaymentResponse)
+    @router.post("/payouts", response_model=PaymentResponse, responses=MONEY_RESPONSES)
     async def payout(
         body: PayoutRequest,
         request: Request,
@@ -244,11 +425,15 @@ def create_payment_router(
         """B2C: pay a customer's wallet."""
         return _json(
             await payments.payout(
-                body, db, actor, idempotency_key=idempotency_key, client_ip=_client_ip(request)
+                body,
+                db,
+                actor,
+                idempotency_key=idempotency_key,
+                client_ip=_client_ip(request, payments),
             )
         )
 
-    @router.post("/transfers", response_model=PaymentResponse)
+    @router.post("/transfers", response_model=PaymentResponse, responses=MONEY_RESPONSES)
     async def transfer(
         body: TransferRequest,
         request: Request,
@@ -260,11 +445,19 @@ def create_payment_router(
         """B2B: pay another business's shortcode."""
         return _json(
             await payments.transfer(
-                body, db, actor, idempotency_key=idempotency_key, client_ip=_client_ip(request)
+                body,
+                db,
+                actor,
+                idempotency_key=idempotency_key,
+                client_ip=_client_ip(request, payments),
             )
         )
 
-    @router.post("/{transaction_id}/reverse", response_model=PaymentResponse)
+    @router.post(
+        "/{transaction_id}/reverse",
+        response_model=PaymentResponse,
+        responses=_responses(404, base=MONEY_RESPONSES),
+    )
     async def reverse(
         transaction_id: str,
         request: Request,
@@ -282,16 +475,24 @@ def create_payment_router(
                 db,
                 actor,
                 idempotency_key=idempotency_key,
-                client_ip=_client_ip(request),
+                client_ip=_client_ip(request, payments),
             )
         )
 
-    @router.post("/{transaction_id}/refresh", response_model=PaymentResponse)
+    @router.post(
+        "/{transaction_id}/refresh",
+        response_model=PaymentResponse,
+        responses=_responses(404, 409, 413, 502, 504),
+    )
     async def refresh(transaction_id: str, db: Db, actor: Actor, payments: Service) -> Response:
         """Ask M-Pesa for the status now and apply it."""
         return _json(await payments.refresh(transaction_id, db, actor=actor))
 
-    @router.post("/{transaction_id}/resolve", response_model=PaymentResponse)
+    @router.post(
+        "/{transaction_id}/resolve",
+        response_model=PaymentResponse,
+        responses=_responses(404, 409, 413),
+    )
     async def resolve(
         transaction_id: str, body: ResolveRequest, db: Db, actor: Actor, payments: Service
     ) -> Response:
@@ -308,11 +509,13 @@ def create_payment_router(
             )
         )
 
-    @router.get("/status/{transaction_id}", response_model=PaymentResponse)
+    @router.get(
+        "/status/{transaction_id}", response_model=PaymentResponse, responses=_responses(404)
+    )
     async def status(transaction_id: str, db: Db, _: Actor, payments: Service) -> Response:
         return _json(await payments.get(transaction_id, db))
 
-    @router.get("/", response_model=PaymentListResponse)
+    @router.get("/", response_model=PaymentListResponse, responses=_responses())
     async def list_payments(
         db: Db,
         _: Actor,
@@ -323,54 +526,78 @@ def create_payment_router(
     ) -> Response:
         return _json(await payments.list(db, filters, page=page, per_page=per_page))
 
-    @router.get("/summary", response_model=PaymentSummary)
+    @router.get("/summary", response_model=PaymentSummary, responses=_responses())
     async def summary(
         db: Db,
         _: Actor,
         payments: Service,
-        from_date: date | None = None,
-        to_date: date | None = None,
+        from_date: ApiDate | None = None,
+        to_date: ApiDate | None = None,
     ) -> Response:
         return _json(await payments.summary(db, from_date, to_date))
 
-    @router.get("/audit/{transaction_id}", response_model=AuditTrailResponse)
+    @router.get(
+        "/audit/{transaction_id}", response_model=AuditTrailResponse, responses=_responses(404)
+    )
     async def audit(transaction_id: str, db: Db, _: Actor, payments: Service) -> Response:
         return _json(await payments.audit(transaction_id, db))
 
-    @router.get("/customer-name", response_model=CustomerNameResponse)
+    @router.get(
+        "/customer-name",
+        response_model=CustomerNameResponse,
+        responses=_responses(400, 402, 404, 502, 504),
+    )
     async def customer_name(
-        phone_number: Annotated[str, Query(max_length=30)], _: Actor, payments: Service
+        phone_number: Annotated[str, Query(max_length=30, pattern=MSISDN_PATTERN)],
+        _: Actor,
+        payments: Service,
     ) -> Response:
         """The wallet holder's masked name (confirm before a payout)."""
         return _json(await payments.query_customer_name(Msisdn(phone_number)))
 
-    @router.get("/health")
-    async def health(db: Db, payments: Service, deep: bool = False) -> JSONResponse:
-        """Database reachable, provider configuration valid; ``deep=true`` also opens a TCP
-        connection to each provider port (outbound firewalls are the usual production failure)
-        and sends one status query to see that M-Pesa accepts the credentials and Origin."""
+    @router.get(
+        "/health",
+        response_model=HealthReport,
+        # Public, except ``deep=true``.
+        openapi_extra={"security": [{}, {"APIKeyHeader": []}]} if auth is require_api_key else None,
+        responses={
+            401: {"model": ErrorResponse, "description": "``deep=true`` without a valid key"},
+            422: {"model": ErrorResponse, "description": "Invalid parameters"},
+            503: {"model": HealthReport, "description": "Degraded"},
+        },
+    )
+    async def health(
+        db: Db,
+        payments: Service,
+        _: Annotated[str | None, Depends(_actor_dependency(auth, only_with_flag="deep"))],
+        deep: bool = False,
+    ) -> JSONResponse:
+        """Database reachable, provider configuration valid; ``deep=true`` (staff only: it needs
+        the key) also opens a TCP connection to each provider port (outbound firewalls are the
+        usual production failure) and sends one status query to see that M-Pesa accepts the
+        credentials and Origin."""
         return await _health(db, payments, deep)
 
-    @router.post("/callback/c2b")
+    @router.post("/callback/c2b", response_model=ProviderAnswer, responses=CALLBACK_RESPONSES)
     async def callback_c2b(
         request: Request,
         db: Db,
         payments: Service,
         token: Annotated[str | None, Query(max_length=512)] = None,
     ) -> JSONResponse:
-        """Result notifications: stored raw first, authenticated, processed once."""
-        status_code, answer = await CallbackProcessor(payments).receive(
+        """Result notifications: authenticated, stored (bounded) first, processed once."""
+        status_code, answer = await CallbackProcessor(payments).receive_stream(
             db,
-            InboundNotification(
-                body=await request.body(),
-                headers={k.lower(): v for k, v in request.headers.items()},
-                peer_ip=_client_ip(request),
-                query_token=token,
-            ),
+            headers=[(k.lower(), v) for k, v in request.headers.items()],
+            peer_ip=request.client.host if request.client else None,
+            query_token=token,
+            body=request.stream(),
         )
         return JSONResponse(answer, status_code=status_code)
 
-    @router.get("/webhooks")
+    setattr(callback_c2b, _OWN_BODY_MARK, True)
+
+    @router.get("/webhooks", responses=_responses())
     async def list_webhooks(
         db: Db,
         _: Actor,
@@ -397,11 +624,17 @@ def create_payment_router(
             per_page=per_page,
         )
 
-    @router.post("/webhooks/{webhook_id}/replay")
+    @router.post(
+        "/webhooks/{webhook_id}/replay",
+        response_model=ReplayResult,
+        responses=_responses(404, 413),
+    )
     async def replay_webhook(
         webhook_id: int, db: Db, _: Actor, payments: Service
     ) -> dict[str, Any]:
         """Process a stored notification again (after fixing whatever made it fail)."""
+        if not 1 <= webhook_id <= MAX_ROW_ID:  # no such row can exist
+            raise PaymentNotFoundError(f"notification {webhook_id} not found")
         result = await CallbackProcessor(payments).process(db, webhook_id, replay=True)
         return {
             "webhook_id": result.webhook_id,
@@ -412,6 +645,78 @@ def create_payment_router(
         }
 
     return router
+
+
+class ReplayResult(BaseModel):
+    webhook_id: int
+    processed: bool
+    transaction_id: str | None
+    status: str | None
+    error: str | None
+
+
+class HealthReport(BaseModel):
+    model_config = {"extra": "allow"}
+
+    status: str
+    database: str
+    provider_configuration: str
+    environment: str | None = None
+    provider_ports: dict[str, str] | None = None
+    provider_access: str | None = None
+
+
+#: Row ids are 32-bit integers on every database.
+MAX_ROW_ID = 2**31 - 1
+
+
+def _responses(*codes: int, base: dict[int | str, Any] | None = None) -> dict[int | str, Any]:
+    """The error answers an authenticated operation can give, besides its success."""
+    described = {
+        400: "Refused by M-Pesa as invalid",
+        401: "Missing or wrong X-API-Key",
+        402: "Refused by M-Pesa or the customer: no money moved",
+        404: "Not found",
+        409: "Conflict with the payment's state or an earlier request",
+        413: "Body larger than PAYMENT_MAX_BODY_BYTES",
+        422: "Invalid input",
+        500: "The module is misconfigured (names the variable)",
+        502: "M-Pesa answered something unexpected",
+        503: "Database or M-Pesa unavailable; nothing was sent",
+        504: "M-Pesa did not answer in time",
+    }
+    responses = dict(base or {})
+    for code in (401, 422, 500, 503, *codes):
+        responses[code] = {"model": ErrorResponse, "description": described[code]}
+    return responses
+
+
+MONEY_RESPONSES = _responses(
+    400,
+    402,
+    409,
+    413,
+    502,
+    504,
+    base={
+        202: {
+            "model": PaymentResponse,
+            "description": "Recorded, outcome not known yet (status unknown): never retry with"
+            " a new key; reconciliation settles it",
+        }
+    },
+)
+CALLBACK_RESPONSES: dict[int | str, Any] = {
+    code: {"model": ProviderAnswer, "description": description}
+    for code, description in {
+        400: "Not a JSON notification (stored)",
+        401: "Not authenticated (stored, small)",
+        413: "Body larger than PAYMENT_MAX_BODY_BYTES (stored truncated)",
+        429: "Too many rejected notifications from this source (not stored)",
+        500: "Stored, could not be applied yet: deliver again",
+        503: "Could not be stored or processed now: deliver again",
+    }.items()
+} | {422: {"model": ErrorResponse, "description": "Invalid token parameter"}}
 
 
 class WebhookEntry(BaseModel):

@@ -4,6 +4,7 @@ README). Provider wire fields (``input_*``/``output_*``) never appear here."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal, Self
@@ -14,11 +15,14 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    WithJsonSchema,
+    field_serializer,
     field_validator,
     model_validator,
 )
 
 from .exceptions import PaymentValidationError
+from .logger import sanitize_text
 from .models import as_utc
 from .values import Msisdn, parse_amount
 
@@ -30,11 +34,21 @@ def _amount(value: Any) -> Decimal:
         raise ValueError(exc.message) from None
 
 
+#: What ``parse_amount`` accepts, for the OpenAPI document (the deployment's
+#: PAYMENT_MIN_AMOUNT/PAYMENT_MAX_AMOUNT apply on top).
+AMOUNT_JSON_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "number", "exclusiveMinimum": 0, "maximum": 9999999999.99, "multipleOf": 0.01},
+        {"type": "string", "pattern": r"^(?=[0-9.]*[1-9])[0-9]{1,10}(?:\.[0-9]{1,2})?$"},
+    ]
+}
+
 #: Exact cents in, a JSON number out (as the original README's examples show).
 Amount = Annotated[
     Decimal,
     BeforeValidator(_amount),
     PlainSerializer(lambda value: float(value), return_type=float, when_used="json"),
+    WithJsonSchema(AMOUNT_JSON_SCHEMA, mode="validation"),
 ]
 Money = Annotated[
     Decimal, PlainSerializer(lambda value: float(value), return_type=float, when_used="json")
@@ -42,6 +56,50 @@ Money = Annotated[
 ShortText = Annotated[str, Field(min_length=1, max_length=100)]
 Email = Annotated[str, Field(max_length=255, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")]
 IdempotencyKey = Annotated[str, Field(min_length=1, max_length=255)]
+
+#: ``metadata`` is the caller's own small JSON object: bounded, so no log masker, audit row or
+#: database chokes on it.
+METADATA_MAX_DEPTH = 8
+METADATA_MAX_BYTES = 8 * 1024
+
+#: The one date rule of the API: ``YYYY-MM-DD``, within what every database and a "to the end
+#: of the day" bound can hold.
+_ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", re.ASCII)
+FIRST_DATE = date(1970, 1, 1)
+LAST_DATE = date(9999, 12, 30)
+
+
+def _api_date(value: Any) -> date:
+    if isinstance(value, date) and not isinstance(value, datetime):
+        parsed = value
+    elif isinstance(value, str) and _ISO_DATE.fullmatch(value.strip()):
+        try:
+            parsed = date.fromisoformat(value.strip())
+        except ValueError:
+            raise ValueError("must be a real calendar date (YYYY-MM-DD)") from None
+    else:
+        raise ValueError("must be a date written YYYY-MM-DD")
+    if not FIRST_DATE <= parsed <= LAST_DATE:
+        raise ValueError(f"must be between {FIRST_DATE} and {LAST_DATE}")
+    return parsed
+
+
+ApiDate = Annotated[date, BeforeValidator(_api_date)]
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a JSON value, without recursion."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            if level > METADATA_MAX_DEPTH:
+                return level
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 class _Request(BaseModel):
@@ -57,12 +115,16 @@ class _Request(BaseModel):
                 raise ValueError(f"{name} must not contain NUL characters")
         metadata = getattr(self, "metadata", None)
         if metadata is not None:
+            if _depth(metadata) > METADATA_MAX_DEPTH:
+                raise ValueError(f"metadata may be nested at most {METADATA_MAX_DEPTH} deep")
             try:
                 text = json.dumps(metadata, allow_nan=False)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, RecursionError):
                 raise ValueError("metadata must be plain JSON (no NaN or Infinity)") from None
             if "\\u0000" in text:
                 raise ValueError("metadata must not contain NUL characters")
+            if len(text) > METADATA_MAX_BYTES:
+                raise ValueError(f"metadata must be at most {METADATA_MAX_BYTES} bytes as JSON")
         return self
 
 
@@ -151,6 +213,11 @@ class PaymentResponse(BaseModel):
     updated_at: datetime | None = None
     completed_at: datetime | None = None
 
+    @field_serializer("account_reference")
+    def _masked_reference(self, value: str | None) -> str | None:
+        # A caller may put a phone number there; answers show numbers masked.
+        return sanitize_text(value) if value is not None else None
+
 
 class CustomerNameResponse(BaseModel):
     phone_number: str  # masked
@@ -175,8 +242,14 @@ class PaymentFilters(BaseModel):
     entity_id: str | None = None
     user_id: str | None = None
     attention_required: bool | None = None
-    from_date: date | None = None
-    to_date: date | None = None
+    from_date: ApiDate | None = None
+    to_date: ApiDate | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.from_date and self.to_date and self.from_date > self.to_date:
+            raise ValueError("from_date must not be after to_date")
+        return self
 
 
 class SummaryBucket(BaseModel):
@@ -194,6 +267,28 @@ class PaymentSummary(BaseModel):
     attention_required: int
     by_status: dict[str, SummaryBucket]
     by_operation: dict[str, SummaryBucket]
+
+
+class ErrorItem(BaseModel):
+    field: str
+    reason: str
+
+
+class ErrorDetails(BaseModel):
+    """``errors`` on every 422; other errors add what they know (``payment``,
+    ``provider_code``, ``variable``, ``max_bytes``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    errors: list[ErrorItem] | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer of the API (except the callback, which answers in M-Pesa's shape)."""
+
+    error_code: str
+    message: str
+    details: ErrorDetails
 
 
 class AuditLogEntry(BaseModel):

@@ -90,6 +90,7 @@ from .simulator_keys import (
     SIMULATOR_SECURITY_CREDENTIAL,
     SIMULATOR_SERVICE_PROVIDER_CODE,
 )
+from .values import mask_msisdn
 
 __all__ = [
     "OPERATIONS",
@@ -940,7 +941,13 @@ class MpesaSimulator:
         return JSONResponse(self.stats())
 
     async def _transactions_endpoint(self, request: Request) -> Response:
-        return JSONResponse([t.to_dict() for t in self._transactions])
+        # Full numbers stay inside the process; what the simulator shows is masked.
+        return JSONResponse(
+            [
+                {**entry, "msisdn": mask_msisdn(entry["msisdn"]) if entry["msisdn"] else None}
+                for entry in (t.to_dict() for t in self._transactions)
+            ]
+        )
 
     async def _reset_endpoint(self, request: Request) -> Response:
         self.reset()

@@ -11,10 +11,20 @@ from pydantic_core import core_schema
 
 from .exceptions import PaymentValidationError
 
-_SEPARATORS = re.compile(r"[\s\-().]")
+#: Spaces, dashes, dots and parentheses may separate the digits (``+258 84 123 4567``,
+#: ``(84) 123-4567``); nothing else.
+_SEPARATORS = re.compile(r"[ \-().]")
+_SEP = r"[ ().-]*"
+#: Every spelling ``Msisdn`` accepts, as one (ECMA- and Python-compatible) pattern for the
+#: OpenAPI document.
+MSISDN_PATTERN = (
+    rf"^{_SEP}(?:(?:\+|0{_SEP}0){_SEP}2{_SEP}5{_SEP}8|2{_SEP}5{_SEP}8)?"
+    rf"{_SEP}8{_SEP}[45](?:{_SEP}[0-9]){{7}}{_SEP}$"
+)
 _VODACOM_MSISDN = re.compile(r"^2588[45]\d{7}$")
 _ANY_MZ_MOBILE = re.compile(r"^2588\d{8}$")
 _REFERENCE = re.compile(r"^[A-Za-z0-9]+$")
+_AMOUNT_TEXT = re.compile(r"-?[0-9]+(?:\.[0-9]{1,2})?", re.ASCII)
 CENT = Decimal("0.01")
 #: What a Numeric(12, 2) column holds; no M-Pesa amount comes near it.
 MAX_AMOUNT = Decimal("10000000000")
@@ -43,17 +53,17 @@ class Msisdn:
     def normalize(raw: str | int) -> str:
         if isinstance(raw, bool) or not isinstance(raw, str | int):
             raise PaymentValidationError("phone number must be a string", field="phone_number")
-        text = _SEPARATORS.sub("", str(raw).strip())
-        if text.startswith("+"):
-            text = text[1:]
-        elif text.startswith("00"):
-            text = text[2:]
+        text = _SEPARATORS.sub("", str(raw))
+        # "+" and "00" introduce a country code, which must be Mozambique's (258): "+841234567"
+        # is a number in another country, not a local one.
+        international = text.startswith(("+", "00"))
+        text = text[1:] if text.startswith("+") else text[2:] if international else text
         if not text.isdigit() or not text.isascii():
             raise PaymentValidationError(
                 "phone number may only contain digits, spaces, dashes and a leading + or 00",
                 field="phone_number",
             )
-        if len(text) == 9:
+        if len(text) == 9 and not international:
             text = "258" + text
         if _VODACOM_MSISDN.match(text):
             return text
@@ -99,7 +109,7 @@ class Msisdn:
 
         return core_schema.no_info_plain_validator_function(
             validate,
-            json_schema_input_schema=core_schema.str_schema(),
+            json_schema_input_schema=core_schema.str_schema(pattern=MSISDN_PATTERN),
             serialization=core_schema.plain_serializer_function_ser_schema(
                 lambda value: value.masked, when_used="always"
             ),
@@ -126,7 +136,16 @@ def parse_amount(
         elif isinstance(value, int | Decimal):
             amount = Decimal(value)
         elif isinstance(value, str):
-            amount = Decimal(value.strip())
+            # Decimal() also takes "10_0", exponents and non-ASCII digits; an amount is plain
+            # ASCII digits with at most one "." and two decimals.
+            text = value
+            if not _AMOUNT_TEXT.fullmatch(text):
+                raise PaymentValidationError(
+                    "amount must be a finite number: ASCII digits with at most one '.' and"
+                    " 2 decimal places",
+                    field=field,
+                )
+            amount = Decimal(text)
         else:
             raise PaymentValidationError("amount must be a number", field=field)
     except InvalidOperation:

@@ -26,6 +26,10 @@ from payments.models import Base
 POSTGRES_URL_VARIABLE = "PAYMENT_TEST_POSTGRES_URL"
 REQUIRE_POSTGRES_VARIABLE = "PAYMENT_REQUIRE_POSTGRES"
 _KEPT_VARIABLES = {POSTGRES_URL_VARIABLE, REQUIRE_POSTGRES_VARIABLE}
+#: The API is closed without a key and callbacks need a token in every environment: tests get
+#: these by default, and the HTTP harness sends them unless a test says otherwise.
+TEST_ADMIN_KEY = "test-admin-key-0123456789"
+TEST_CALLBACK_TOKEN = "test-callback-token-0123456789"
 
 
 # --- settings -----------------------------------------------------------------------------------
@@ -41,6 +45,8 @@ def isolated_settings(
         if name.startswith(("MPESA_", "PAYMENT_")) and name not in _KEPT_VARIABLES:
             monkeypatch.delenv(name)
     monkeypatch.setenv("MPESA_ENVIRONMENT", "simulator")
+    monkeypatch.setenv("PAYMENT_ADMIN_API_KEY", TEST_ADMIN_KEY)
+    monkeypatch.setenv("MPESA_CALLBACK_TOKEN", TEST_CALLBACK_TOKEN)
     monkeypatch.setenv("PAYMENT_LOG_DIR", str(tmp_path_factory.mktemp("logs")))
     get_settings.cache_clear()
     yield
@@ -179,7 +185,10 @@ async def build_payment_api(
     app = FastAPI()
     app.include_router(create_payment_router(**options), prefix="/api")
     transport = httpx.ASGITransport(app=app, client=client_address, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+    default_headers = {"X-API-Key": TEST_ADMIN_KEY, "X-Callback-Token": TEST_CALLBACK_TOKEN}
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://test", headers=default_headers
+    ) as http:
         try:
             yield PaymentApi(app, http, service, simulator, session_factory)
         finally:
@@ -205,7 +214,8 @@ async def payment_api_factory(
 
 @pytest.fixture
 async def payment_api(payment_api_factory: PaymentApiFactory) -> PaymentApi:
-    """The API with default settings (simulator environment, no admin key: open)."""
+    """The API with default settings (simulator environment; the harness sends the test admin
+    key and callback token)."""
     return await payment_api_factory()
 
 

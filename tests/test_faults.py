@@ -62,7 +62,12 @@ from payments.router import create_payment_router
 from payments.schemas import PaymentInitiateRequest, ReversalRequest
 from payments.service import Outcome, PaymentService
 from payments.simulator import MpesaSimulator, SimulatorConfig, SimulatorTransport
-from tests.conftest import PaymentApiFactory, postgres_admin_url
+from tests.conftest import (
+    TEST_ADMIN_KEY,
+    TEST_CALLBACK_TOKEN,
+    PaymentApiFactory,
+    postgres_admin_url,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 30.0  # seconds for a subprocess to answer HTTP
@@ -403,8 +408,12 @@ async def api_over(
         create_payment_router(get_session=get_session, service=lambda: service), prefix="/api"
     )
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    # The API is closed without a key in every environment: send the tests' key and token.
     async with httpx.AsyncClient(
-        transport=transport, base_url="http://gateway", timeout=30
+        transport=transport,
+        base_url="http://gateway",
+        timeout=30,
+        headers={"X-API-Key": TEST_ADMIN_KEY, "X-Callback-Token": TEST_CALLBACK_TOKEN},
     ) as http:
         yield http
 

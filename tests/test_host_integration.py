@@ -57,7 +57,9 @@ PHONE = "258841234567"
 
 async def drive(app):
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://host") as client:
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://host", headers={"X-API-Key": "host-admin-key-0123"}
+    ) as client:
         paid = await client.post(
             "/api/payments/initiate",
             json={"phone_number": PHONE, "amount": 100.00, "account_reference": "ORDER-12345"},
@@ -253,6 +255,8 @@ def run_host_script(tmp_path: Path, body: str) -> dict[str, Any]:
         "MPESA_ENVIRONMENT": "simulator",
         "PAYMENT_DATABASE_URL": f"sqlite:///{db_path}",
         "PAYMENT_LOG_DIR": str(log_dir),
+        # The API is closed without a key in every environment, the simulator's too.
+        "PAYMENT_ADMIN_API_KEY": "host-admin-key-0123",
     }
     completed = subprocess.run(
         [sys.executable, str(script)],
@@ -318,7 +322,7 @@ def test_host_app_with_its_own_synchronous_session(tmp_path: Path) -> None:
     assert_host_flow(result)
     assert result["direct"] == ["completed", "appointment", "A-77", 250.5]
     assert result["rows"] == 3
-    assert result["user_ids"] == ["patient-123", "simulator-admin"]
+    assert result["user_ids"] == ["admin-api-key", "patient-123"]
 
 
 def test_host_app_with_its_own_async_session_and_auth(tmp_path: Path) -> None:

@@ -268,7 +268,7 @@ async def test_header_and_body_idempotency_keys_that_differ_are_422(
         headers={"Idempotency-Key": "header-key"},
     )
     body = assert_error(response, 422, "validation_error")
-    assert body["details"]["field"] == "idempotency_key"
+    assert [e["field"] for e in body["details"]["errors"]] == ["idempotency_key"]
     assert await payment_api.count() == 0
     assert payment_api.simulator.calls() == 0
 
@@ -372,7 +372,7 @@ async def test_list_filters_and_pagination(payment_api: PaymentApi) -> None:
     assert ids(await listing(entity_type="order")) == set(orders)
     assert ids(await listing(entity_type="order", entity_id="1")) == {orders[1]}
     assert ids(await listing(entity_type="invoice")) == {cancelled_id}
-    assert ids(await listing(user_id="simulator-admin")) == ids(everything)
+    assert ids(await listing(user_id="admin-api-key")) == ids(everything)
     assert (await listing(user_id="somebody-else"))["total"] == 0
 
     now = datetime.now(UTC).date()
@@ -455,7 +455,7 @@ async def test_audit_trail_shows_every_step_masked(payment_api: PaymentApi) -> N
     assert actions[0] == "initiated"
     assert {"api_request", "api_response", "completed"} <= set(actions)
     assert trail["entries"][0]["request_body"]["phone_number"] == "2588412*****"
-    assert {entry["actor"] for entry in trail["entries"]} == {"simulator-admin"}
+    assert {entry["actor"] for entry in trail["entries"]} == {"admin-api-key"}
     completed = next(entry for entry in trail["entries"] if entry["action"] == "completed")
     assert (completed["status_before"], completed["status_after"]) == ("processing", "completed")
 
@@ -594,7 +594,15 @@ async def test_health_needs_no_key_and_deep_probes_the_provider(
         "environment": "simulator",
         "status": "ok",
     }
-    deep = await api.http.get("/api/payments/health", params={"deep": "true"})
+    # deep=true opens connections to M-Pesa: staff only (issue 11.14).
+    for headers in ({}, {"X-API-Key": "wrong"}):
+        refused = await api.http.get(
+            "/api/payments/health", params={"deep": "true"}, headers=headers
+        )
+        assert_error(refused, 401, "unauthorized")
+    deep = await api.http.get(
+        "/api/payments/health", params={"deep": "true"}, headers={"X-API-Key": ADMIN_KEY}
+    )
     assert deep.status_code == 200, deep.text
     assert deep.json()["provider_ports"] == {"simulator": "ok"}
     assert deep.json()["status"] == "ok"
@@ -972,6 +980,7 @@ async def test_sandbox_without_an_admin_key_closes_the_api(
     monkeypatch.setenv("MPESA_API_KEY", "sandbox-api-key")
     monkeypatch.setenv("MPESA_PUBLIC_KEY", rsa_key_pair()[1])
     monkeypatch.setenv("MPESA_CALLBACK_TOKEN", "cb-token")
+    monkeypatch.delenv("PAYMENT_ADMIN_API_KEY")
     get_settings.cache_clear()
     assert get_settings().mpesa_environment == "sandbox"
     # The service still talks to the simulator; only the router's gate is under test.
