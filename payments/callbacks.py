@@ -237,9 +237,10 @@ class CallbackProcessor:
             return 429, provider_answer({}, "INS-1", "Too many rejected notifications")
         limit = REJECTED_BODY_BYTES if rejection is not None else settings.payment_max_body_bytes
         raw, complete = await _read_prefix(body, limit)
-        text = _storable_text(raw.decode("utf-8", errors="replace"))
+        received = raw.decode("utf-8", errors="replace")
+        text = _storable_text(received)
         oversized = rejection is None and not complete
-        parsed = _parse(text) if complete and "\x00" not in text else None
+        parsed = _parse(received) if complete else None
         if oversized:
             rejection = f"body larger than {limit} bytes (stored cut at {limit})"
         malformed = rejection is None and parsed is None

@@ -1,3 +1,4 @@
+import re
 from decimal import Decimal
 
 import pytest
@@ -5,6 +6,7 @@ from pydantic import BaseModel, ValidationError
 
 from payments.exceptions import PaymentValidationError
 from payments.values import (
+    MSISDN_PATTERN,
     Msisdn,
     format_amount,
     mask_msisdn,
@@ -29,6 +31,45 @@ from payments.values import (
 )
 def test_msisdn_normalises_every_common_form(raw: str | int) -> None:
     assert Msisdn(raw).digits == "258841234567"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["+841234567", "00841234567", "+84 123 4567", "0084-123-4567", "+851234567", "+1234567890"],
+)
+def test_msisdn_refuses_numbers_of_other_countries(raw: str) -> None:
+    # "+" and "00" introduce a country code: +84… is Vietnam, not a local 84… (issue 9.9).
+    with pytest.raises(PaymentValidationError):
+        Msisdn(raw)
+
+
+@pytest.mark.parametrize("raw", ["84\t1234567", "84\n1234567", "84_123_4567", "84/123/4567"])
+def test_msisdn_separators_are_spaces_dashes_dots_and_parentheses_only(raw: str) -> None:
+    # Exactly what the OpenAPI pattern (MSISDN_PATTERN) says.
+    with pytest.raises(PaymentValidationError):
+        Msisdn(raw)
+
+
+def test_msisdn_pattern_matches_exactly_what_is_accepted() -> None:
+    pattern = re.compile(MSISDN_PATTERN)
+    for raw in [
+        "841234567",
+        "+258 84 123 4567",
+        "(84) 123-4567",
+        "0 0258 851234567",
+        "+841234567",
+        "0084123456",
+        "821234567",
+        "84.123.4567",
+        "258841234567",
+        "84\t1234567",
+    ]:
+        try:
+            Msisdn(raw)
+            accepted = True
+        except PaymentValidationError:
+            accepted = False
+        assert bool(pattern.match(raw)) is accepted, raw
 
 
 def test_msisdn_accepts_85_prefix() -> None:
