@@ -446,7 +446,7 @@ class CallbackProcessor:
         notice_id = _reference(body.get("input_TransactionID"))
         if notice_id is None or record.provider_transaction_id:
             return None, (), None
-        ours = record.conversation_id or confirmed.conversation_id
+        ours = record.conversation_id or confirmed.answered_conversation_id
         try:
             result = await self.service.client.query_transaction_status(
                 query_reference=notice_id, third_party_reference=query_reference()

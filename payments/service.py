@@ -130,6 +130,9 @@ class Outcome:
     #: The answer of the payment's own call (not a status query made by someone else): only it
     #: may settle a payment whose call may still be answered.
     live: bool = False
+    #: The ConversationID a status answer carried: evidence for checks (a notice's transaction
+    #: ID), never written to the payment, whose own ConversationID it may not be.
+    answered_conversation_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1113,6 +1116,7 @@ class PaymentService:
                 f"M-Pesa reports the transaction {provider_status}",
                 exchanges=exchanges,
                 action=AuditAction.RECONCILED,
+                answered_conversation_id=result.conversation_id,
             )
         if answers and answers[-1].startswith("status query failed"):
             return Outcome(None, answers[-1], exchanges=exchanges)

@@ -33,6 +33,7 @@ from payments.schemas import PaymentInitiateRequest, ReversalRequest
 from payments.service import Outcome, PaymentService
 from payments.simulator import MpesaSimulator, SimulatorConfig, SimulatorTransport
 from payments.values import Msisdn
+from tests.conftest import TEST_CALLBACK_TOKEN
 
 SUCCESS = "258841234567"
 OTHER = "258847654321"
@@ -127,7 +128,11 @@ async def notify(service: PaymentService, sessions: Sessions, body: dict[str, An
     async with sessions() as db:
         status, _ = await CallbackProcessor(service).receive(
             db,
-            InboundNotification(body=json.dumps(body).encode(), headers={}, peer_ip="127.0.0.1"),
+            InboundNotification(
+                body=json.dumps(body).encode(),
+                headers={"x-callback-token": TEST_CALLBACK_TOKEN},
+                peer_ip="127.0.0.1",
+            ),
         )
     return status
 
@@ -642,11 +647,11 @@ async def test_a_payment_whose_query_is_refused_locally_is_flagged_not_retried_f
     transaction_id = await unknown_payment(service, session_factory)
     await make_old(session_factory, transaction_id)
     async with session_factory() as session:
-        # A reference the client refuses to send (longer than a query reference may be).
+        # A reference the client refuses to send (a character no M-Pesa ID has).
         await session.execute(
             update(PaymentTransaction)
             .where(PaymentTransaction.transaction_id == transaction_id)
-            .values(conversation_id="C" * 80)
+            .values(conversation_id="C" * 40 + "!")
         )
         await session.commit()
     report = await reconcile_once(service, session_factory, min_age=0, attention_after=0)
