@@ -491,7 +491,7 @@ def create_payment_router(
     @router.post(
         "/{transaction_id}/resolve",
         response_model=PaymentResponse,
-        responses=_responses(404, 409, 413),
+        responses=_responses(400, 404, 409, 413),
     )
     async def resolve(
         transaction_id: str, body: ResolveRequest, db: Db, actor: Actor, payments: Service

@@ -177,7 +177,8 @@ class ResolveRequest(_Request):
 
     status: Literal["completed", "failed"] | None = None
     provider_transaction_id: ProviderTransactionId | None = None
-    reason: Annotated[str, Field(min_length=1, max_length=500)]
+    # No NUL in the schema itself, so what the schema admits is what the database stores.
+    reason: Annotated[str, Field(min_length=1, max_length=500, pattern=r"^[^\x00]+$")]
 
 
 class PaymentResponse(BaseModel):
