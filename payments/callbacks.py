@@ -19,7 +19,6 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
-import re
 import time
 import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
@@ -40,6 +39,7 @@ from .lifecycle import SUCCEEDED, UNSETTLED, UNSUCCESSFUL
 from .logger import payment_logger, sanitize
 from .models import AuditAction, PaymentStatus, PaymentWebhookLog, utcnow
 from .service import Outcome, PaymentService, committing, query_reference
+from .values import PROVIDER_ID
 
 _SUCCESS_CODES = {"0", "INS-0"}
 #: A result notification is a few hundred bytes; anything far larger is not one. (The cap is
@@ -60,7 +60,6 @@ PRUNE_INTERVAL = 60.0
 #: Sources the rejected-notice limiter remembers at once (the oldest are forgotten first).
 MAX_TRACKED_SOURCES = 10_000
 NO_MATCHING_PAYMENT = "no payment matches this notification"
-_REFERENCE = re.compile(r"[A-Za-z0-9_-]{1,100}")
 _SECRET_HEADERS = {"x-callback-token", "authorization", "cookie", "x-api-key"}
 
 
@@ -659,4 +658,4 @@ def _guard_for(service: PaymentService) -> _NoticeGuard:
 def _reference(value: Any) -> str | None:
     """A provider reference fit to look up; anything else (NUL bytes, prose) matches nothing."""
     text = str(value).strip() if value not in (None, "") else ""
-    return text if _REFERENCE.fullmatch(text) else None
+    return text if PROVIDER_ID.fullmatch(text) else None

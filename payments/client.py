@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -35,13 +34,20 @@ from .exceptions import (
     PaymentConfigurationError,
     PaymentOutcomeUnknownError,
     PaymentProviderError,
-    PaymentValidationError,
     ProviderUnavailableError,
 )
 from .logger import payment_logger, sanitize
 from .signing import MpesaAuth
 from .transport import AiohttpTransport
-from .values import Msisdn, format_amount, parse_amount, validate_reference, validate_shortcode
+from .values import (
+    PROVIDER_ID,
+    Msisdn,
+    format_amount,
+    parse_amount,
+    validate_provider_id,
+    validate_reference,
+    validate_shortcode,
+)
 
 USER_AGENT = "payments-mpesa-mz/0.1"
 
@@ -90,10 +96,6 @@ OPERATIONS: dict[Operation, OperationSpec] = {
 
 # Errors raised before a single byte of the request could reach the provider.
 _NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-
-#: M-Pesa's own IDs (transaction and conversation IDs) as they come back: letters, digits and the
-#: ``_`` (and ``-``) of the portal's ``AG_20180206_00005e7dccc6da08efa8``.
-_PROVIDER_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")
 
 #: Codes of a status answer that mean "M-Pesa cannot find what was asked for": INS-23 ("Unknown
 #: Status", the OpenAPI's "Transaction not found"). A not-found answer is not retried; the caller
@@ -645,15 +647,6 @@ def _parse_body(response: httpx.Response) -> Any:
         return response.text[:2000]
 
 
-def validate_provider_id(value: str, *, field: str) -> str:
-    """An M-Pesa ID (or a third-party reference) sent back to M-Pesa: ``_PROVIDER_ID``."""
-    if not isinstance(value, str) or not _PROVIDER_ID.fullmatch(value):
-        raise PaymentValidationError(
-            f"{field} must be 1-100 letters, digits, '_' or '-'", field=field
-        )
-    return value
-
-
 def _refusal_text(body: Any) -> str | None:
     """The text of an ``output_error`` answer that carries no response code."""
     if not isinstance(body, dict) or body.get("output_ResponseCode") not in (None, ""):
@@ -675,7 +668,7 @@ def _attach(error: PaymentProviderError, body: Any, exchanges: list[ProviderExch
 def _id_in(body: dict[str, Any], key: str) -> str | None:
     value = body.get(key)
     text = value.strip() if isinstance(value, str) else ""
-    return text if _PROVIDER_ID.fullmatch(text) else None
+    return text if PROVIDER_ID.fullmatch(text) else None
 
 
 def _as_ambiguous(entry: ResponseCode) -> ResponseCode:

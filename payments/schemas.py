@@ -24,7 +24,7 @@ from pydantic import (
 from .exceptions import PaymentValidationError
 from .logger import sanitize_text
 from .models import as_utc
-from .values import Msisdn, parse_amount
+from .values import PROVIDER_ID_PATTERN, Msisdn, parse_amount
 
 
 def _amount(value: Any) -> Decimal:
@@ -169,7 +169,7 @@ class ReversalRequest(_Request):
     idempotency_key: IdempotencyKey | None = None
 
 
-ProviderTransactionId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,100}$")]
+ProviderTransactionId = Annotated[str, Field(pattern=rf"^{PROVIDER_ID_PATTERN}$")]
 
 
 class ResolveRequest(_Request):

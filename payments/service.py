@@ -78,12 +78,11 @@ from .schemas import (
     SummaryBucket,
     TransferRequest,
 )
-from .values import Msisdn, mask_msisdn, parse_amount
+from .values import Msisdn, mask_msisdn, parse_amount, validate_provider_id
 
 S = PaymentStatus
 _REFERENCE_ALPHABET = string.ascii_uppercase + string.digits
 _NOT_ALNUM = re.compile(r"[^A-Za-z0-9]")
-_PROVIDER_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")
 #: Errors of payments recorded ``failed`` without anything reaching M-Pesa, by ``error_code``.
 _NOT_SENT_ERRORS: dict[str, type[PaymentError]] = {
     PaymentValidationError.error_code: PaymentValidationError,
@@ -607,13 +606,8 @@ class PaymentService:
         wanted = PaymentStatus(status) if status else None
         if wanted not in (None, S.COMPLETED, S.FAILED):
             raise PaymentValidationError("status must be completed or failed", field="status")
-        if provider_transaction_id is not None and not _PROVIDER_ID.fullmatch(
-            provider_transaction_id
-        ):
-            raise PaymentValidationError(
-                "provider_transaction_id must be 1-100 letters, digits, '-' or '_'",
-                field="provider_transaction_id",
-            )
+        if provider_transaction_id is not None:
+            validate_provider_id(provider_transaction_id, field="provider_transaction_id")
         now = utcnow()
 
         def refuse(message: str, **details: Any) -> InvalidStateTransitionError:

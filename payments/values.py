@@ -24,6 +24,10 @@ MSISDN_PATTERN = (
 _VODACOM_MSISDN = re.compile(r"^2588[45]\d{7}$")
 _ANY_MZ_MOBILE = re.compile(r"^2588\d{8}$")
 _REFERENCE = re.compile(r"^[A-Za-z0-9]+$")
+#: M-Pesa's own IDs (transaction and conversation IDs) as they come back and are sent back:
+#: letters, digits and the ``_`` (and ``-``) of the portal's ``AG_20180206_00005e7dccc6da08efa8``.
+PROVIDER_ID_PATTERN = r"[A-Za-z0-9_-]{1,100}"
+PROVIDER_ID = re.compile(PROVIDER_ID_PATTERN)
 _AMOUNT_TEXT = re.compile(r"-?[0-9]+(?:\.[0-9]{1,2})?", re.ASCII)
 CENT = Decimal("0.01")
 #: What a Numeric(12, 2) column holds; no M-Pesa amount comes near it.
@@ -187,4 +191,13 @@ def validate_reference(value: str, *, field: str, max_length: int = 20) -> str:
 def validate_shortcode(value: str, *, field: str) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[0-9]{5,6}", value):
         raise PaymentValidationError(f"{field} must be 5 or 6 digits", field=field)
+    return value
+
+
+def validate_provider_id(value: str, *, field: str) -> str:
+    """An M-Pesa ID (or a third-party reference) sent back to M-Pesa: ``PROVIDER_ID``."""
+    if not isinstance(value, str) or not PROVIDER_ID.fullmatch(value):
+        raise PaymentValidationError(
+            f"{field} must be 1-100 letters, digits, '_' or '-'", field=field
+        )
     return value
