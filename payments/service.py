@@ -1371,18 +1371,9 @@ def _apply_outcome(
         if len(outcome.conversation_id) <= ID_LENGTH:
             changes["conversation_id"] = outcome.conversation_id
     status = outcome.status
+    withheld: str | None = None  # why the outcome's status is not applied, if it is not
     if status is not None and current["operator_hold"]:
-        audits.append(
-            repo.audit_entry(
-                record.id,
-                AuditAction.STATUS_CHANGED,
-                status_before=before,
-                error_message="not applied, the payment is held for an operator:"
-                f" {outcome.status_description}"[:2000],
-                actor=actor,
-            )
-        )
-        status = None
+        withheld = "the payment is held for an operator"
     elif (
         status is not None
         and not outcome.live
@@ -1392,14 +1383,17 @@ def _apply_outcome(
     ):
         # E.g. "Expired" from a query while the customer still types the PIN: the call's own
         # answer (or, once it cannot come any more, a later query) settles it.
+        withheld = (
+            "the payment's own call may still be answered"
+            f" (until {in_flight_until.isoformat(timespec='seconds')})"
+        )
+    if withheld is not None:
         audits.append(
             repo.audit_entry(
                 record.id,
                 AuditAction.STATUS_CHANGED,
                 status_before=before,
-                error_message="not applied, the payment's own call may still be answered"
-                f" (until {in_flight_until.isoformat(timespec='seconds')}):"
-                f" {outcome.status_description}"[:2000],
+                error_message=f"not applied, {withheld}: {outcome.status_description}"[:2000],
                 actor=actor,
             )
         )
