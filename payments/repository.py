@@ -7,25 +7,40 @@ They return ``PaymentRecord`` snapshots (plain values) so nothing lazy-loads aft
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Select, and_, bindparam, func, insert, or_, select, true, update
+from sqlalchemy import (
+    Select,
+    and_,
+    bindparam,
+    false,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    true,
+    tuple_,
+    update,
+)
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.exc import StaleDataError
 
 from .models import (
     AuditAction,
     PaymentAuditLog,
+    PaymentDailyTotal,
     PaymentStatus,
     PaymentTransaction,
     PaymentWebhookLog,
     as_utc,
     utcnow,
 )
+from .paging import PageCursor
 from .schemas import PaymentFilters
 
 
@@ -111,6 +126,8 @@ _GUARDED_UPDATE = update(_PAYMENTS).where(
     # The status too: a hand-made UPDATE (an operator's SQL) may not bump the version.
     _PAYMENTS.c.status == bindparam("b_status"),
 )
+#: What the reconciler works on (the partial index ``ix_payment_transactions_reconcile_due``).
+RECONCILABLE_STATUSES = (PaymentStatus.PENDING, PaymentStatus.PROCESSING, PaymentStatus.UNKNOWN)
 #: Column names whose ORM attribute is named differently.
 _ATTRIBUTE = {"metadata": "metadata_"}
 
@@ -270,7 +287,11 @@ def _filtered(query: Select[Any], filters: PaymentFilters) -> Select[Any]:
     if filters.user_id:
         query = query.where(table.user_id == filters.user_id)
     if filters.attention_required is not None:
-        query = query.where(table.attention_required.is_(filters.attention_required))
+        # ``= true`` as a literal: PostgreSQL matches it to the partial index (``IS true`` or a
+        # bound parameter would not).
+        query = query.where(
+            table.attention_required == (true() if filters.attention_required else false())
+        )
     if filters.from_date:
         query = query.where(table.created_at >= _day_start(filters.from_date))
     if filters.to_date:
@@ -278,42 +299,123 @@ def _filtered(query: Select[Any], filters: PaymentFilters) -> Select[Any]:
     return query
 
 
+def _totals_can_count(filters: PaymentFilters) -> bool:
+    """The daily totals answer a count filtered by status, operation and dates only."""
+    return not (
+        filters.phone_number is not None
+        or filters.entity_type
+        or filters.entity_id
+        or filters.user_id
+        or filters.attention_required is not None
+    )
+
+
+def _totals_filtered(query: Select[Any], filters: PaymentFilters) -> Select[Any]:
+    totals = PaymentDailyTotal
+    if filters.status:
+        query = query.where(totals.status == filters.status)
+    if filters.operation:
+        query = query.where(totals.operation == filters.operation)
+    if filters.from_date:
+        query = query.where(totals.day >= filters.from_date)
+    if filters.to_date:
+        query = query.where(totals.day <= filters.to_date)
+    return query
+
+
+def count_payments(session: Session, filters: PaymentFilters) -> int:
+    """How many payments match: from the daily totals when they can tell (a few hundred rows
+    whatever the history), else ``count(*)`` over the index that serves the filter."""
+    if _totals_can_count(filters):
+        query = _totals_filtered(
+            select(func.coalesce(func.sum(PaymentDailyTotal.count), 0)), filters
+        )
+    else:
+        query = _filtered(select(func.count()).select_from(PaymentTransaction), filters)
+    return int(session.scalar(query) or 0)
+
+
 def list_page(
-    session: Session, filters: PaymentFilters, *, page: int, per_page: int
-) -> tuple[list[PaymentRecord], int, int]:
-    """One page, newest first: (records, total, pages)."""
-    total = session.scalar(_filtered(select(func.count(PaymentTransaction.id)), filters)) or 0
+    session: Session,
+    filters: PaymentFilters,
+    *,
+    page: int,
+    per_page: int,
+    cursor: PageCursor | None = None,
+) -> tuple[list[PaymentRecord], int, int, PageCursor | None]:
+    """One page, newest first: (records, total, pages, cursor of the next page or ``None``).
+
+    With a ``cursor`` the page starts after the row it names (keyset: an index range scan,
+    however deep); without one, at ``page`` (OFFSET: fine for the first pages)."""
+    total = count_payments(session, filters)
     original = aliased(PaymentTransaction)
-    rows = session.execute(
-        _filtered(select(PaymentTransaction, original.transaction_id), filters)
-        .outerjoin(original, PaymentTransaction.original_id == original.id)
-        .order_by(PaymentTransaction.created_at.desc(), PaymentTransaction.id.desc())
-        .offset((page - 1) * per_page)
-        .limit(per_page)
-    ).all()
-    records = [PaymentRecord.of(row, original_id) for row, original_id in rows]
-    return records, total, max(1, math.ceil(total / per_page))
+    table = PaymentTransaction
+    query = (
+        _filtered(select(table, original.transaction_id), filters)
+        .outerjoin(original, table.original_id == original.id)
+        .order_by(table.created_at.desc(), table.id.desc())
+        .limit(per_page + 1)  # one more tells whether there is a next page
+    )
+    if cursor is not None:
+        page = cursor.page
+        query = query.where(tuple_(table.created_at, table.id) < (cursor.created_at, cursor.id))
+    else:
+        query = query.offset((page - 1) * per_page)
+    rows = session.execute(query).all()
+    records = [PaymentRecord.of(row, original_id) for row, original_id in rows[:per_page]]
+    next_cursor = (
+        PageCursor(records[-1].created_at, records[-1].id, page + 1)
+        if len(rows) > per_page
+        else None
+    )
+    return records, total, max(1, math.ceil(total / per_page)), next_cursor
 
 
 def summary_rows(
     session: Session, filters: PaymentFilters
 ) -> list[tuple[str, str, int, Decimal, int]]:
-    """(status, operation, count, amount, attention count) per status and operation."""
+    """(status, operation, count, amount, attention count) per status and operation.
+
+    Counts and amounts come from the daily totals (only ``from_date``/``to_date`` of the filters
+    apply); the flagged count from the partial index of flagged payments."""
+    totals = PaymentDailyTotal
+    buckets = session.execute(
+        _totals_filtered(
+            select(
+                totals.status,
+                totals.operation,
+                func.sum(totals.count),
+                func.sum(totals.amount_cents),
+            ),
+            PaymentFilters(from_date=filters.from_date, to_date=filters.to_date),
+        ).group_by(totals.status, totals.operation)
+    ).all()
+    flagged = _flagged_counts(session, filters)
+    rows = []
+    for status, operation, count, cents in buckets:
+        if not count:
+            continue  # every payment of the bucket moved on to another status
+        rows.append(
+            (
+                status,
+                operation,
+                int(count),
+                Decimal(int(cents or 0)) / 100,
+                flagged.get((status, operation), 0),
+            )
+        )
+    return rows
+
+
+def _flagged_counts(session: Session, filters: PaymentFilters) -> dict[tuple[str, str], int]:
     table = PaymentTransaction
     query = _filtered(
-        select(
-            table.status,
-            table.operation,
-            func.count(table.id),
-            func.coalesce(func.sum(table.amount), 0),
-            func.coalesce(func.sum(func.cast(table.attention_required, type_=table.id.type)), 0),
+        select(table.status, table.operation, func.count()),
+        PaymentFilters(
+            from_date=filters.from_date, to_date=filters.to_date, attention_required=True
         ),
-        filters,
     ).group_by(table.status, table.operation)
-    return [
-        (status, operation, int(count), Decimal(amount), int(attention))
-        for status, operation, count, amount, attention in session.execute(query).all()
-    ]
+    return {(status, operation): int(n) for status, operation, n in session.execute(query).all()}
 
 
 def audit_trail(session: Session, transaction_pk: int) -> list[PaymentAuditLog]:
@@ -391,48 +493,65 @@ def claim_due_for_reconciliation(
     lease_until: datetime,
     limit: int,
     open_calls_created_before: Mapping[str, datetime] | None = None,
+    flagged_next_poll: Callable[[datetime], datetime] | None = None,
 ) -> list[PaymentRecord]:
     """Lease up to ``limit`` unsettled payments that are due: ``next_reconcile_at`` moves to
     ``lease_until`` so other workers skip them while this one asks the provider, without holding
     a lock. ``SKIP LOCKED`` keeps concurrent claims on PostgreSQL from waiting on each other.
 
+    Never-polled payments first (``next_reconcile_at`` NULL, oldest first), then the due ones in
+    the order they fell due: two range scans of the partial index
+    ``ix_payment_transactions_reconcile_due``, so neither a long history nor many old unknowns
+    slow the claim or keep a new unknown waiting.
+
+    A flagged payment (``attention_required``) is leased until ``flagged_next_poll(created_at)``
+    (its next poll, when later than the lease): an unchanged answer then writes nothing more, so
+    one poll of it is this one UPDATE.
+
     Skipped: payments held for an operator (no answer of M-Pesa's can settle them), and
     ``pending``/``processing`` ones not created before ``open_calls_created_before[operation]``
     (their own call may still be answered)."""
-    in_flight = PaymentTransaction.status.in_([PaymentStatus.PENDING, PaymentStatus.PROCESSING])
+    table = PaymentTransaction
+    in_flight = table.status.in_([PaymentStatus.PENDING, PaymentStatus.PROCESSING])
     call_over = (
         or_(
             *(
-                and_(
-                    PaymentTransaction.operation == operation,
-                    PaymentTransaction.created_at <= cutoff,
-                )
+                and_(table.operation == operation, table.created_at <= cutoff)
                 for operation, cutoff in open_calls_created_before.items()
             )
         )
         if open_calls_created_before
         else true()
     )
-    rows = session.scalars(
-        select(PaymentTransaction)
-        .where(
-            PaymentTransaction.status.in_(
-                [PaymentStatus.PENDING, PaymentStatus.PROCESSING, PaymentStatus.UNKNOWN]
-            ),
-            PaymentTransaction.operator_hold.is_(False),
-            PaymentTransaction.created_at <= created_before,
-            or_(~in_flight, call_over),
-            or_(
-                PaymentTransaction.next_reconcile_at.is_(None),
-                PaymentTransaction.next_reconcile_at <= now,
-            ),
-        )
-        .order_by(PaymentTransaction.id)
+    claimable = (
+        # The partial index's own predicate, with literals, so PostgreSQL proves it applies.
+        table.status.in_([literal_column(f"'{s.value}'") for s in RECONCILABLE_STATUSES]),
+        table.operator_hold == false(),
+        table.created_at <= created_before,
+        or_(~in_flight, call_over),
+    )
+    never_polled = (
+        select(table)
+        .where(*claimable, table.next_reconcile_at.is_(None))
+        .order_by(table.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
-    ).all()
+    )
+    rows = list(session.scalars(never_polled).all())
+    if len(rows) < limit:
+        due = (
+            select(table)
+            .where(*claimable, table.next_reconcile_at <= now)
+            .order_by(table.next_reconcile_at, table.id)
+            .limit(limit - len(rows))
+            .with_for_update(skip_locked=True)
+        )
+        rows += session.scalars(due).all()
     for row in rows:
-        row.next_reconcile_at = lease_until
+        lease = lease_until
+        if row.attention_required and flagged_next_poll is not None:
+            lease = max(lease, flagged_next_poll(as_utc(row.created_at) or now))
+        row.next_reconcile_at = lease
         row.reconcile_attempts += 1
     session.flush()
     return [record_of(session, row) for row in rows]

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
 from pydantic import AfterValidator, BaseModel, TypeAdapter, ValidationError
@@ -34,6 +34,7 @@ from .exceptions import (
     DuplicateTransactionError,
     IdempotencyConflictError,
     InsufficientFundsError,
+    InvalidCursorError,
     InvalidPaymentRequestError,
     InvalidStateTransitionError,
     PaymentCancelledError,
@@ -48,6 +49,7 @@ from .exceptions import (
     UnauthorizedError,
 )
 from .logger import payment_logger, sanitize_text
+from .paging import MAX_CURSOR_LENGTH
 from .schemas import (
     ApiDate,
     AuditTrailResponse,
@@ -70,6 +72,7 @@ from .values import MSISDN_PATTERN, Msisdn
 ERROR_STATUS: tuple[tuple[type[PaymentError], int], ...] = (
     (UnauthorizedError, 401),
     (PaymentValidationError, 422),
+    (InvalidCursorError, 400),
     (PaymentNotFoundError, 404),
     (IdempotencyConflictError, 409),
     (InvalidStateTransitionError, 409),
@@ -515,7 +518,13 @@ def create_payment_router(
     async def status(transaction_id: str, db: Db, _: Actor, payments: Service) -> Response:
         return _json(await payments.get(transaction_id, db))
 
-    @router.get("/", response_model=PaymentListResponse, responses=_responses())
+    @router.get(
+        "/",
+        response_model=PaymentListResponse,
+        responses=_responses(
+            base={400: {"model": ErrorResponse, "description": "A cursor no page returned"}}
+        ),
+    )
     async def list_payments(
         db: Db,
         _: Actor,
@@ -523,8 +532,40 @@ def create_payment_router(
         filters: Annotated[PaymentFilters, Query()],
         page: Annotated[int, Query(ge=1, le=100_000)] = 1,
         per_page: Annotated[int, Query(ge=1, le=100)] = 20,
+        cursor: Annotated[
+            str | None,
+            Query(
+                max_length=MAX_CURSOR_LENGTH,
+                description="A previous page's ``next_cursor``: the page after it (keyset"
+                " paging, as fast deep as near the top); ``page`` is then ignored.",
+            ),
+        ] = None,
     ) -> Response:
-        return _json(await payments.list(db, filters, page=page, per_page=per_page))
+        """Payments, newest first. Deep pages and full walks: follow ``next_cursor``."""
+        return _json(
+            await payments.list(db, filters, page=page, per_page=per_page, cursor=cursor)
+        )
+
+    @router.get(
+        "/export.csv",
+        response_class=StreamingResponse,
+        responses=_responses(
+            base={200: {"content": {"text/csv": {}}, "description": "One row per payment"}}
+        ),
+    )
+    async def export_csv(
+        db: Db,
+        _: Actor,
+        payments: Service,
+        filters: Annotated[PaymentFilters, Query()],
+    ) -> StreamingResponse:
+        """The payments matching the list's filters as CSV (phone numbers masked), read in
+        keyset batches."""
+        return StreamingResponse(
+            payments.export_csv(db, filters),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": 'attachment; filename="payments.csv"'},
+        )
 
     @router.get("/summary", response_model=PaymentSummary, responses=_responses())
     async def summary(
