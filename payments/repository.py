@@ -485,32 +485,14 @@ def list_webhooks(
 # -- reconciliation -----------------------------------------------------------------------------
 
 
-def claim_due_for_reconciliation(
-    session: Session,
+def claim_queries(
     *,
     now: datetime,
     created_before: datetime,
-    lease_until: datetime,
     limit: int,
     open_calls_created_before: Mapping[str, datetime] | None = None,
-    flagged_next_poll: Callable[[datetime], datetime] | None = None,
-) -> list[PaymentRecord]:
-    """Lease up to ``limit`` unsettled payments that are due: ``next_reconcile_at`` moves to
-    ``lease_until`` so other workers skip them while this one asks the provider, without holding
-    a lock. ``SKIP LOCKED`` keeps concurrent claims on PostgreSQL from waiting on each other.
-
-    Never-polled payments first (``next_reconcile_at`` NULL, oldest first), then the due ones in
-    the order they fell due: two range scans of the partial index
-    ``ix_payment_transactions_reconcile_due``, so neither a long history nor many old unknowns
-    slow the claim or keep a new unknown waiting.
-
-    A flagged payment (``attention_required``) is leased until ``flagged_next_poll(created_at)``
-    (its next poll, when later than the lease): an unchanged answer then writes nothing more, so
-    one poll of it is this one UPDATE.
-
-    Skipped: payments held for an operator (no answer of M-Pesa's can settle them), and
-    ``pending``/``processing`` ones not created before ``open_calls_created_before[operation]``
-    (their own call may still be answered)."""
+) -> tuple[Select[tuple[PaymentTransaction]], Select[tuple[PaymentTransaction]]]:
+    """The claim's two statements: never-polled payments by id, then due ones by due time."""
     table = PaymentTransaction
     in_flight = table.status.in_([PaymentStatus.PENDING, PaymentStatus.PROCESSING])
     call_over = (
@@ -537,16 +519,51 @@ def claim_due_for_reconciliation(
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
+    due = (
+        select(table)
+        .where(*claimable, table.next_reconcile_at <= now)
+        .order_by(table.next_reconcile_at, table.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return never_polled, due
+
+
+def claim_due_for_reconciliation(
+    session: Session,
+    *,
+    now: datetime,
+    created_before: datetime,
+    lease_until: datetime,
+    limit: int,
+    open_calls_created_before: Mapping[str, datetime] | None = None,
+    flagged_next_poll: Callable[[datetime], datetime] | None = None,
+) -> list[PaymentRecord]:
+    """Lease up to ``limit`` unsettled payments that are due: ``next_reconcile_at`` moves to
+    ``lease_until`` so other workers skip them while this one asks the provider, without holding
+    a lock. ``SKIP LOCKED`` keeps concurrent claims on PostgreSQL from waiting on each other.
+
+    Never-polled payments first (``next_reconcile_at`` NULL, oldest first), then the due ones in
+    the order they fell due: two range scans of the partial index
+    ``ix_payment_transactions_reconcile_due``, so neither a long history nor many old unknowns
+    slow the claim or keep a new unknown waiting.
+
+    A flagged payment (``attention_required``) is leased until ``flagged_next_poll(created_at)``
+    (its next poll, when later than the lease): an unchanged answer then writes nothing more, so
+    one poll of it is this one UPDATE.
+
+    Skipped: payments held for an operator (no answer of M-Pesa's can settle them), and
+    ``pending``/``processing`` ones not created before ``open_calls_created_before[operation]``
+    (their own call may still be answered)."""
+    never_polled, due = claim_queries(
+        now=now,
+        created_before=created_before,
+        limit=limit,
+        open_calls_created_before=open_calls_created_before,
+    )
     rows = list(session.scalars(never_polled).all())
     if len(rows) < limit:
-        due = (
-            select(table)
-            .where(*claimable, table.next_reconcile_at <= now)
-            .order_by(table.next_reconcile_at, table.id)
-            .limit(limit - len(rows))
-            .with_for_update(skip_locked=True)
-        )
-        rows += session.scalars(due).all()
+        rows += session.scalars(due.limit(limit - len(rows))).all()
     for row in rows:
         lease = lease_until
         if row.attention_required and flagged_next_poll is not None:

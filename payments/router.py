@@ -542,9 +542,7 @@ def create_payment_router(
         ] = None,
     ) -> Response:
         """Payments, newest first. Deep pages and full walks: follow ``next_cursor``."""
-        return _json(
-            await payments.list(db, filters, page=page, per_page=per_page, cursor=cursor)
-        )
+        return _json(await payments.list(db, filters, page=page, per_page=per_page, cursor=cursor))
 
     @router.get(
         "/export.csv",
