@@ -19,7 +19,6 @@ from sqlalchemy import event, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from payments import repository as repo
-from payments.client import ClientConfig, MpesaClient
 from payments.config import load_settings
 from payments.exceptions import InvalidCursorError, PaymentOutcomeUnknownError
 from payments.models import (
@@ -27,11 +26,13 @@ from payments.models import (
     PaymentTransaction,
     utcnow,
 )
+from payments.mpesa.client import ClientConfig, MpesaClient
 from payments.paging import PageCursor
 from payments.reconciliation import flagged_poll_interval, reconcile_once
 from payments.schemas import PaymentFilters, PaymentInitiateRequest
 from payments.service import PaymentService
-from payments.simulator import MpesaSimulator, SimulatorConfig, SimulatorTransport
+from payments.simulator.app import MpesaSimulator, SimulatorConfig
+from payments.simulator.transport import SimulatorTransport
 from tests.conftest import PaymentApi
 
 DROPPED = "258842000001"  # recorded Completed, the answer lost: the status query settles it
