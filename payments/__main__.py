@@ -1,4 +1,4 @@
-"""Command line: ``python -m payments serve | simulator | reconcile``."""
+"""Command line: ``python -m payments serve | simulator | reconcile | prune``."""
 
 from __future__ import annotations
 
@@ -99,6 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument(
         "--batch-size", type=int, default=None, help="payments per pass (default 50)"
     )
+
+    prune = commands.add_parser(
+        "prune",
+        help="delete what the retention settings say is past keeping",
+        description="Delete rejected notices older than PAYMENT_REJECTED_NOTICE_RETENTION"
+        " seconds, processed notices older than PAYMENT_PROCESSED_NOTICE_RETENTION_DAYS and, when"
+        " PAYMENT_AUDIT_RETENTION_DAYS is set, audit rows of payments settled before then. In"
+        " batches; safe beside a running app. The reconciler's loop does the same hourly.",
+    )
+    prune.add_argument(
+        "--dry-run", action="store_true", help="count what would be deleted, delete nothing"
+    )
     return parser
 
 
@@ -136,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     elif args.command == "reconcile":
         asyncio.run(reconcile(args.min_age, args.loop, args.batch_size))
+    elif args.command == "prune":
+        asyncio.run(prune(dry_run=args.dry_run))
     elif args.command == "simulator":
         _refuse_remote(args.host, args.allow_remote, "simulator")
         from .simulator.app import SimulatorConfig, run_simulator
@@ -212,6 +226,19 @@ async def reconcile(min_age: float | None, loop: float | None, batch_size: int |
             )
     finally:
         await service.aclose()
+        await get_database().dispose()
+
+
+
+async def prune(*, dry_run: bool) -> None:
+    from .config import get_settings
+    from .database import get_database
+    from .retention import prune as prune_once
+
+    try:
+        report = await prune_once(get_settings(), get_database().session, dry_run=dry_run)
+        print(f"prune{' (dry run: nothing deleted)' if dry_run else ''}: {report}")
+    finally:
         await get_database().dispose()
 
 

@@ -8,7 +8,8 @@ evidence: an answer-less payment is retried with exponential backoff and, past
 ``PAYMENT_RECONCILE_ATTENTION_AFTER`` seconds, flagged for an operator (``attention_required``).
 
 Run it as ``python -m payments reconcile [--loop SECONDS]``, schedule ``reconcile_once`` yourself,
-or start ``reconcile_forever`` as a background task with the app.
+or start ``reconcile_forever`` as a background task with the app; the loop also applies the
+retention settings hourly (``retention.prune``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .logger import payment_logger
 from .models import AuditAction, PaymentOperation, PaymentStatus, utcnow
 from .outcomes import Outcome
 from .repository import PaymentRecord
+from .retention import PRUNE_EVERY, prune
 from .service import PaymentService
 
 #: Opens a session: an ``async_sessionmaker``, or ``get_database().session``.
@@ -267,11 +269,18 @@ async def reconcile_forever(
     """Run passes every ``interval`` seconds until ``stop`` is set (or the task is cancelled)."""
     interval = interval or service.settings.payment_reconcile_interval
     stop = stop or asyncio.Event()
+    last_prune: datetime | None = None
     while not stop.is_set():
         try:
             await reconcile_once(service, sessions, min_age=min_age, batch_size=batch_size)
         except Exception as exc:  # the database may be down for a while: keep trying
             payment_logger.error("Reconciliation pass failed", error=type(exc).__name__)
+        if last_prune is None or utcnow() - last_prune >= PRUNE_EVERY:
+            last_prune = utcnow()
+            try:
+                await prune(service.settings, sessions)
+            except Exception as exc:  # retried at the next hour
+                payment_logger.error("Pruning failed", error=type(exc).__name__)
         try:
             await asyncio.wait_for(stop.wait(), timeout=interval)
         except TimeoutError:

@@ -15,7 +15,9 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from alembic import command
 from sqlalchemy import event, func, select, text, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from payments import repository as repo
@@ -23,7 +25,9 @@ from payments.config import load_settings
 from payments.exceptions import InvalidCursorError, PaymentOutcomeUnknownError
 from payments.models import (
     PaymentAuditLog,
+    PaymentDailyTotal,
     PaymentTransaction,
+    PaymentWebhookLog,
     utcnow,
 )
 from payments.mpesa.client import ClientConfig, MpesaClient
@@ -34,6 +38,7 @@ from payments.service import PaymentService
 from payments.simulator.app import MpesaSimulator, SimulatorConfig
 from payments.simulator.transport import SimulatorTransport
 from tests.conftest import PaymentApi
+from tests.test_migrations import repo_alembic_config, sync_engine
 
 DROPPED = "258842000001"  # recorded Completed, the answer lost: the status query settles it
 OVERLOADED = "258841000016"  # INS-16, not recorded: every status query says "not found"
@@ -434,3 +439,394 @@ async def explain_text(session: AsyncSession, statement: str) -> str:
     result = await session.connection()
     rows = (await result.exec_driver_sql("EXPLAIN " + statement)).all()
     return "\n".join(row[0] for row in rows)
+
+
+# --- 8. retention ---------------------------------------------------------------------------------
+
+NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+
+
+async def seed_for_retention(sessions: async_sessionmaker[AsyncSession]) -> dict[str, int]:
+    """Notices and audit rows of several ages and kinds; returns their ids by name."""
+
+    def ago(days: float) -> datetime:
+        return NOW - timedelta(days=days)
+
+    ids: dict[str, int] = {}
+    async with sessions() as session:
+        notices = {
+            "rejected_old": PaymentWebhookLog(raw_body="x", is_valid=False, received_at=ago(2)),
+            "rejected_new": PaymentWebhookLog(raw_body="x", is_valid=False, received_at=ago(0.5)),
+            "processed_old": PaymentWebhookLog(
+                raw_body="{}", is_valid=True, is_processed=True, received_at=ago(91)
+            ),
+            "processed_new": PaymentWebhookLog(
+                raw_body="{}", is_valid=True, is_processed=True, received_at=ago(89)
+            ),
+            "unprocessed_old": PaymentWebhookLog(
+                raw_body="{}", is_valid=True, is_processed=False, received_at=ago(400)
+            ),
+        }
+        payments = {
+            "settled_old": PaymentTransaction(status="completed", updated_at=ago(60)),
+            "settled_new": PaymentTransaction(status="completed", updated_at=ago(10)),
+            "open_old": PaymentTransaction(status="unknown", updated_at=ago(60)),
+            "flagged_old": PaymentTransaction(
+                status="failed", attention_required=True, updated_at=ago(60)
+            ),
+        }
+        for index, payment in enumerate(payments.values()):
+            payment.transaction_id = f"P{index}"
+            payment.third_party_reference = f"R{index}"
+            payment.operation = "c2b"
+            payment.amount = Decimal("5")
+            payment.created_at = ago(61)
+        session.add_all([*notices.values(), *payments.values()])
+        await session.flush()
+        for name, payment in payments.items():  # noqa: B007 (named by the dict)
+            audit = PaymentAuditLog(
+                transaction_id=payment.id, action="initiated", created_at=ago(61)
+            )
+            session.add(audit)
+            await session.flush()
+            ids[f"audit_{name}"] = audit.id
+        ids |= {name: notice.id for name, notice in notices.items()}
+        await session.commit()
+    return ids
+
+
+async def remaining(sessions: async_sessionmaker[AsyncSession]) -> tuple[set[int], set[int]]:
+    async with sessions() as session:
+        notices = set((await session.scalars(select(PaymentWebhookLog.id))).all())
+        audits = set((await session.scalars(select(PaymentAuditLog.id))).all())
+    return notices, audits
+
+
+async def test_prune_deletes_only_what_the_retention_settings_say(
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    from payments.retention import prune
+
+    ids = await seed_for_retention(session_factory)
+    defaults = load_settings()
+    assert defaults.payment_audit_retention_days == 0  # audit rows: as long as their payment
+
+    dry = await prune(defaults, session_factory, now=NOW, dry_run=True)
+    assert (dry.rejected_notices, dry.processed_notices, dry.audit_rows) == (1, 1, 0)
+    assert len((await remaining(session_factory))[0]) == 5
+
+    report = await prune(defaults, session_factory, now=NOW)
+    assert (report.rejected_notices, report.processed_notices, report.audit_rows) == (1, 1, 0)
+    notices, audits = await remaining(session_factory)
+    assert notices == {ids["rejected_new"], ids["processed_new"], ids["unprocessed_old"]}
+    assert len(audits) == 4  # every audit row kept by default
+
+    strict = load_settings(payment_audit_retention_days=30)
+    report = await prune(strict, session_factory, now=NOW)
+    assert report.audit_rows == 1
+    _, audits = await remaining(session_factory)
+    # Open, flagged and recently settled payments keep their trail.
+    assert audits == {ids["audit_settled_new"], ids["audit_open_old"], ids["audit_flagged_old"]}
+
+
+async def test_prune_works_in_batches(
+    session_factory: async_sessionmaker[AsyncSession], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from payments import retention
+
+    monkeypatch.setattr(retention, "BATCH_SIZE", 2)
+    async with session_factory() as session:
+        session.add_all(
+            PaymentWebhookLog(raw_body="x", is_valid=False, received_at=NOW - timedelta(days=3))
+            for _ in range(7)
+        )
+        await session.commit()
+    report = await retention.prune(load_settings(), session_factory, now=NOW)
+    assert report.rejected_notices == 7
+    assert (await remaining(session_factory))[0] == set()
+
+
+def test_the_prune_command_applies_the_settings(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from payments.__main__ import main
+    from payments.config import get_settings
+    from payments.database import get_database
+
+    url = f"sqlite:///{tmp_path}/cli.db"
+    command.upgrade(repo_alembic_config(url), "head")
+    with sync_engine(url) as engine, engine.begin() as connection:
+        old = utcnow() - timedelta(days=2)
+        connection.execute(
+            PaymentWebhookLog.__table__.insert(),
+            [{"raw_body": "x", "is_valid": False, "received_at": old}],
+        )
+        # A raw insert with only the columns that have no default (server defaults do the rest).
+        connection.execute(text("INSERT INTO payment_webhook_logs (raw_body) VALUES ('y')"))
+    monkeypatch.setenv("PAYMENT_DATABASE_URL", url)
+    get_settings.cache_clear()
+    get_database.cache_clear()
+    main(["prune", "--dry-run"])
+    assert "rejected_notices=1" in capsys.readouterr().out
+    main(["prune"])
+    assert "rejected_notices=1" in capsys.readouterr().out
+    with sync_engine(url) as engine, engine.connect() as connection:
+        assert connection.execute(text("SELECT raw_body FROM payment_webhook_logs")).all() == [
+            ("y",)
+        ]
+
+
+async def test_the_reconciler_loop_prunes(
+    service: PaymentService, session_factory: async_sessionmaker[AsyncSession]
+) -> None:
+    import asyncio
+
+    from payments.reconciliation import reconcile_forever
+
+    async with session_factory() as session:
+        session.add(
+            PaymentWebhookLog(
+                raw_body="x", is_valid=False, received_at=utcnow() - timedelta(days=2)
+            )
+        )
+        await session.commit()
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        reconcile_forever(service, session_factory, interval=0.05, stop=stop)
+    )
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if not (await remaining(session_factory))[0]:
+            break
+    stop.set()
+    await task
+    assert (await remaining(session_factory))[0] == set()
+
+
+# --- 5. the daily totals behind the summary -------------------------------------------------------
+
+
+CANCELLED = "258841000005"  # INS-5: recorded Cancelled
+
+
+async def direct_summary(sessions: async_sessionmaker[AsyncSession]) -> set[tuple[Any, ...]]:
+    """(status, operation, count, amount) straight from the payments."""
+    table = PaymentTransaction
+    async with sessions() as session:
+        rows = await session.execute(
+            select(table.status, table.operation, func.count(), func.sum(table.amount)).group_by(
+                table.status, table.operation
+            )
+        )
+        return {(s, o, n, Decimal(str(a)).quantize(Decimal("0.01"))) for s, o, n, a in rows}
+
+
+async def test_the_summary_reads_totals_kept_in_step_with_every_transition(
+    service: PaymentService, session_factory: async_sessionmaker[AsyncSession]
+) -> None:
+    """Payments completed, cancelled, lost then reconciled, reversed in part: the totals the
+    triggers keep match a count of the payments themselves, bucket by bucket."""
+    from payments.schemas import ReversalRequest
+
+    first = await paid(service, session_factory, amount="100.10")
+    await paid(service, session_factory, amount="7.25")
+    async with session_factory() as db:
+        try:
+            await service.initiate_payment(
+                request=PaymentInitiateRequest(phone_number=CANCELLED, amount="3"), db=db
+            )
+        except Exception:
+            pass
+    await unknown_payment(service, session_factory, DROPPED)
+    await unknown_payment(service, session_factory, OVERLOADED)
+    await reconcile_once(service, session_factory, min_age=0)
+    async with session_factory() as db:
+        await service.reverse(first, ReversalRequest(amount="40"), db, "operator")
+
+    expected = await direct_summary(session_factory)
+    async with session_factory() as session:
+        got = await session.run_sync(lambda s: repo.summary_rows(s, PaymentFilters()))
+        today = utcnow().date()
+        dated = await session.run_sync(
+            lambda s: repo.summary_rows(s, PaymentFilters(from_date=today, to_date=today))
+        )
+        before = await session.run_sync(
+            lambda s: repo.summary_rows(s, PaymentFilters(to_date=today - timedelta(days=1)))
+        )
+        buckets = await session.scalar(select(func.count()).select_from(PaymentDailyTotal))
+    assert {row[:4] for row in got} == expected
+    assert {row[:4] for row in dated} == expected
+    assert before == []
+    assert {row[0] for row in got} >= {"completed", "partially_reversed", "cancelled", "unknown"}
+    assert buckets is not None and buckets > 0
+    async with session_factory() as db:
+        summary = await service.summary(db)
+    assert summary.total_count == sum(row[2] for row in expected)
+
+
+async def test_raw_sql_changes_keep_the_totals_too(
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    """The totals are the database's own (triggers), so an operator's SQL keeps them true."""
+    await seed(session_factory, 20)
+    async with session_factory() as session:
+        await session.execute(
+            update(PaymentTransaction)
+            .where(PaymentTransaction.status == "failed")
+            .values(status="cancelled", amount=PaymentTransaction.amount + 1)
+        )
+        await session.execute(
+            PaymentTransaction.__table__.delete().where(
+                PaymentTransaction.transaction_id == "T00001"
+            )
+        )
+        await session.commit()
+    async with session_factory() as session:
+        got = await session.run_sync(lambda s: repo.summary_rows(s, PaymentFilters()))
+    assert {row[:4] for row in got} == await direct_summary(session_factory)
+
+
+# --- 6 and 7. server defaults; SQL NULL for an absent JSON value ----------------------------------
+
+
+async def test_absent_json_values_are_sql_null(
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    async with session_factory() as session:
+        payment = PaymentTransaction(
+            transaction_id="J1",
+            operation="c2b",
+            amount=Decimal("1"),
+            third_party_reference="J1",
+            metadata_=None,
+        )
+        session.add(payment)
+        await session.flush()
+        session.add(PaymentAuditLog(transaction_id=payment.id, action="initiated"))
+        session.add(PaymentWebhookLog(raw_body="{}", headers=None))
+        await session.commit()
+        for column in (
+            PaymentTransaction.metadata_,
+            PaymentAuditLog.request_body,
+            PaymentAuditLog.response_body,
+            PaymentWebhookLog.headers,
+        ):
+            assert await session.scalar(select(func.count()).where(column.is_(None))) == 1
+
+
+RAW_PAYMENT = (
+    "INSERT INTO payment_transactions (transaction_id, operation, amount, third_party_reference)"
+    " VALUES ('RAW1', 'c2b', 12.34, 'RAW1')"
+)
+
+
+def test_the_revision_upgrades_existing_data_and_downgrades(database_url: str) -> None:
+    """From ``payment_001`` with rows in it: JSON ``null`` becomes SQL NULL, the daily totals are
+    filled from the payments, raw inserts get server defaults and move the totals; then down to
+    ``payment_001`` (the old indexes back) and up again."""
+    config = repo_alembic_config(database_url)
+    command.upgrade(config, "payment_001")
+    with sync_engine(database_url) as engine:
+        with engine.begin() as connection:
+            with pytest.raises(IntegrityError):  # no server defaults before
+                with connection.begin_nested():
+                    connection.execute(text(RAW_PAYMENT))
+            connection.execute(
+                text(
+                    "INSERT INTO payment_transactions (transaction_id, operation, status, amount,"
+                    " currency, reversed_amount, third_party_reference, metadata,"
+                    " attention_required, operator_hold, reconcile_attempts, version, created_at,"
+                    " updated_at) VALUES ('OLD1', 'b2c', 'completed', 20.05, 'MZN', 0, 'OLD1',"
+                    " 'null', false, false, 0, 1, :at, :at)"
+                ),
+                {"at": datetime(2026, 3, 1, 10, tzinfo=UTC)},
+            )
+            connection.execute(
+                text(
+                    "INSERT INTO payment_audit_logs (transaction_id, action, request_body,"
+                    " response_body, created_at) SELECT id, 'initiated', 'null', '{\"a\": 1}',"
+                    " :at FROM payment_transactions"
+                ),
+                {"at": datetime(2026, 3, 1, 10, tzinfo=UTC)},
+            )
+        command.upgrade(config, "head")
+        with engine.begin() as connection:
+            assert (
+                connection.execute(
+                    text("SELECT count(*) FROM payment_transactions WHERE metadata IS NULL")
+                ).scalar_one()
+                == 1
+            )
+            assert (
+                connection.execute(
+                    text(
+                        "SELECT count(*) FROM payment_audit_logs"
+                        " WHERE request_body IS NULL AND response_body IS NOT NULL"
+                    )
+                ).scalar_one()
+                == 1
+            )
+            totals = connection.execute(
+                text(
+                    "SELECT day, operation, status, sum(count), sum(amount_cents)"
+                    " FROM payment_daily_totals GROUP BY day, operation, status"
+                )
+            ).all()
+            assert [(str(d), o, s, int(n), int(c)) for d, o, s, n, c in totals] == [
+                ("2026-03-01", "b2c", "completed", 1, 2005)
+            ]
+            connection.execute(text(RAW_PAYMENT))  # server defaults fill the rest
+            row = connection.execute(
+                text(
+                    "SELECT status, currency, version, attention_required, created_at"
+                    " FROM payment_transactions WHERE transaction_id = 'RAW1'"
+                )
+            ).one()
+            assert (row[0], row[1], row[2], bool(row[3])) == ("pending", "MZN", 1, False)
+            assert row[4] is not None
+            connection.execute(
+                text(
+                    "UPDATE payment_transactions SET status = 'failed'"
+                    " WHERE transaction_id = 'RAW1'"
+                )
+            )
+            moved = connection.execute(
+                text(
+                    "SELECT status, sum(count) FROM payment_daily_totals"
+                    " WHERE operation = 'c2b' GROUP BY status ORDER BY status"
+                )
+            ).all()
+            assert [(s, int(n)) for s, n in moved] == [("failed", 1), ("pending", 0)]
+
+        command.downgrade(config, "payment_001")
+        with engine.connect() as connection:
+            from sqlalchemy import inspect
+
+            inspector = inspect(connection)
+            assert "payment_daily_totals" not in inspector.get_table_names()
+            names = {index["name"] for index in inspector.get_indexes("payment_transactions")}
+            assert "ix_payment_transactions_operation" in names
+            assert "ix_payment_transactions_attention" not in names
+        command.upgrade(config, "head")
+        with engine.connect() as connection:
+            assert (
+                connection.execute(text("SELECT sum(count) FROM payment_daily_totals")).scalar_one()
+                == 2
+            )
+
+
+def test_the_models_and_the_revision_define_the_same_triggers() -> None:
+    import importlib.util
+
+    from payments import models
+    from tests.test_migrations import REPO_ROOT
+
+    path = REPO_ROOT / "payments" / "migrations" / "payment_003_data_layer.py"
+    spec = importlib.util.spec_from_file_location("payment_003", path)
+    assert spec is not None and spec.loader is not None
+    revision = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(revision)
+    assert revision.PG_TOTALS_DDL == models.PG_TOTALS_DDL
+    assert revision.PG_TOTALS_DROP == models.PG_TOTALS_DROP
+    assert revision.SQLITE_TOTALS_DDL == models.SQLITE_TOTALS_DDL
+    assert revision.SQLITE_TOTALS_DROP == models.SQLITE_TOTALS_DROP
