@@ -299,9 +299,11 @@ class PaymentDailyTotal(Base):
 
     The database keeps it: triggers on ``payment_transactions`` (below, and in the migration)
     move a payment between buckets in the same transaction as its insert or status change, so
-    the summary reads a few hundred rows instead of every payment of the period. ``shard``
-    spreads one day's busiest bucket over several rows, so concurrent payments do not queue on
-    one row lock; readers add the shards up. Amounts are integer cents (exact on SQLite too).
+    the summary reads a few rows per day instead of every payment of the period. ``shard``
+    spreads a bucket over several rows (``id % DAILY_TOTAL_SHARDS``), so concurrent payments do
+    not queue on one row lock; readers add the shards up, and ``repository.compact_daily_totals``
+    (run with the retention, hourly) folds the shards of past days into shard 0, so a year is a
+    few thousand rows. Amounts are integer cents (exact on SQLite too).
     """
 
     __tablename__ = "payment_daily_totals"

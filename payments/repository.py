@@ -17,12 +17,14 @@ from sqlalchemy import (
     Select,
     and_,
     bindparam,
+    delete,
     false,
     func,
     insert,
     literal_column,
     or_,
     select,
+    text,
     true,
     tuple_,
     update,
@@ -126,6 +128,7 @@ _GUARDED_UPDATE = update(_PAYMENTS).where(
     # The status too: a hand-made UPDATE (an operator's SQL) may not bump the version.
     _PAYMENTS.c.status == bindparam("b_status"),
 )
+_LEASE = update(_PAYMENTS).where(_PAYMENTS.c.id == bindparam("b_pk"))
 #: What the reconciler works on (the partial index ``ix_payment_transactions_reconcile_due``).
 RECONCILABLE_STATUSES = (PaymentStatus.PENDING, PaymentStatus.PROCESSING, PaymentStatus.UNKNOWN)
 #: Column names whose ORM attribute is named differently.
@@ -418,6 +421,49 @@ def _flagged_counts(session: Session, filters: PaymentFilters) -> dict[tuple[str
     return {(status, operation): int(n) for status, operation, n in session.execute(query).all()}
 
 
+_PG_COMPACT = """
+WITH moved AS (
+    DELETE FROM payment_daily_totals WHERE day < :before AND shard <> 0
+    RETURNING day, operation, status, count, amount_cents
+)
+INSERT INTO payment_daily_totals AS t (day, operation, status, shard, count, amount_cents)
+SELECT day, operation, status, 0, sum(count), sum(amount_cents) FROM moved
+GROUP BY day, operation, status
+ON CONFLICT (day, operation, status, shard) DO UPDATE
+SET count = t.count + EXCLUDED.count, amount_cents = t.amount_cents + EXCLUDED.amount_cents
+"""
+_SQLITE_COMPACT = (
+    """
+INSERT INTO payment_daily_totals (day, operation, status, shard, count, amount_cents)
+SELECT day, operation, status, 0, sum(count), sum(amount_cents) FROM payment_daily_totals
+WHERE day < :before AND shard <> 0 GROUP BY day, operation, status
+ON CONFLICT (day, operation, status, shard) DO UPDATE
+SET count = count + excluded.count, amount_cents = amount_cents + excluded.amount_cents
+""",
+    "DELETE FROM payment_daily_totals WHERE day < :before AND shard <> 0",
+)
+
+
+def compact_daily_totals(session: Session, before: date) -> int:
+    """Fold the shards of the days before ``before`` into shard 0 and drop empty buckets (the
+    payments of a day moved on); the number of rows removed. Sums are unchanged."""
+    rows_before = session.scalar(select(func.count()).select_from(PaymentDailyTotal)) or 0
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text(_PG_COMPACT), {"before": before})
+    else:  # one writer at a time on SQLite: two statements are as good as one
+        for statement in _SQLITE_COMPACT:
+            session.execute(text(statement), {"before": before})
+    session.execute(
+        delete(PaymentDailyTotal).where(
+            PaymentDailyTotal.day < before,
+            PaymentDailyTotal.count == 0,
+            PaymentDailyTotal.amount_cents == 0,
+        )
+    )
+    rows_after = session.scalar(select(func.count()).select_from(PaymentDailyTotal)) or 0
+    return int(rows_before) - int(rows_after)
+
+
 def audit_trail(session: Session, transaction_pk: int) -> list[PaymentAuditLog]:
     return list(
         session.scalars(
@@ -491,7 +537,7 @@ def claim_queries(
     created_before: datetime,
     limit: int,
     open_calls_created_before: Mapping[str, datetime] | None = None,
-) -> tuple[Select[tuple[PaymentTransaction]], Select[tuple[PaymentTransaction]]]:
+) -> tuple[Select[Any], Select[Any]]:
     """The claim's two statements: never-polled payments by id, then due ones by due time."""
     table = PaymentTransaction
     in_flight = table.status.in_([PaymentStatus.PENDING, PaymentStatus.PROCESSING])
@@ -513,14 +559,16 @@ def claim_queries(
         or_(~in_flight, call_over),
     )
     never_polled = (
-        select(table)
+        select(_PAYMENTS)
         .where(*claimable, table.next_reconcile_at.is_(None))
-        .order_by(table.id)
+        # The same as ``ORDER BY id`` here (all NULL), but only the partial index has this
+        # order: by id, PostgreSQL would walk the primary key through the whole history.
+        .order_by(table.next_reconcile_at, table.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
     due = (
-        select(table)
+        select(_PAYMENTS)
         .where(*claimable, table.next_reconcile_at <= now)
         .order_by(table.next_reconcile_at, table.id)
         .limit(limit)
@@ -561,14 +609,39 @@ def claim_due_for_reconciliation(
         limit=limit,
         open_calls_created_before=open_calls_created_before,
     )
-    rows = list(session.scalars(never_polled).all())
+    rows = list(session.execute(never_polled).mappings().all())
     if len(rows) < limit:
-        rows += session.scalars(due.limit(limit - len(rows))).all()
+        rows += session.execute(due.limit(limit - len(rows))).mappings().all()
+    if not rows:
+        return []
+    leased = []
     for row in rows:
         lease = lease_until
-        if row.attention_required and flagged_next_poll is not None:
-            lease = max(lease, flagged_next_poll(as_utc(row.created_at) or now))
-        row.next_reconcile_at = lease
-        row.reconcile_attempts += 1
-    session.flush()
-    return [record_of(session, row) for row in rows]
+        if row["attention_required"] and flagged_next_poll is not None:
+            lease = max(lease, flagged_next_poll(as_utc(row["created_at"]) or now))
+        leased.append(
+            {
+                **row,
+                "next_reconcile_at": lease,
+                "reconcile_attempts": row["reconcile_attempts"] + 1,
+                "version": row["version"] + 1,
+            }
+        )
+    # One statement for the batch (executemany: one round trip on PostgreSQL), one row update
+    # per payment; the rows are locked, so the version guard is the lock itself.
+    session.execute(
+        _LEASE,
+        [
+            {
+                "b_pk": values["id"],
+                "next_reconcile_at": values["next_reconcile_at"],
+                "reconcile_attempts": values["reconcile_attempts"],
+                "version": values["version"],
+            }
+            for values in leased
+        ],
+    )
+    return [
+        PaymentRecord.from_columns(values, transaction_id_of(session, values["original_id"]))
+        for values in leased
+    ]

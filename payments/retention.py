@@ -9,7 +9,8 @@
   are never deleted). When set, rows older than that of payments settled before that (not open,
   not flagged, not held for an operator) are deleted.
 
-Applied by ``python -m payments prune`` and, at most once an hour, by the reconciler's loop.
+Applied by ``python -m payments prune`` and, at most once an hour, by the reconciler's loop,
+which also fold the past days' shards of ``payment_daily_totals`` into one row per bucket.
 Deletes run in batches, each its own short transaction, so a first prune of a large table does
 not hold locks for long.
 """
@@ -24,6 +25,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, exists, func, select
 from sqlalchemy.orm import Session
 
+from . import repository as repo
 from .config import PaymentSettings
 from .database import DbSession, committing, run_db
 from .logger import payment_logger
@@ -43,11 +45,14 @@ class PruneReport:
     rejected_notices: int = 0
     processed_notices: int = 0
     audit_rows: int = 0
+    #: Rows of ``payment_daily_totals`` folded away (past days' shards into one; no data lost).
+    daily_total_rows: int = 0
 
     def __str__(self) -> str:
         return (
             f"rejected_notices={self.rejected_notices}"
             f" processed_notices={self.processed_notices} audit_rows={self.audit_rows}"
+            f" daily_total_rows={self.daily_total_rows}"
         )
 
 
@@ -139,6 +144,13 @@ async def prune(
                 setattr(report, name, getattr(report, name) + removed)
                 if removed < BATCH_SIZE:
                     break
+        if not dry_run:
+            today = (now or utcnow()).date()
+            report.daily_total_rows = await run_db(
+                db,
+                committing(lambda s: repo.compact_daily_totals(s, today)),
+                write=True,
+            )
     if not dry_run and (report.rejected_notices or report.processed_notices or report.audit_rows):
         payment_logger.info("Pruned by the retention settings", report=str(report))
     return report

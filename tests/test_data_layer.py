@@ -830,3 +830,40 @@ def test_the_models_and_the_revision_define_the_same_triggers() -> None:
     assert revision.PG_TOTALS_DROP == models.PG_TOTALS_DROP
     assert revision.SQLITE_TOTALS_DDL == models.SQLITE_TOTALS_DDL
     assert revision.SQLITE_TOTALS_DROP == models.SQLITE_TOTALS_DROP
+
+
+async def test_compacting_the_daily_totals_keeps_every_sum(
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    """Past days' shards fold into one row per bucket (a year stays a few thousand rows for the
+    summary and the count); today's stay spread for concurrent writers."""
+    await seed(session_factory, 40)  # 2026-01-01, 40 payments over 16 shards
+    async with session_factory() as session:
+        session.add(
+            PaymentTransaction(
+                transaction_id="TODAY",
+                operation="c2b",
+                amount=Decimal("1"),
+                third_party_reference="TODAY",
+            )
+        )
+        await session.commit()
+        before = await session.run_sync(lambda s: repo.summary_rows(s, PaymentFilters()))
+        rows_before = await session.scalar(select(func.count()).select_from(PaymentDailyTotal))
+        removed = await session.run_sync(lambda s: repo.compact_daily_totals(s, utcnow().date()))
+        await session.commit()
+        after = await session.run_sync(lambda s: repo.summary_rows(s, PaymentFilters()))
+        rows_after = await session.scalar(select(func.count()).select_from(PaymentDailyTotal))
+        shards = set(
+            (
+                await session.scalars(
+                    select(PaymentDailyTotal.shard).where(PaymentDailyTotal.day < utcnow().date())
+                )
+            ).all()
+        )
+    assert sorted(after) == sorted(before)
+    assert shards == {0}
+    assert rows_before is not None and rows_after is not None
+    assert removed == rows_before - rows_after > 0
+    assert rows_after == 4 + 1  # (c2b, b2c) x (completed, failed) on 2026-01-01, and today's
+    assert await direct_summary(session_factory) == {row[:4] for row in after}

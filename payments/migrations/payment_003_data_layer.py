@@ -148,15 +148,15 @@ SQLITE_TOTALS_DROP = (
     "DROP TRIGGER IF EXISTS payment_daily_totals_insert",
 )
 
-_PG_BACKFILL = f"""
+_PG_BACKFILL = """
 INSERT INTO payment_daily_totals (day, operation, status, shard, count, amount_cents)
-SELECT (created_at AT TIME ZONE 'UTC')::date, operation, status, id % {_SHARDS},
+SELECT (created_at AT TIME ZONE 'UTC')::date, operation, status, 0,
        count(*), sum(round(amount * 100)::bigint)
 FROM payment_transactions GROUP BY 1, 2, 3, 4
 """
-_SQLITE_BACKFILL = f"""
+_SQLITE_BACKFILL = """
 INSERT INTO payment_daily_totals (day, operation, status, shard, count, amount_cents)
-SELECT date(created_at), operation, status, id % {_SHARDS},
+SELECT date(created_at), operation, status, 0,
        count(*), sum(CAST(round(amount * 100) AS INTEGER))
 FROM payment_transactions GROUP BY 1, 2, 3, 4
 """
