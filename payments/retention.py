@@ -98,7 +98,7 @@ def _processed(cutoff: datetime) -> tuple[object, ...]:
 def _audit(cutoff: datetime) -> tuple[object, ...]:
     payment = PaymentTransaction
     settled_before = exists().where(
-        payment.id == PaymentAuditLog.transaction_id,
+        payment.id == PaymentAuditLog.payment_id,
         payment.status.not_in([status.value for status in _OPEN]),
         payment.attention_required.is_(False),
         payment.operator_hold.is_(False),

@@ -161,7 +161,7 @@ async def test_a_stuck_flagged_payment_costs_a_bounded_number_of_polls_and_audit
         session_factory,
         select(PaymentTransaction.id).where(PaymentTransaction.transaction_id == transaction_id),
     )
-    audit_rows = select(func.count()).where(PaymentAuditLog.transaction_id == pk)
+    audit_rows = select(func.count()).where(PaymentAuditLog.payment_id == pk)
     clock = Clock(utcnow() + timedelta(minutes=2))
     per_day: list[tuple[int, int]] = []  # (polls, audit rows) per simulated day
     for _day in range(5):
@@ -485,7 +485,7 @@ async def seed_for_retention(sessions: async_sessionmaker[AsyncSession]) -> dict
         await session.flush()
         for name, payment in payments.items():  # noqa: B007 (named by the dict)
             audit = PaymentAuditLog(
-                transaction_id=payment.id, action="initiated", created_at=ago(61)
+                payment_id=payment.id, action="initiated", created_at=ago(61)
             )
             session.add(audit)
             await session.flush()
@@ -702,7 +702,7 @@ async def test_absent_json_values_are_sql_null(
         )
         session.add(payment)
         await session.flush()
-        session.add(PaymentAuditLog(transaction_id=payment.id, action="initiated"))
+        session.add(PaymentAuditLog(payment_id=payment.id, action="initiated"))
         session.add(PaymentWebhookLog(raw_body="{}", headers=None))
         await session.commit()
         for column in (
