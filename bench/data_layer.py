@@ -387,14 +387,17 @@ def explain_before_after(url: str, size: int, now: datetime) -> None:
         ).fetchone()[0]
         values = {"now": now, "offset": size // 2, "at": at, "id": middle}
         for name, (setup, before, after) in _BEFORE_AFTER.items():
-            if setup:
-                connection.execute(setup)
-            for label, statement in (("before", before), ("after", after)):
-                plan = connection.execute(
+            plans = {}
+            # Now first; then the old index back (rolled back after) for the old query's plan.
+            for label, statement in (("after", after), ("before", before)):
+                if label == "before" and setup:
+                    connection.execute(setup)
+                plans[label] = connection.execute(
                     "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + statement, values
                 ).fetchall()
-                print(f"\n-- {name}, {label}:\n" + "\n".join(row[0] for row in plan))
             connection.rollback()
+            for label in ("before", "after"):
+                print(f"\n-- {name}, {label}:\n" + "\n".join(row[0] for row in plans[label]))
 
 
 def disk_per_payment(url: str) -> None:
