@@ -233,10 +233,15 @@ async def reconcile(min_age: float | None, loop: float | None, batch_size: int |
 async def prune(*, dry_run: bool) -> None:
     from .config import get_settings
     from .database import get_database
+    from .exceptions import PaymentConfigurationError
     from .retention import prune as prune_once
 
     try:
-        report = await prune_once(get_settings(), get_database().session, dry_run=dry_run)
+        settings = get_settings()
+    except PaymentConfigurationError as exc:  # name the variable, no traceback
+        raise SystemExit(f"prune: {exc.message}") from None
+    try:
+        report = await prune_once(settings, get_database().session, dry_run=dry_run)
         print(f"prune{' (dry run: nothing deleted)' if dry_run else ''}: {report}")
     finally:
         await get_database().dispose()

@@ -867,3 +867,14 @@ async def test_compacting_the_daily_totals_keeps_every_sum(
     assert removed == rows_before - rows_after > 0
     assert rows_after == 4 + 1  # (c2b, b2c) x (completed, failed) on 2026-01-01, and today's
     assert await direct_summary(session_factory) == {row[:4] for row in after}
+
+
+def test_the_prune_command_names_a_missing_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from payments.__main__ import main
+    from payments.config import get_settings
+
+    monkeypatch.setenv("MPESA_ENVIRONMENT", "sandbox")
+    get_settings.cache_clear()
+    with pytest.raises(SystemExit) as exited:
+        main(["prune"])
+    assert "MPESA_API_KEY" in str(exited.value.code)
