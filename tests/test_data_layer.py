@@ -566,10 +566,14 @@ def test_the_prune_command_applies_the_settings(
     monkeypatch.setenv("PAYMENT_DATABASE_URL", url)
     get_settings.cache_clear()
     get_database.cache_clear()
-    main(["prune", "--dry-run"])
-    assert "rejected_notices=1" in capsys.readouterr().out
-    main(["prune"])
-    assert "rejected_notices=1" in capsys.readouterr().out
+    try:
+        main(["prune", "--dry-run"])
+        assert "rejected_notices=1" in capsys.readouterr().out
+        main(["prune"])
+        assert "rejected_notices=1" in capsys.readouterr().out
+    finally:  # the next test gets a database of its own
+        get_database.cache_clear()
+        get_settings.cache_clear()
     with sync_engine(url) as engine, engine.connect() as connection:
         assert connection.execute(text("SELECT raw_body FROM payment_webhook_logs")).all() == [
             ("y",)
