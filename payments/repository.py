@@ -388,10 +388,9 @@ def list_page(
 def summary_rows(
     session: Session, filters: PaymentFilters
 ) -> list[tuple[str, str, int, Decimal, int]]:
-    """(status, operation, count, amount, attention count) per status and operation.
-
-    Counts and amounts come from the daily totals (only ``from_date``/``to_date`` of the filters
-    apply); the flagged count from the partial index of flagged payments."""
+    """(status, operation, count, amount, flagged count) per status and operation, from the
+    daily totals (only ``from_date``/``to_date`` of the filters apply): a few rows per day,
+    whatever the number of payments."""
     totals = PaymentDailyTotal
     buckets = session.execute(
         _totals_filtered(
@@ -400,56 +399,40 @@ def summary_rows(
                 totals.operation,
                 func.sum(totals.count),
                 func.sum(totals.amount_cents),
+                func.sum(totals.flagged),
             ),
             PaymentFilters(from_date=filters.from_date, to_date=filters.to_date),
         ).group_by(totals.status, totals.operation)
     ).all()
-    flagged = _flagged_counts(session, filters)
-    rows = []
-    for status, operation, count, cents in buckets:
-        if not count:
-            continue  # every payment of the bucket moved on to another status
-        rows.append(
-            (
-                status,
-                operation,
-                int(count),
-                Decimal(int(cents or 0)) / 100,
-                flagged.get((status, operation), 0),
-            )
-        )
-    return rows
-
-
-def _flagged_counts(session: Session, filters: PaymentFilters) -> dict[tuple[str, str], int]:
-    table = PaymentTransaction
-    query = _filtered(
-        select(table.status, table.operation, func.count()),
-        PaymentFilters(
-            from_date=filters.from_date, to_date=filters.to_date, attention_required=True
-        ),
-    ).group_by(table.status, table.operation)
-    return {(status, operation): int(n) for status, operation, n in session.execute(query).all()}
+    return [
+        (status, operation, int(count), Decimal(int(cents or 0)) / 100, int(flagged or 0))
+        for status, operation, count, cents, flagged in buckets
+        if count  # every payment of the bucket moved on to another status
+    ]
 
 
 _PG_COMPACT = """
 WITH moved AS (
     DELETE FROM payment_daily_totals WHERE day < :before AND shard <> 0
-    RETURNING day, operation, status, count, amount_cents
+    RETURNING day, operation, status, count, amount_cents, flagged
 )
-INSERT INTO payment_daily_totals AS t (day, operation, status, shard, count, amount_cents)
-SELECT day, operation, status, 0, sum(count), sum(amount_cents) FROM moved
+INSERT INTO payment_daily_totals AS t
+    (day, operation, status, shard, count, amount_cents, flagged)
+SELECT day, operation, status, 0, sum(count), sum(amount_cents), sum(flagged) FROM moved
 GROUP BY day, operation, status
 ON CONFLICT (day, operation, status, shard) DO UPDATE
-SET count = t.count + EXCLUDED.count, amount_cents = t.amount_cents + EXCLUDED.amount_cents
+SET count = t.count + EXCLUDED.count, amount_cents = t.amount_cents + EXCLUDED.amount_cents,
+    flagged = t.flagged + EXCLUDED.flagged
 """
 _SQLITE_COMPACT = (
     """
-INSERT INTO payment_daily_totals (day, operation, status, shard, count, amount_cents)
-SELECT day, operation, status, 0, sum(count), sum(amount_cents) FROM payment_daily_totals
+INSERT INTO payment_daily_totals (day, operation, status, shard, count, amount_cents, flagged)
+SELECT day, operation, status, 0, sum(count), sum(amount_cents), sum(flagged)
+FROM payment_daily_totals
 WHERE day < :before AND shard <> 0 GROUP BY day, operation, status
 ON CONFLICT (day, operation, status, shard) DO UPDATE
-SET count = count + excluded.count, amount_cents = amount_cents + excluded.amount_cents
+SET count = count + excluded.count, amount_cents = amount_cents + excluded.amount_cents,
+    flagged = flagged + excluded.flagged
 """,
     "DELETE FROM payment_daily_totals WHERE day < :before AND shard <> 0",
 )
@@ -469,6 +452,7 @@ def compact_daily_totals(session: Session, before: date) -> int:
             PaymentDailyTotal.day < before,
             PaymentDailyTotal.count == 0,
             PaymentDailyTotal.amount_cents == 0,
+            PaymentDailyTotal.flagged == 0,
         )
     )
     rows_after = session.scalar(select(func.count()).select_from(PaymentDailyTotal)) or 0

@@ -484,9 +484,7 @@ async def seed_for_retention(sessions: async_sessionmaker[AsyncSession]) -> dict
         session.add_all([*notices.values(), *payments.values()])
         await session.flush()
         for name, payment in payments.items():  # noqa: B007 (named by the dict)
-            audit = PaymentAuditLog(
-                payment_id=payment.id, action="initiated", created_at=ago(61)
-            )
+            audit = PaymentAuditLog(payment_id=payment.id, action="initiated", created_at=ago(61))
             session.add(audit)
             await session.flush()
             ids[f"audit_{name}"] = audit.id
@@ -688,6 +686,34 @@ async def test_raw_sql_changes_keep_the_totals_too(
     async with session_factory() as session:
         got = await session.run_sync(lambda s: repo.summary_rows(s, PaymentFilters()))
     assert {row[:4] for row in got} == await direct_summary(session_factory)
+
+    # Flagging and unflagging moves the bucket's flagged count (the summary's attention figure).
+    async with session_factory() as session:
+        await session.execute(
+            update(PaymentTransaction)
+            .where(PaymentTransaction.phone_number == "258840000001")
+            .values(attention_required=True)
+        )
+        await session.execute(
+            update(PaymentTransaction)
+            .where(PaymentTransaction.transaction_id == "T00005")
+            .values(attention_required=False)
+        )
+        await session.commit()
+        got = await session.run_sync(lambda s: repo.summary_rows(s, PaymentFilters()))
+        table = PaymentTransaction
+        flagged = {
+            (status, operation): n
+            for status, operation, n in (
+                await session.execute(
+                    select(table.status, table.operation, func.count())
+                    .where(table.attention_required.is_(True))
+                    .group_by(table.status, table.operation)
+                )
+            ).all()
+        }
+    assert {(row[0], row[1]): row[4] for row in got if row[4]} == flagged
+    assert sum(flagged.values()) == 3  # T00009, T00013, T00017 (T00001 deleted above)
 
 
 # --- 6 and 7. server defaults; SQL NULL for an absent JSON value ----------------------------------

@@ -85,18 +85,24 @@ CREATE OR REPLACE FUNCTION payment_daily_totals_apply() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
-        INSERT INTO payment_daily_totals AS t (day, operation, status, shard, count, amount_cents)
+        INSERT INTO payment_daily_totals AS t
+            (day, operation, status, shard, count, amount_cents, flagged)
         VALUES ((OLD.created_at AT TIME ZONE 'UTC')::date, OLD.operation, OLD.status,
-                OLD.id % {_SHARDS}, -1, -round(OLD.amount * 100)::bigint)
+                OLD.id % {_SHARDS}, -1, -round(OLD.amount * 100)::bigint,
+                -OLD.attention_required::int)
         ON CONFLICT (day, operation, status, shard) DO UPDATE
-        SET count = t.count + EXCLUDED.count, amount_cents = t.amount_cents + EXCLUDED.amount_cents;
+        SET count = t.count + EXCLUDED.count, amount_cents = t.amount_cents + EXCLUDED.amount_cents,
+            flagged = t.flagged + EXCLUDED.flagged;
     END IF;
     IF TG_OP IN ('INSERT', 'UPDATE') THEN
-        INSERT INTO payment_daily_totals AS t (day, operation, status, shard, count, amount_cents)
+        INSERT INTO payment_daily_totals AS t
+            (day, operation, status, shard, count, amount_cents, flagged)
         VALUES ((NEW.created_at AT TIME ZONE 'UTC')::date, NEW.operation, NEW.status,
-                NEW.id % {_SHARDS}, 1, round(NEW.amount * 100)::bigint)
+                NEW.id % {_SHARDS}, 1, round(NEW.amount * 100)::bigint,
+                NEW.attention_required::int)
         ON CONFLICT (day, operation, status, shard) DO UPDATE
-        SET count = t.count + EXCLUDED.count, amount_cents = t.amount_cents + EXCLUDED.amount_cents;
+        SET count = t.count + EXCLUDED.count, amount_cents = t.amount_cents + EXCLUDED.amount_cents,
+            flagged = t.flagged + EXCLUDED.flagged;
     END IF;
     RETURN NULL;
 END
@@ -105,13 +111,15 @@ $$
 _TOTALS_CHANGED = (
     "OLD.status IS DISTINCT FROM NEW.status OR OLD.operation IS DISTINCT FROM NEW.operation"
     " OR OLD.amount IS DISTINCT FROM NEW.amount OR OLD.created_at IS DISTINCT FROM NEW.created_at"
+    " OR OLD.attention_required IS DISTINCT FROM NEW.attention_required"
 )
 PG_TOTALS_DDL = (
     PG_TOTALS_FUNCTION,
     "CREATE TRIGGER payment_daily_totals_insert_delete AFTER INSERT OR DELETE"
     " ON payment_transactions FOR EACH ROW EXECUTE FUNCTION payment_daily_totals_apply()",
     "CREATE TRIGGER payment_daily_totals_update"
-    " AFTER UPDATE OF status, operation, amount, created_at ON payment_transactions"
+    " AFTER UPDATE OF status, operation, amount, created_at, attention_required"
+    " ON payment_transactions"
     f" FOR EACH ROW WHEN ({_TOTALS_CHANGED}) EXECUTE FUNCTION payment_daily_totals_apply()",
 )
 PG_TOTALS_DROP = (
@@ -123,12 +131,14 @@ PG_TOTALS_DROP = (
 
 def _sqlite_bucket(row: str, sign: str) -> str:
     return (
-        "INSERT INTO payment_daily_totals (day, operation, status, shard, count, amount_cents)"
+        "INSERT INTO payment_daily_totals"
+        " (day, operation, status, shard, count, amount_cents, flagged)"
         f" VALUES (date({row}.created_at), {row}.operation, {row}.status,"
         f" {row}.id % {_SHARDS}, {sign}1,"
-        f" {sign}CAST(round({row}.amount * 100) AS INTEGER))"
+        f" {sign}CAST(round({row}.amount * 100) AS INTEGER), {sign}{row}.attention_required)"
         " ON CONFLICT (day, operation, status, shard) DO UPDATE"
-        " SET count = count + excluded.count, amount_cents = amount_cents + excluded.amount_cents;"
+        " SET count = count + excluded.count, amount_cents = amount_cents + excluded.amount_cents,"
+        " flagged = flagged + excluded.flagged;"
     )
 
 
@@ -138,7 +148,8 @@ SQLITE_TOTALS_DDL = (
     "CREATE TRIGGER payment_daily_totals_delete AFTER DELETE ON payment_transactions"
     f" BEGIN {_sqlite_bucket('OLD', '-')} END",
     "CREATE TRIGGER payment_daily_totals_update"
-    " AFTER UPDATE OF status, operation, amount, created_at ON payment_transactions"
+    " AFTER UPDATE OF status, operation, amount, created_at, attention_required"
+    " ON payment_transactions"
     f" WHEN {_TOTALS_CHANGED.replace('IS DISTINCT FROM', 'IS NOT')}"
     f" BEGIN {_sqlite_bucket('OLD', '-')} {_sqlite_bucket('NEW', '')} END",
 )
@@ -149,15 +160,15 @@ SQLITE_TOTALS_DROP = (
 )
 
 _PG_BACKFILL = """
-INSERT INTO payment_daily_totals (day, operation, status, shard, count, amount_cents)
+INSERT INTO payment_daily_totals (day, operation, status, shard, count, amount_cents, flagged)
 SELECT (created_at AT TIME ZONE 'UTC')::date, operation, status, 0,
-       count(*), sum(round(amount * 100)::bigint)
+       count(*), sum(round(amount * 100)::bigint), count(*) FILTER (WHERE attention_required)
 FROM payment_transactions GROUP BY 1, 2, 3, 4
 """
 _SQLITE_BACKFILL = """
-INSERT INTO payment_daily_totals (day, operation, status, shard, count, amount_cents)
+INSERT INTO payment_daily_totals (day, operation, status, shard, count, amount_cents, flagged)
 SELECT date(created_at), operation, status, 0,
-       count(*), sum(CAST(round(amount * 100) AS INTEGER))
+       count(*), sum(CAST(round(amount * 100) AS INTEGER)), sum(attention_required)
 FROM payment_transactions GROUP BY 1, 2, 3, 4
 """
 
@@ -221,6 +232,7 @@ def upgrade() -> None:
         sa.Column("shard", sa.Integer(), nullable=False),
         sa.Column("count", sa.BigInteger(), server_default="0", nullable=False),
         sa.Column("amount_cents", sa.BigInteger(), server_default="0", nullable=False),
+        sa.Column("flagged", sa.BigInteger(), server_default="0", nullable=False),
         sa.PrimaryKeyConstraint(
             "day", "operation", "status", "shard", name=op.f("pk_payment_daily_totals")
         ),
