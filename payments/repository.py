@@ -622,20 +622,33 @@ def claim_due_for_reconciliation(
                 "version": row["version"] + 1,
             }
         )
-    # One statement for the batch (executemany: one round trip on PostgreSQL), one row update
-    # per payment; the rows are locked, so the version guard is the lock itself.
-    session.execute(
-        _LEASE,
-        [
-            {
-                "b_pk": values["id"],
-                "next_reconcile_at": values["next_reconcile_at"],
-                "reconcile_attempts": values["reconcile_attempts"],
-                "version": values["version"],
-            }
-            for values in leased
-        ],
-    )
+    # One UPDATE for the payments leased until ``lease_until`` (all but the flagged ones), an
+    # executemany for the flagged few; the rows are locked, so the lock is the version guard.
+    plain = [values["id"] for values in leased if values["next_reconcile_at"] == lease_until]
+    if plain:
+        session.execute(
+            update(_PAYMENTS)
+            .where(_PAYMENTS.c.id.in_(plain))
+            .values(
+                next_reconcile_at=lease_until,
+                reconcile_attempts=_PAYMENTS.c.reconcile_attempts + 1,
+                version=_PAYMENTS.c.version + 1,
+            )
+        )
+    flagged = [values for values in leased if values["next_reconcile_at"] != lease_until]
+    if flagged:
+        session.execute(
+            _LEASE,
+            [
+                {
+                    "b_pk": values["id"],
+                    "next_reconcile_at": values["next_reconcile_at"],
+                    "reconcile_attempts": values["reconcile_attempts"],
+                    "version": values["version"],
+                }
+                for values in flagged
+            ],
+        )
     return [
         PaymentRecord.from_columns(values, transaction_id_of(session, values["original_id"]))
         for values in leased
