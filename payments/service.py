@@ -388,10 +388,15 @@ class PaymentService:
         client: MpesaClient | None = None,
         *,
         db_retry_delays: tuple[float, ...] = (0.05, 0.25, 1.0),
+        sessions: Callable[[], Any] | None = None,
     ) -> None:
         self._settings = settings
         self._client = client
         self._db_retry_delays = db_retry_delays
+        #: The host's session factory (a ``sessionmaker``, an ``async_sessionmaker``, …) for
+        #: work outside a request: ``python -m payments reconcile --service …`` uses it, so the
+        #: command works on the host's database. ``None``: ``PAYMENT_DATABASE_URL``.
+        self.sessions = sessions
 
     @property
     def settings(self) -> PaymentSettings:
