@@ -186,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     elif args.command == "simulator":
         _refuse_remote(args.host, args.allow_remote, "simulator")
-        from .simulator import SimulatorConfig, run_simulator
+        from .simulator.app import SimulatorConfig, run_simulator
 
         config = SimulatorConfig(
             pin_delay_seconds=args.pin_delay, slow_response_seconds=args.slow_response
