@@ -116,6 +116,41 @@ _FILES = {
                     )
                 return CurrentUser(user.id, user.email, user.is_staff)
     ''',
+    "app/payments_hooks.py": '''
+        """The shop's payment hooks: a completed payment marks its order paid. (README.md's
+        "React to outcomes" block writes this file over; the fixture has it for the blocks of
+        payments/README.md and the shop's end-to-end test.)"""
+        import asyncio
+
+        from app.core.database import SessionLocal
+        from app.models import Order
+        from app.payments import PaymentService
+
+
+        def mark_order_paid(order_id: int, transaction_id: str) -> None:
+            with SessionLocal() as db, db.begin():
+                order = db.get(Order, order_id)
+                if order is not None:
+                    order.status = "paid"
+                    order.payment_id = transaction_id
+
+
+        class ShopPayments(PaymentService):
+            async def on_payment_completed(self, transaction):
+                if transaction.entity_type == "order":
+                    await asyncio.to_thread(
+                        mark_order_paid, int(transaction.entity_id), transaction.transaction_id
+                    )
+
+
+        # Its sessions: what `python -m app.payments reconcile --service ...` works on.
+        shop_payments = ShopPayments(sessions=SessionLocal)
+    ''',
+    ".env": """
+        # The shop's settings. The simulator: nothing in a test may reach a real M-Pesa host.
+        MPESA_ENVIRONMENT=simulator
+        PAYMENT_ADMIN_API_KEY=shop-admin-key-0123456789
+    """,
     "alembic.ini": """
         [alembic]
         script_location = %(here)s/alembic

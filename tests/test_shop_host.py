@@ -33,34 +33,6 @@ from .host_project import (
     simulator_server,
 )
 
-HOOKS = '''
-    """The shop's payment hooks: a completed payment marks its order paid."""
-    import asyncio
-
-    from app.core.database import SessionLocal
-    from app.models import Order
-    from app.payments import PaymentService
-
-
-    def _mark_paid(order_id: int, transaction_id: str) -> None:
-        with SessionLocal() as db, db.begin():
-            order = db.get(Order, order_id)
-            order.status = "paid"
-            order.payment_id = transaction_id
-
-
-    class ShopPayments(PaymentService):
-        async def on_payment_completed(self, transaction):
-            if transaction.entity_type == "order":
-                await asyncio.to_thread(
-                    _mark_paid, int(transaction.entity_id), transaction.transaction_id
-                )
-
-
-    # Its sessions: what `python -m app.payments reconcile --service ...` works on.
-    shop_payments = ShopPayments(sessions=SessionLocal)
-'''
-
 MAIN = """
     from fastapi import Depends, FastAPI, HTTPException
 
@@ -229,7 +201,6 @@ def shop(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     drive = textwrap.dedent(DRIVE)
     for name, token in tokens.items():
         drive = drive.replace(f'bearer("{name}")', f'bearer("{token}")')
-    (root / "app/payments_hooks.py").write_text(textwrap.dedent(HOOKS).lstrip())
     (root / "app/main.py").write_text(textwrap.dedent(MAIN).lstrip())
     (root / "drive.py").write_text(drive.lstrip())
     env = host_environment(root)
