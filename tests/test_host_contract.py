@@ -9,11 +9,11 @@ import textwrap
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 from fastapi import Depends, FastAPI, Header, HTTPException
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -279,7 +279,7 @@ def host_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
     (tmp_path / "shop_hooks.py").write_text(
         textwrap.dedent(
             f"""
-            from sqlalchemy import create_engine
+            from sqlalchemy import create_engine, text
             from sqlalchemy.orm import sessionmaker
 
             from payments.service import PaymentService
@@ -432,4 +432,80 @@ async def test_reconcile_once_accepts_a_synchronous_sessionmaker(database_url: s
         assert [item.status for item in listed.items] == ["completed"]
     finally:
         await service.aclose()
+        engine.dispose()
+
+
+# --- the README's warning: a host dependency holding a session across the PIN wait -----------
+
+
+#: The shop's sessionmaker of the test below (module level: FastAPI resolves the dependencies'
+#: annotations from the module's globals).
+_shop_sessions: list[sessionmaker[Session]] = []
+
+
+def _shop_get_db() -> Iterator[Session]:
+    db = _shop_sessions[0]()
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+def _holding_auth(db: Annotated[Session, Depends(_shop_get_db)]) -> str:
+    db.execute(text("SELECT 1"))
+    return "alice"
+
+
+def _releasing_auth() -> str:
+    with _shop_sessions[0]() as db:
+        db.execute(text("SELECT 1"))
+    return "alice"
+
+
+async def test_a_dependency_holding_a_session_keeps_a_connection_through_the_pin_wait(
+    tmp_path: Path,
+) -> None:
+    """What README.md warns about, measured: ``Depends(get_db)`` in the host's auth keeps one
+    connection checked out while the customer types the PIN; the pattern it shows (open and
+    close the session inside the dependency) keeps none."""
+    import asyncio
+
+    import httpx
+
+    from payments import get_db as payments_get_db
+
+    engine = create_engine(f"sqlite:///{tmp_path}/shop.db")
+    Base.metadata.create_all(engine)
+    _shop_sessions[:] = [sessionmaker(engine, expire_on_commit=False)]
+    holding, releasing, host_get_db = _holding_auth, _releasing_auth, _shop_get_db
+
+    async def connections_during_the_pin(auth: Any) -> int:
+        settings = load_settings(mpesa_environment="simulator")
+        simulator = MpesaSimulator(SimulatorConfig(pin_delay_seconds=1.0))
+        client = MpesaClient(
+            ClientConfig.from_settings(settings), transport=SimulatorTransport(simulator)
+        )
+        service = PaymentService(settings, client)
+        app = FastAPI()
+        app.include_router(create_payment_router(auth=auth, service=lambda: service), prefix="/api")
+        app.dependency_overrides[payments_get_db] = host_get_db
+        transport = httpx.ASGITransport(app=app)
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://shop") as http:
+                paying = asyncio.create_task(
+                    http.post(
+                        "/api/payments/initiate", json={"phone_number": SUCCESS, "amount": 10}
+                    )
+                )
+                await asyncio.sleep(0.5)  # the customer is typing the PIN
+                during = engine.pool.checkedout()
+                assert (await paying).status_code == 200
+            return during
+        finally:
+            await service.aclose()
+
+    try:
+        assert await connections_during_the_pin(holding) == 1
+        assert await connections_during_the_pin(releasing) == 0
+    finally:
         engine.dispose()
