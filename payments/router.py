@@ -489,7 +489,10 @@ def create_payment_router(
     either: list[tuple[Callable[..., Any], str]] = (
         [(staff, STAFF)] if customer is staff else [(staff, STAFF), (customer, CUSTOMER)]
     )
-    CustomerActor = Annotated[str, Depends(_actor_dependency([(customer, CUSTOMER)]))]
+    # One dependency for both roles (the admin key, or ``auth=``): its callers are staff, as
+    # before the roles were split (replays and status reads are not limited to their own).
+    customer_role = STAFF if customer is staff else CUSTOMER
+    CustomerActor = Annotated[str, Depends(_actor_dependency([(customer, customer_role)]))]
     AnyActor = Annotated[str, Depends(_actor_dependency(either))]
     Service = Annotated[PaymentService, Depends(_awaitable(service))]
     IdempotencyHeader = Annotated[
@@ -513,6 +516,7 @@ def create_payment_router(
                 actor=actor,
                 idempotency_key=idempotency_key,
                 client_ip=_client_ip(request, payments),
+                owner=actor if _role(request) == CUSTOMER else None,
             )
         )
 

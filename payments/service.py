@@ -275,6 +275,7 @@ class PaymentService:
         idempotency_key: str | None = None,
         client_ip: str | None = None,
         user_id: str | None = None,
+        owner: str | None = None,
     ) -> PaymentResponse:
         """C2B: push a PIN prompt to the customer and wait for the answer (up to ~90 s).
 
@@ -283,6 +284,10 @@ class PaymentService:
         ``PaymentOutcomeUnknownError`` (recorded as ``unknown``; reconciliation settles it),
         ``IdempotencyConflictError``, ``PaymentValidationError``, ``PaymentStorageError``.
         Every error raised after the payment was recorded carries ``error.payment``.
+
+        ``owner``: the paying customer's identity (the router's customer role). A repeated
+        idempotency key then replays only that customer's own payment: another customer's key
+        is a conflict that shows nothing of the payment it made.
         """
         new = self._new_payment(PaymentOperation.C2B, request, idempotency_key)
 
@@ -295,7 +300,7 @@ class PaymentService:
             )
 
         return await self._move_money(
-            db, new, send, actor=_actor(actor, user_id), client_ip=client_ip
+            db, new, send, actor=_actor(actor, user_id), client_ip=client_ip, owner=owner
         )
 
     async def payout(
@@ -827,6 +832,7 @@ class PaymentService:
         *,
         actor: str | None,
         client_ip: str | None,
+        owner: str | None = None,
     ) -> PaymentResponse:
         def create(session: Session) -> tuple[PaymentRecord, bool]:
             # A key seen before fails the insert on its unique constraint; _record_intent then
@@ -836,6 +842,11 @@ class PaymentService:
 
         record, created = await self._record_intent(db, create, new.idempotency_key)
         if not created:
+            if owner is not None and record.user_id != owner:
+                raise IdempotencyConflictError(
+                    "this idempotency key was already used by another caller; use a key of"
+                    " your own (for example one that contains your order number)"
+                )
             return self._replay(record, new.operation, new.request_body)
         payment_logger.info(
             "Payment initiated",

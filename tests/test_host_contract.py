@@ -509,3 +509,20 @@ async def test_a_dependency_holding_a_session_keeps_a_connection_through_the_pin
         assert await connections_during_the_pin(releasing) == 0
     finally:
         engine.dispose()
+
+
+async def test_a_customer_cannot_replay_another_customers_idempotency_key(
+    payment_api_factory: PaymentApiFactory,
+) -> None:
+    api = await payment_api_factory(
+        router_options={"customer_auth": bearer_identity, "staff_auth": staff_only}
+    )
+    body = {"phone_number": SUCCESS, "amount": 10, "idempotency_key": "order-1"}
+    first = await api.http.post("/api/payments/initiate", headers=customer("alice"), json=body)
+    assert first.status_code == 200
+    again = await api.http.post("/api/payments/initiate", headers=customer("alice"), json=body)
+    assert again.json()["transaction_id"] == first.json()["transaction_id"]  # her own replay
+    stolen = await api.http.post("/api/payments/initiate", headers=customer("bob"), json=body)
+    assert stolen.status_code == 409 and stolen.json()["error_code"] == "idempotency_conflict"
+    assert first.json()["transaction_id"] not in stolen.text
+    assert await api.count() == 1
