@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 from .host_project import (
     CUSTOMER_TOKEN,
@@ -159,9 +160,13 @@ DRIVE = '''
 '''
 
 
-def _orders(root: Path) -> dict[int, tuple[str, str | None]]:
-    with sqlite3.connect(root / "shop.db") as db:
-        rows = db.execute("SELECT id, status, payment_id FROM orders").fetchall()
+def _orders(env: dict[str, str]) -> dict[int, tuple[str, str | None]]:
+    engine = create_engine(env["SHOP_DATABASE_URL"])
+    try:
+        with engine.connect() as db:
+            rows = db.execute(text("SELECT id, status, payment_id FROM orders")).all()
+    finally:
+        engine.dispose()
     return {row[0]: (row[1], row[2]) for row in rows}
 
 
@@ -195,7 +200,8 @@ def adopt_module_migrations(root: Path, env: dict[str, str]) -> None:
 
 
 @pytest.fixture
-def shop(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+def shop(tmp_path: Path, database_url: str) -> tuple[Path, dict[str, str]]:
+    """The shop on SQLite or PostgreSQL (its own synchronous engine: sqlite3 or psycopg)."""
     root = build_host_project(tmp_path / "shop")
     tokens = {"ALICE": CUSTOMER_TOKEN, "BOB": OTHER_CUSTOMER_TOKEN, "STAFF": STAFF_TOKEN}
     drive = textwrap.dedent(DRIVE)
@@ -203,7 +209,10 @@ def shop(tmp_path: Path) -> tuple[Path, dict[str, str]]:
         drive = drive.replace(f'bearer("{name}")', f'bearer("{token}")')
     (root / "app/main.py").write_text(textwrap.dedent(MAIN).lstrip())
     (root / "drive.py").write_text(drive.lstrip())
-    env = host_environment(root)
+    url = make_url(database_url)
+    if url.get_backend_name() == "postgresql":
+        url = url.set(drivername="postgresql+psycopg")
+    env = host_environment(root, SHOP_DATABASE_URL=url.render_as_string(hide_password=False))
     adopt_module_migrations(root, env)
     return root, env
 
@@ -223,7 +232,7 @@ def test_reconcile_with_the_shops_service_marks_the_order_paid(
         assert status == 202 and lost["status"] == "unknown", lost
         assert lost["amount"] == "100.00"
         assert result["paid"][0] == 200 and result["paid"][1]["status"] == "completed"
-        assert _orders(root) == {
+        assert _orders(env) == {
             1: ("pending", None),
             2: ("paid", result["paid"][1]["transaction_id"]),
         }
@@ -251,7 +260,7 @@ def test_reconcile_with_the_shops_service_marks_the_order_paid(
         assert not (root / "payments.db").exists()
 
     # The shop's hook ran in the reconcile process, on the shop's database.
-    assert _orders(root)[1] == ("paid", lost["transaction_id"])
+    assert _orders(env)[1] == ("paid", lost["transaction_id"])
 
 
 def test_a_customer_reaches_neither_staff_endpoints_nor_other_customers_payments(
