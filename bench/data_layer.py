@@ -165,9 +165,11 @@ FROM payment_transactions p
 WHERE p.id BETWEEN %(first)s AND %(last)s AND p.id %% 5 = 0
 """
 _TOTALS = """
-INSERT INTO payment_daily_totals (day, operation, status, shard, count, amount_cents, flagged)
+INSERT INTO payment_daily_totals
+    (day, operation, status, shard, count, amount_cents, flagged, reversed_cents)
 SELECT (created_at AT TIME ZONE 'UTC')::date, operation, status, 0,
-       count(*), sum(round(amount * 100)::bigint), count(*) FILTER (WHERE attention_required)
+       count(*), sum(round(amount * 100)::bigint), count(*) FILTER (WHERE attention_required),
+       sum(round(reversed_amount * 100)::bigint)
 FROM payment_transactions GROUP BY 1, 2, 3, 4
 """
 

@@ -318,6 +318,8 @@ class PaymentDailyTotal(Base):
     amount_cents: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     #: How many of them are flagged (``attention_required``).
     flagged: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    #: Their ``reversed_amount`` in cents.
+    reversed_cents: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 #: Rows per (day, operation, status) bucket; a payment's row is ``id % DAILY_TOTAL_SHARDS``.
@@ -330,23 +332,25 @@ LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
         INSERT INTO payment_daily_totals AS t
-            (day, operation, status, shard, count, amount_cents, flagged)
+            (day, operation, status, shard, count, amount_cents, flagged, reversed_cents)
         VALUES ((OLD.created_at AT TIME ZONE 'UTC')::date, OLD.operation, OLD.status,
                 OLD.id % {DAILY_TOTAL_SHARDS}, -1, -round(OLD.amount * 100)::bigint,
-                -OLD.attention_required::int)
+                -OLD.attention_required::int, -round(OLD.reversed_amount * 100)::bigint)
         ON CONFLICT (day, operation, status, shard) DO UPDATE
         SET count = t.count + EXCLUDED.count, amount_cents = t.amount_cents + EXCLUDED.amount_cents,
-            flagged = t.flagged + EXCLUDED.flagged;
+            flagged = t.flagged + EXCLUDED.flagged,
+            reversed_cents = t.reversed_cents + EXCLUDED.reversed_cents;
     END IF;
     IF TG_OP IN ('INSERT', 'UPDATE') THEN
         INSERT INTO payment_daily_totals AS t
-            (day, operation, status, shard, count, amount_cents, flagged)
+            (day, operation, status, shard, count, amount_cents, flagged, reversed_cents)
         VALUES ((NEW.created_at AT TIME ZONE 'UTC')::date, NEW.operation, NEW.status,
                 NEW.id % {DAILY_TOTAL_SHARDS}, 1, round(NEW.amount * 100)::bigint,
-                NEW.attention_required::int)
+                NEW.attention_required::int, round(NEW.reversed_amount * 100)::bigint)
         ON CONFLICT (day, operation, status, shard) DO UPDATE
         SET count = t.count + EXCLUDED.count, amount_cents = t.amount_cents + EXCLUDED.amount_cents,
-            flagged = t.flagged + EXCLUDED.flagged;
+            flagged = t.flagged + EXCLUDED.flagged,
+            reversed_cents = t.reversed_cents + EXCLUDED.reversed_cents;
     END IF;
     RETURN NULL;
 END
@@ -356,13 +360,14 @@ _TOTALS_CHANGED = (
     "OLD.status IS DISTINCT FROM NEW.status OR OLD.operation IS DISTINCT FROM NEW.operation"
     " OR OLD.amount IS DISTINCT FROM NEW.amount OR OLD.created_at IS DISTINCT FROM NEW.created_at"
     " OR OLD.attention_required IS DISTINCT FROM NEW.attention_required"
+    " OR OLD.reversed_amount IS DISTINCT FROM NEW.reversed_amount"
 )
 PG_TOTALS_DDL = (
     _PG_TOTALS_FUNCTION,
     "CREATE TRIGGER payment_daily_totals_insert_delete AFTER INSERT OR DELETE"
     " ON payment_transactions FOR EACH ROW EXECUTE FUNCTION payment_daily_totals_apply()",
     "CREATE TRIGGER payment_daily_totals_update"
-    " AFTER UPDATE OF status, operation, amount, created_at, attention_required"
+    " AFTER UPDATE OF status, operation, amount, created_at, attention_required, reversed_amount"
     " ON payment_transactions"
     f" FOR EACH ROW WHEN ({_TOTALS_CHANGED}) EXECUTE FUNCTION payment_daily_totals_apply()",
 )
@@ -376,13 +381,15 @@ PG_TOTALS_DROP = (
 def _sqlite_bucket(row: str, sign: str) -> str:
     return (
         "INSERT INTO payment_daily_totals"
-        " (day, operation, status, shard, count, amount_cents, flagged)"
+        " (day, operation, status, shard, count, amount_cents, flagged, reversed_cents)"
         f" VALUES (date({row}.created_at), {row}.operation, {row}.status,"
         f" {row}.id % {DAILY_TOTAL_SHARDS}, {sign}1,"
-        f" {sign}CAST(round({row}.amount * 100) AS INTEGER), {sign}{row}.attention_required)"
+        f" {sign}CAST(round({row}.amount * 100) AS INTEGER), {sign}{row}.attention_required,"
+        f" {sign}CAST(round({row}.reversed_amount * 100) AS INTEGER))"
         " ON CONFLICT (day, operation, status, shard) DO UPDATE"
         " SET count = count + excluded.count, amount_cents = amount_cents + excluded.amount_cents,"
-        " flagged = flagged + excluded.flagged;"
+        " flagged = flagged + excluded.flagged,"
+        " reversed_cents = reversed_cents + excluded.reversed_cents;"
     )
 
 
@@ -392,7 +399,7 @@ SQLITE_TOTALS_DDL = (
     "CREATE TRIGGER payment_daily_totals_delete AFTER DELETE ON payment_transactions"
     f" BEGIN {_sqlite_bucket('OLD', '-')} END",
     "CREATE TRIGGER payment_daily_totals_update"
-    " AFTER UPDATE OF status, operation, amount, created_at, attention_required"
+    " AFTER UPDATE OF status, operation, amount, created_at, attention_required, reversed_amount"
     " ON payment_transactions"
     f" WHEN {_TOTALS_CHANGED.replace('IS DISTINCT FROM', 'IS NOT')}"
     f" BEGIN {_sqlite_bucket('OLD', '-')} {_sqlite_bucket('NEW', '')} END",

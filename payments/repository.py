@@ -387,10 +387,10 @@ def list_page(
 
 def summary_rows(
     session: Session, filters: PaymentFilters
-) -> list[tuple[str, str, int, Decimal, int]]:
-    """(status, operation, count, amount, flagged count) per status and operation, from the
-    daily totals (only ``from_date``/``to_date`` of the filters apply): a few rows per day,
-    whatever the number of payments."""
+) -> list[tuple[str, str, int, Decimal, int, Decimal]]:
+    """(status, operation, count, amount, flagged count, reversed amount) per status and
+    operation, from the daily totals (only ``from_date``/``to_date`` of the filters apply): a
+    few rows per day, whatever the number of payments."""
     totals = PaymentDailyTotal
     buckets = session.execute(
         _totals_filtered(
@@ -400,13 +400,21 @@ def summary_rows(
                 func.sum(totals.count),
                 func.sum(totals.amount_cents),
                 func.sum(totals.flagged),
+                func.sum(totals.reversed_cents),
             ),
             PaymentFilters(from_date=filters.from_date, to_date=filters.to_date),
         ).group_by(totals.status, totals.operation)
     ).all()
     return [
-        (status, operation, int(count), Decimal(int(cents or 0)) / 100, int(flagged or 0))
-        for status, operation, count, cents, flagged in buckets
+        (
+            status,
+            operation,
+            int(count),
+            Decimal(int(cents or 0)) / 100,
+            int(flagged or 0),
+            Decimal(int(reversed_cents or 0)) / 100,
+        )
+        for status, operation, count, cents, flagged, reversed_cents in buckets
         if count  # every payment of the bucket moved on to another status
     ]
 
@@ -414,25 +422,30 @@ def summary_rows(
 _PG_COMPACT = """
 WITH moved AS (
     DELETE FROM payment_daily_totals WHERE day < :before AND shard <> 0
-    RETURNING day, operation, status, count, amount_cents, flagged
+    RETURNING day, operation, status, count, amount_cents, flagged, reversed_cents
 )
 INSERT INTO payment_daily_totals AS t
-    (day, operation, status, shard, count, amount_cents, flagged)
-SELECT day, operation, status, 0, sum(count), sum(amount_cents), sum(flagged) FROM moved
+    (day, operation, status, shard, count, amount_cents, flagged, reversed_cents)
+SELECT day, operation, status, 0, sum(count), sum(amount_cents), sum(flagged),
+       sum(reversed_cents)
+FROM moved
 GROUP BY day, operation, status
 ON CONFLICT (day, operation, status, shard) DO UPDATE
 SET count = t.count + EXCLUDED.count, amount_cents = t.amount_cents + EXCLUDED.amount_cents,
-    flagged = t.flagged + EXCLUDED.flagged
+    flagged = t.flagged + EXCLUDED.flagged,
+    reversed_cents = t.reversed_cents + EXCLUDED.reversed_cents
 """
 _SQLITE_COMPACT = (
     """
-INSERT INTO payment_daily_totals (day, operation, status, shard, count, amount_cents, flagged)
-SELECT day, operation, status, 0, sum(count), sum(amount_cents), sum(flagged)
+INSERT INTO payment_daily_totals
+    (day, operation, status, shard, count, amount_cents, flagged, reversed_cents)
+SELECT day, operation, status, 0, sum(count), sum(amount_cents), sum(flagged),
+       sum(reversed_cents)
 FROM payment_daily_totals
 WHERE day < :before AND shard <> 0 GROUP BY day, operation, status
 ON CONFLICT (day, operation, status, shard) DO UPDATE
 SET count = count + excluded.count, amount_cents = amount_cents + excluded.amount_cents,
-    flagged = flagged + excluded.flagged
+    flagged = flagged + excluded.flagged, reversed_cents = reversed_cents + excluded.reversed_cents
 """,
     "DELETE FROM payment_daily_totals WHERE day < :before AND shard <> 0",
 )
@@ -453,6 +466,7 @@ def compact_daily_totals(session: Session, before: date) -> int:
             PaymentDailyTotal.count == 0,
             PaymentDailyTotal.amount_cents == 0,
             PaymentDailyTotal.flagged == 0,
+            PaymentDailyTotal.reversed_cents == 0,
         )
     )
     rows_after = session.scalar(select(func.count()).select_from(PaymentDailyTotal)) or 0

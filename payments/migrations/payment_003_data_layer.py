@@ -86,23 +86,25 @@ LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
         INSERT INTO payment_daily_totals AS t
-            (day, operation, status, shard, count, amount_cents, flagged)
+            (day, operation, status, shard, count, amount_cents, flagged, reversed_cents)
         VALUES ((OLD.created_at AT TIME ZONE 'UTC')::date, OLD.operation, OLD.status,
                 OLD.id % {_SHARDS}, -1, -round(OLD.amount * 100)::bigint,
-                -OLD.attention_required::int)
+                -OLD.attention_required::int, -round(OLD.reversed_amount * 100)::bigint)
         ON CONFLICT (day, operation, status, shard) DO UPDATE
         SET count = t.count + EXCLUDED.count, amount_cents = t.amount_cents + EXCLUDED.amount_cents,
-            flagged = t.flagged + EXCLUDED.flagged;
+            flagged = t.flagged + EXCLUDED.flagged,
+            reversed_cents = t.reversed_cents + EXCLUDED.reversed_cents;
     END IF;
     IF TG_OP IN ('INSERT', 'UPDATE') THEN
         INSERT INTO payment_daily_totals AS t
-            (day, operation, status, shard, count, amount_cents, flagged)
+            (day, operation, status, shard, count, amount_cents, flagged, reversed_cents)
         VALUES ((NEW.created_at AT TIME ZONE 'UTC')::date, NEW.operation, NEW.status,
                 NEW.id % {_SHARDS}, 1, round(NEW.amount * 100)::bigint,
-                NEW.attention_required::int)
+                NEW.attention_required::int, round(NEW.reversed_amount * 100)::bigint)
         ON CONFLICT (day, operation, status, shard) DO UPDATE
         SET count = t.count + EXCLUDED.count, amount_cents = t.amount_cents + EXCLUDED.amount_cents,
-            flagged = t.flagged + EXCLUDED.flagged;
+            flagged = t.flagged + EXCLUDED.flagged,
+            reversed_cents = t.reversed_cents + EXCLUDED.reversed_cents;
     END IF;
     RETURN NULL;
 END
@@ -112,13 +114,14 @@ _TOTALS_CHANGED = (
     "OLD.status IS DISTINCT FROM NEW.status OR OLD.operation IS DISTINCT FROM NEW.operation"
     " OR OLD.amount IS DISTINCT FROM NEW.amount OR OLD.created_at IS DISTINCT FROM NEW.created_at"
     " OR OLD.attention_required IS DISTINCT FROM NEW.attention_required"
+    " OR OLD.reversed_amount IS DISTINCT FROM NEW.reversed_amount"
 )
 PG_TOTALS_DDL = (
     PG_TOTALS_FUNCTION,
     "CREATE TRIGGER payment_daily_totals_insert_delete AFTER INSERT OR DELETE"
     " ON payment_transactions FOR EACH ROW EXECUTE FUNCTION payment_daily_totals_apply()",
     "CREATE TRIGGER payment_daily_totals_update"
-    " AFTER UPDATE OF status, operation, amount, created_at, attention_required"
+    " AFTER UPDATE OF status, operation, amount, created_at, attention_required, reversed_amount"
     " ON payment_transactions"
     f" FOR EACH ROW WHEN ({_TOTALS_CHANGED}) EXECUTE FUNCTION payment_daily_totals_apply()",
 )
@@ -132,13 +135,15 @@ PG_TOTALS_DROP = (
 def _sqlite_bucket(row: str, sign: str) -> str:
     return (
         "INSERT INTO payment_daily_totals"
-        " (day, operation, status, shard, count, amount_cents, flagged)"
+        " (day, operation, status, shard, count, amount_cents, flagged, reversed_cents)"
         f" VALUES (date({row}.created_at), {row}.operation, {row}.status,"
         f" {row}.id % {_SHARDS}, {sign}1,"
-        f" {sign}CAST(round({row}.amount * 100) AS INTEGER), {sign}{row}.attention_required)"
+        f" {sign}CAST(round({row}.amount * 100) AS INTEGER), {sign}{row}.attention_required,"
+        f" {sign}CAST(round({row}.reversed_amount * 100) AS INTEGER))"
         " ON CONFLICT (day, operation, status, shard) DO UPDATE"
         " SET count = count + excluded.count, amount_cents = amount_cents + excluded.amount_cents,"
-        " flagged = flagged + excluded.flagged;"
+        " flagged = flagged + excluded.flagged,"
+        " reversed_cents = reversed_cents + excluded.reversed_cents;"
     )
 
 
@@ -148,7 +153,7 @@ SQLITE_TOTALS_DDL = (
     "CREATE TRIGGER payment_daily_totals_delete AFTER DELETE ON payment_transactions"
     f" BEGIN {_sqlite_bucket('OLD', '-')} END",
     "CREATE TRIGGER payment_daily_totals_update"
-    " AFTER UPDATE OF status, operation, amount, created_at, attention_required"
+    " AFTER UPDATE OF status, operation, amount, created_at, attention_required, reversed_amount"
     " ON payment_transactions"
     f" WHEN {_TOTALS_CHANGED.replace('IS DISTINCT FROM', 'IS NOT')}"
     f" BEGIN {_sqlite_bucket('OLD', '-')} {_sqlite_bucket('NEW', '')} END",
@@ -160,15 +165,19 @@ SQLITE_TOTALS_DROP = (
 )
 
 _PG_BACKFILL = """
-INSERT INTO payment_daily_totals (day, operation, status, shard, count, amount_cents, flagged)
+INSERT INTO payment_daily_totals
+    (day, operation, status, shard, count, amount_cents, flagged, reversed_cents)
 SELECT (created_at AT TIME ZONE 'UTC')::date, operation, status, 0,
-       count(*), sum(round(amount * 100)::bigint), count(*) FILTER (WHERE attention_required)
+       count(*), sum(round(amount * 100)::bigint), count(*) FILTER (WHERE attention_required),
+       sum(round(reversed_amount * 100)::bigint)
 FROM payment_transactions GROUP BY 1, 2, 3, 4
 """
 _SQLITE_BACKFILL = """
-INSERT INTO payment_daily_totals (day, operation, status, shard, count, amount_cents, flagged)
+INSERT INTO payment_daily_totals
+    (day, operation, status, shard, count, amount_cents, flagged, reversed_cents)
 SELECT date(created_at), operation, status, 0,
-       count(*), sum(CAST(round(amount * 100) AS INTEGER)), sum(attention_required)
+       count(*), sum(CAST(round(amount * 100) AS INTEGER)), sum(attention_required),
+       sum(CAST(round(reversed_amount * 100) AS INTEGER))
 FROM payment_transactions GROUP BY 1, 2, 3, 4
 """
 
@@ -233,6 +242,7 @@ def upgrade() -> None:
         sa.Column("count", sa.BigInteger(), server_default="0", nullable=False),
         sa.Column("amount_cents", sa.BigInteger(), server_default="0", nullable=False),
         sa.Column("flagged", sa.BigInteger(), server_default="0", nullable=False),
+        sa.Column("reversed_cents", sa.BigInteger(), server_default="0", nullable=False),
         sa.PrimaryKeyConstraint(
             "day", "operation", "status", "shard", name=op.f("pk_payment_daily_totals")
         ),
