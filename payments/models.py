@@ -89,7 +89,6 @@ class AuditAction(StrEnum):
     RECONCILED = "reconciled"
     ATTENTION_REQUIRED = "attention_required"
     HOOK_FAILED = "hook_failed"
-    IDEMPOTENT_REPLAY = "idempotent_replay"
     OPERATOR_RESOLVED = "operator_resolved"
 
 

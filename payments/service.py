@@ -1,14 +1,14 @@
 """The use cases: initiate (C2B), payout (B2C), transfer (B2B), reverse, refresh, and the reads.
 
 ``PaymentService`` composes the provider client and the repository and owns every commit. Its
-money-moving flows keep DESIGN.md's rules:
+money-moving flows keep these rules (comments cite them by number):
 
 1. the intent row is committed (``processing``) before M-Pesa is called;
 2. no database connection or transaction is held while waiting on M-Pesa;
 3. lost or ambiguous answers leave the payment ``unknown``; only a status query settles it;
-5. an idempotency key plus a request fingerprint: one provider call per key, decided by the
+4. an idempotency key plus a request fingerprint: one provider call per key, decided by the
    database's unique constraint; the ``input_ThirdPartyReference`` is derived from the key;
-7. statuses change only along ``lifecycle.ALLOWED_TRANSITIONS``, under an optimistic lock,
+5. statuses change only along ``lifecycle.ALLOWED_TRANSITIONS``, under an optimistic lock,
    and hooks fire once, for the writer that made the transition.
 """
 
@@ -737,7 +737,7 @@ class PaymentService:
         work: Callable[[Session], tuple[PaymentRecord, bool]],
         key: str | None,
     ) -> tuple[PaymentRecord, bool]:
-        """Commit the intent (or find the payment this key already made): rule 1 and rule 5."""
+        """Commit the intent (or find the payment this key already made): rules 1 and 4."""
         try:
             return await run_db(db, committing(work), write=True)
         except IntegrityError as exc:

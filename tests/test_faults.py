@@ -9,7 +9,7 @@ explicit environment, every wait is bounded, and every process is terminated (th
 ``finally`` or fixture teardown. Only the hook and ordering tests use an in-process simulator,
 where the test has to hold an answer in transit or count hook calls.
 
-What is asserted throughout is DESIGN.md's money-safety contract: the intent row exists before
+What is asserted throughout is the module's money-safety contract: the intent row exists before
 the provider is called, ambiguous answers leave payments ``unknown`` (never ``failed``), only a
 status query settles them, nothing is sent twice, and a settled payment is never demoted.
 """

@@ -4,7 +4,7 @@ The only module that knows hosts, ports, paths and ``input_*``/``output_*`` name
 of the database or FastAPI. Every HTTP exchange is described by a ``ProviderExchange`` (sanitised),
 attached to the result or the error, so callers can audit it.
 
-Retries follow business semantics (DESIGN.md rule 4): queries retry with capped, jittered backoff;
+Retries follow business semantics: queries retry with capped, jittered backoff;
 C2B/B2C/B2B retry only when the request provably never left (connect failure); a reversal never
 retries. A timeout or dropped connection on a money-moving call is ``PaymentOutcomeUnknownError``.
 """
