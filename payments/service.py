@@ -42,7 +42,7 @@ from .exceptions import (
     PaymentStorageError,
     PaymentValidationError,
 )
-from .lifecycle import SUCCEEDED, UNSETTLED, UNSUCCESSFUL
+from .lifecycle import IN_FLIGHT, SUCCEEDED, UNSETTLED, UNSUCCESSFUL
 from .logger import payment_logger
 from .models import (
     AuditAction,
@@ -456,7 +456,7 @@ class PaymentService:
                     status=before.value,
                 )
             record = repo.record_of(session, row)
-            stuck = before in (S.PENDING, S.PROCESSING) and now >= self.in_flight_until(record)
+            stuck = before in IN_FLIGHT and now >= self.in_flight_until(record)
             after = before
             if before in SUCCEEDED and not row.provider_transaction_id:
                 if wanted not in (None, S.COMPLETED):
@@ -980,7 +980,7 @@ class PaymentService:
                 hook = self.on_reversal_completed(record, original)
             elif not is_reversal:
                 hook = self.on_payment_completed(record)
-        elif status in (S.FAILED, S.CANCELLED, S.EXPIRED):
+        elif status in UNSUCCESSFUL:
             error = outcome.error or error_for_record(record)
             hook = (
                 self.on_reversal_failed(record, error)
