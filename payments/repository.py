@@ -32,6 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
+from .lifecycle import UNSETTLED
 from .models import (
     AuditAction,
     PaymentAuditLog,
@@ -263,9 +264,7 @@ def reversals_in_flight_amount(session: Session, original_pk: int) -> Decimal:
     total = session.scalar(
         select(func.coalesce(func.sum(PaymentTransaction.amount), 0)).where(
             PaymentTransaction.original_id == original_pk,
-            PaymentTransaction.status.in_(
-                [PaymentStatus.PENDING, PaymentStatus.PROCESSING, PaymentStatus.UNKNOWN]
-            ),
+            PaymentTransaction.status.in_(sorted(UNSETTLED)),
         )
     )
     return Decimal(total or 0)

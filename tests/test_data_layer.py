@@ -37,7 +37,7 @@ from payments.schemas import PaymentFilters, PaymentInitiateRequest
 from payments.service import PaymentService
 from payments.simulator.app import MpesaSimulator, SimulatorConfig
 from payments.simulator.transport import SimulatorTransport
-from tests.conftest import PaymentApi
+from tests.support import PaymentApi
 from tests.test_migrations import repo_alembic_config, sync_engine
 
 DROPPED = "258842000001"  # recorded Completed, the answer lost: the status query settles it
