@@ -899,7 +899,9 @@ async def test_compacting_the_daily_totals_keeps_every_sum(
     assert await direct_summary(session_factory) == {row[:4] for row in after}
 
 
-def test_the_prune_command_names_a_missing_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_prune_command_names_a_missing_setting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from payments.__main__ import main
     from payments.config import get_settings
 
@@ -907,4 +909,5 @@ def test_the_prune_command_names_a_missing_setting(monkeypatch: pytest.MonkeyPat
     get_settings.cache_clear()
     with pytest.raises(SystemExit) as exited:
         main(["prune"])
-    assert "MPESA_API_KEY" in str(exited.value.code)
+    assert exited.value.code == 2
+    assert "MPESA_API_KEY" in capsys.readouterr().err
