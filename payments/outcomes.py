@@ -226,14 +226,18 @@ def outcome_of_error(error: PaymentProviderError) -> Outcome:
     )
 
 
-def error_for_record(record: PaymentRecord) -> PaymentError | None:
-    """The error a caller gets for a payment in this state (also on an idempotent replay)."""
+def error_for_record(
+    record: PaymentRecord, payment: PaymentResponse | None = None
+) -> PaymentError | None:
+    """The error a caller gets for a payment in this state (also on an idempotent replay),
+    carrying ``payment`` (the answer for the recorded payment) when given."""
     status = PaymentStatus(record.status)
     details = {"transaction_id": record.transaction_id, "status": status.value}
     common: dict[str, Any] = {
         "details": details,
         "provider_code": record.response_code,
         "provider_description": record.response_description,
+        "payment": payment,
     }
     message = record.status_description or STATUS_MESSAGES[status]
     if status in UNSETTLED:
