@@ -42,8 +42,9 @@ import pytest
 from psycopg import sql
 
 from payments import schemas
+from tests.support import libpq_url as _libpq_url
+from tests.support import postgres_admin_url
 
-from .conftest import _libpq_url, postgres_admin_url
 from .host_project import REPO_ROOT, build_host_project, free_port, host_environment
 
 READMES = ("README.md", "payments/README.md")
