@@ -22,6 +22,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
 
+from . import metrics
 from . import repository as repo
 from .config import PaymentSettings
 from .database import DbSession, run_db
@@ -133,6 +134,7 @@ async def reconcile_once(
                 )
 
     await asyncio.gather(*(settle(record) for record in claimed))
+    metrics.observe_reconcile_run("errors" if report.errors else "ok")
     if claimed:
         payment_logger.info("Reconciliation pass", report=str(report))
     return report
@@ -185,6 +187,7 @@ async def _settle_one(
         PaymentStatus.UNKNOWN,
     ):
         report.settled += 1
+        metrics.observe_reconcile_settled(updated.status)
         report.settled_ids.append(updated.transaction_id)
         payment_logger.info(
             "Payment reconciled", transaction_id=updated.transaction_id, status=updated.status
@@ -236,6 +239,7 @@ async def reconcile_forever(
         try:
             await reconcile_once(service, sessions, min_age=min_age, batch_size=batch_size)
         except Exception as exc:  # the database may be down for a while: keep trying
+            metrics.observe_reconcile_run("failed")
             payment_logger.error("Reconciliation pass failed", error=type(exc).__name__)
         try:
             await asyncio.wait_for(stop.wait(), timeout=interval)

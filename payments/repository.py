@@ -436,3 +436,253 @@ def claim_due_for_reconciliation(
         row.reconcile_attempts += 1
     session.flush()
     return [record_of(session, row) for row in rows]
+
+
+# -- the operator console and the metrics' gauges (read-only) ----------------------------------
+
+#: Statuses whose outcome is still open.
+OPEN_STATUSES = (PaymentStatus.PENDING, PaymentStatus.PROCESSING, PaymentStatus.UNKNOWN)
+
+
+def metrics_state(session: Session, *, now: datetime) -> dict[str, Any]:
+    """The gauges of ``/metrics``: three indexed aggregates (``status`` leads an index)."""
+    table = PaymentTransaction
+    open_rows = session.execute(
+        select(table.status, table.operation, func.count(table.id), func.min(table.created_at))
+        .where(table.status.in_(OPEN_STATUSES))
+        .group_by(table.status, table.operation)
+    ).all()
+    open_counts = {status.value: 0 for status in OPEN_STATUSES}
+    in_flight: dict[str, int] = {}
+    oldest: datetime | None = None
+    for status, operation, count, first in open_rows:
+        open_counts[status] += int(count)
+        if status != PaymentStatus.UNKNOWN:
+            in_flight[operation] = in_flight.get(operation, 0) + int(count)
+        first = as_utc(first)
+        if first is not None and (oldest is None or first < oldest):
+            oldest = first
+    attention = session.scalar(
+        select(func.count(table.id)).where(table.attention_required.is_(True))
+    )
+    return {
+        "open": open_counts,
+        "in_flight": in_flight,
+        "oldest_open_age_seconds": max(0.0, (now - oldest).total_seconds()) if oldest else 0.0,
+        "attention_required": int(attention or 0),
+    }
+
+
+def totals_since(session: Session, since: datetime) -> list[tuple[str, str, int, Decimal]]:
+    """(status, operation, count, amount) of the payments created since ``since`` (a range on
+    ``ix_payment_transactions_created_at``)."""
+    table = PaymentTransaction
+    rows = session.execute(
+        select(
+            table.status,
+            table.operation,
+            func.count(table.id),
+            func.coalesce(func.sum(table.amount), 0),
+        )
+        .where(table.created_at >= since)
+        .group_by(table.status, table.operation)
+    ).all()
+    return [(s, o, int(c), Decimal(a)) for s, o, c, a in rows]
+
+
+def volume_series(
+    session: Session, since: datetime, *, hourly: bool
+) -> list[tuple[datetime, int, int, int]]:
+    """Per hour (``hourly``) or per day since ``since``: (bucket start, payments, succeeded,
+    settled) of non-reversal payments. Bucketing happens in the database."""
+    table = PaymentTransaction
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        bucket = func.date_trunc("hour" if hourly else "day", table.created_at)
+    else:  # SQLite stores ISO text
+        bucket = func.strftime(
+            "%Y-%m-%d %H:00:00" if hourly else "%Y-%m-%d 00:00:00", table.created_at
+        )
+    succeeded = func.sum(
+        func.cast(
+            table.status.in_(
+                [
+                    PaymentStatus.COMPLETED,
+                    PaymentStatus.PARTIALLY_REVERSED,
+                    PaymentStatus.REVERSED,
+                ]
+            ),
+            type_=table.id.type,
+        )
+    )
+    settled = func.sum(func.cast(~table.status.in_(OPEN_STATUSES), type_=table.id.type))
+    rows = session.execute(
+        select(bucket.label("bucket"), func.count(table.id), succeeded, settled)
+        .where(table.created_at >= since, table.operation != "reversal")
+        .group_by("bucket")
+        .order_by("bucket")
+    ).all()
+    series = []
+    for start, count, ok, done in rows:
+        if isinstance(start, str):
+            start = datetime.fromisoformat(start)
+        series.append((as_utc(start), int(count), int(ok or 0), int(done or 0)))
+    return series  # type: ignore[return-value]
+
+
+def work_queue(
+    session: Session,
+    *,
+    stuck_created_before: Mapping[str, datetime],
+    limit: int,
+) -> tuple[list[PaymentRecord], int]:
+    """Payments an operator should look at, oldest first: ``unknown``, flagged
+    ``attention_required``, or ``pending``/``processing`` past their call's window. Three
+    queries each bounded by ``limit`` (the first two on the status index), merged here, so the
+    page never sorts the whole table. Returns (oldest ``limit``, how many in all)."""
+    table = PaymentTransaction
+    stuck = or_(
+        *(
+            and_(table.operation == operation, table.created_at <= cutoff)
+            for operation, cutoff in stuck_created_before.items()
+        )
+    )
+    conditions = [
+        table.status == PaymentStatus.UNKNOWN,
+        and_(table.status.in_([PaymentStatus.PENDING, PaymentStatus.PROCESSING]), stuck),
+        and_(table.attention_required.is_(True), table.status != PaymentStatus.UNKNOWN),
+    ]
+    found: dict[int, PaymentTransaction] = {}
+    total = 0
+    for condition in conditions:
+        if condition is conditions[1]:
+            # Stuck and flagged at once: counted (and listed) once, with the flagged ones.
+            condition = and_(condition, table.attention_required.is_(False))
+        total += session.scalar(select(func.count(table.id)).where(condition)) or 0
+        for row in session.scalars(
+            select(table).where(condition).order_by(table.created_at, table.id).limit(limit)
+        ):
+            found[row.id] = row
+    rows = sorted(found.values(), key=lambda row: (as_utc(row.created_at), row.id))[:limit]
+    return [PaymentRecord.of(row) for row in rows], total
+
+
+def _searched(query: Select[Any], *, reference: str | None, search: str | None) -> Select[Any]:
+    table = PaymentTransaction
+    if reference:
+        query = query.where(
+            or_(table.account_reference == reference, table.transaction_reference == reference)
+        )
+    if search:
+        # Each is a unique, indexed column: three index look-ups, no scan.
+        query = query.where(
+            or_(
+                table.transaction_id == search,
+                table.third_party_reference == search,
+                table.provider_transaction_id == search,
+            )
+        )
+    return query
+
+
+def console_page(
+    session: Session,
+    filters: PaymentFilters,
+    *,
+    reference: str | None,
+    search: str | None,
+    page: int,
+    per_page: int,
+) -> tuple[list[PaymentRecord], int]:
+    """One page of the console's list, newest first: (records, total matching)."""
+    table = PaymentTransaction
+    total = session.scalar(
+        _searched(
+            _filtered(select(func.count(table.id)), filters), reference=reference, search=search
+        )
+    )
+    rows = session.scalars(
+        _searched(_filtered(select(table), filters), reference=reference, search=search)
+        .order_by(table.created_at.desc(), table.id.desc())
+        .offset((page - 1) * per_page)
+        .limit(per_page)
+    )
+    return [PaymentRecord.of(row) for row in rows], int(total or 0)
+
+
+def console_batch(
+    session: Session,
+    filters: PaymentFilters,
+    *,
+    reference: str | None,
+    search: str | None,
+    after: tuple[datetime, int] | None,
+    size: int,
+) -> list[PaymentRecord]:
+    """The next ``size`` payments of the filter, newest first, after the keyset ``after``
+    (created_at, id) of the previous batch: the CSV export, which never offsets."""
+    table = PaymentTransaction
+    query = _searched(_filtered(select(table), filters), reference=reference, search=search)
+    if after is not None:
+        created, pk = after
+        query = query.where(
+            or_(table.created_at < created, and_(table.created_at == created, table.id < pk))
+        )
+    rows = session.scalars(query.order_by(table.created_at.desc(), table.id.desc()).limit(size))
+    return [PaymentRecord.of(row) for row in rows]
+
+
+def payment_detail(
+    session: Session, transaction_id: str
+) -> (
+    tuple[PaymentRecord, list[PaymentAuditLog], list[PaymentRecord], list[PaymentWebhookLog]] | None
+):
+    """A payment, its audit trail, its reversals and the notifications matched to it."""
+    row = get(session, transaction_id)
+    if row is None:
+        return None
+    reversals = session.scalars(
+        select(PaymentTransaction)
+        .where(PaymentTransaction.original_id == row.id)
+        .order_by(PaymentTransaction.id)
+        .limit(200)
+    )
+    webhooks = session.scalars(
+        select(PaymentWebhookLog)
+        .where(PaymentWebhookLog.transaction_id == row.id)
+        .order_by(PaymentWebhookLog.id)
+        .limit(200)
+    )
+    return (
+        record_of(session, row),
+        audit_trail(session, row.id),
+        [PaymentRecord.of(r, row.transaction_id) for r in reversals],
+        list(webhooks),
+    )
+
+
+def console_webhooks(
+    session: Session,
+    *,
+    is_valid: bool | None,
+    is_processed: bool | None,
+    page: int,
+    per_page: int,
+) -> tuple[list[tuple[PaymentWebhookLog, str | None]], int]:
+    """Stored notifications, newest first, with the payment each was matched to."""
+    table = PaymentWebhookLog
+    conditions = []
+    if is_valid is not None:
+        conditions.append(table.is_valid.is_(is_valid))
+    if is_processed is not None:
+        conditions.append(table.is_processed.is_(is_processed))
+    total = session.scalar(select(func.count(table.id)).where(*conditions)) or 0
+    rows = session.execute(
+        select(table, PaymentTransaction.transaction_id)
+        .outerjoin(PaymentTransaction, table.transaction_id == PaymentTransaction.id)
+        .where(*conditions)
+        .order_by(table.id.desc())
+        .offset((page - 1) * per_page)
+        .limit(per_page)
+    ).all()
+    return [(webhook, tid) for webhook, tid in rows], int(total)

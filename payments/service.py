@@ -32,6 +32,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
+from . import metrics
 from . import repository as repo
 from .client import MpesaClient, ProviderExchange, ProviderResult
 from .config import PaymentSettings, get_settings
@@ -1195,6 +1196,7 @@ class PaymentService:
         original: PaymentRecord | None,
     ) -> None:
         status = PaymentStatus(record.status)
+        metrics.observe_transition(record.operation, status.value, record.amount)
         is_reversal = record.operation == PaymentOperation.REVERSAL
         hook: Awaitable[None] | None = None
         if status is S.COMPLETED:
