@@ -202,3 +202,35 @@ def exposition(state: dict[str, Any]) -> bytes:
 
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+# -- the endpoint's two halves (the router stays thin) --------------------------------------------
+
+
+async def check_access(request: Any, auth: Any, settings: Any) -> None:
+    """``Authorization: Bearer <PAYMENT_METRICS_TOKEN>`` when that is set (what Prometheus'
+    ``authorization`` scrape setting sends); otherwise, or with another header, the staff auth."""
+    import hmac
+
+    from .console.security import run_auth
+    from .exceptions import UnauthorizedError
+
+    token = settings.payment_metrics_token
+    expected = token.get_secret_value() if token is not None else ""
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if expected and scheme.lower() == "bearer":
+        if hmac.compare_digest(given.strip().encode(), expected.encode()):
+            return
+        raise UnauthorizedError("wrong metrics token")
+    await run_auth(request, auth)
+
+
+async def scrape(db: Any) -> bytes:
+    """The exposition, with the database's gauges read now (a few indexed aggregates)."""
+    from . import repository as repo
+    from .database import run_db
+    from .models import utcnow
+
+    state = await run_db(db, lambda session: repo.metrics_state(session, now=utcnow()))
+    return exposition(state)

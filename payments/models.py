@@ -91,6 +91,8 @@ class AuditAction(StrEnum):
     HOOK_FAILED = "hook_failed"
     IDEMPOTENT_REPLAY = "idempotent_replay"
     OPERATOR_RESOLVED = "operator_resolved"
+    #: An operator started an action from the console (refresh, reverse, replay, redeliver).
+    OPERATOR_ACTION = "operator_action"
 
 
 def _in(values: type[StrEnum]) -> str:

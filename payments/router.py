@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
 from pydantic import AfterValidator, BaseModel, TypeAdapter, ValidationError
@@ -25,10 +25,12 @@ from sqlalchemy import text
 from starlette.exceptions import HTTPException
 from starlette.types import Message
 
+from . import metrics as prometheus_metrics
 from . import repository as repo
 from .callbacks import CallbackProcessor, ProviderAnswer, client_ip, read_capped
 from .client import OPERATIONS
 from .config import PROVIDER_HOSTS, get_settings
+from .console import create_console_router
 from .database import DATABASE_ERRORS, DbSession, get_db, run_db
 from .exceptions import (
     DuplicateTransactionError,
@@ -382,9 +384,11 @@ def create_payment_router(
     get_session: Callable[..., Any] = get_db,
     auth: Callable[..., Any] = require_api_key,
     service: Callable[[], PaymentService] = get_payment_service,
+    console: bool = True,
 ) -> APIRouter:
     """Build the router. ``get_session`` yields a ``Session`` or an ``AsyncSession``; ``auth``
-    returns the caller's name (or raises); ``service`` returns the ``PaymentService`` to use."""
+    returns the caller's name (or raises); ``service`` returns the ``PaymentService`` to use;
+    ``console``: mount the operator console at ``/payments/console/`` (staff, like ``auth``)."""
     router = APIRouter(prefix="/payments", tags=["payments"], route_class=PaymentRoute)
     Db = Annotated[DbSession, Depends(get_session)]
     Actor = Annotated[str, Depends(_actor_dependency(auth))]
@@ -596,6 +600,26 @@ def create_payment_router(
         return JSONResponse(answer, status_code=status_code)
 
     setattr(callback_c2b, _OWN_BODY_MARK, True)
+
+    @router.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={401: {"model": ErrorResponse, "description": "Not authenticated"}},
+    )
+    async def metrics(request: Request, db: Db, payments: Service) -> Response:
+        """Prometheus text format. Staff only, or ``Authorization: Bearer
+        <PAYMENT_METRICS_TOKEN>`` when that is set."""
+        await prometheus_metrics.check_access(request, auth, payments.settings)
+        return Response(
+            await prometheus_metrics.scrape(db), media_type=prometheus_metrics.CONTENT_TYPE
+        )
+
+    if console:
+        router.include_router(
+            create_console_router(
+                auth=auth, builtin_auth=require_api_key, get_session=get_session, service=service
+            )
+        )
 
     @router.get("/webhooks", responses=_responses())
     async def list_webhooks(
