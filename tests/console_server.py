@@ -53,7 +53,9 @@ def live_console(
         return None
 
     client = MpesaClient(
-        ClientConfig.from_settings(settings), transport=SimulatorTransport(simulator), sleep=no_sleep
+        ClientConfig.from_settings(settings),
+        transport=SimulatorTransport(simulator),
+        sleep=no_sleep,
     )
     service = PaymentService(settings, client, db_retry_delays=(0.01,))
     engine = create_engine_for(database_url)

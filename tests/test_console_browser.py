@@ -81,7 +81,9 @@ async def seeded(url: str, simulator: MpesaSimulator) -> AsyncIterator[dict[str,
             with pytest.raises(PaymentError):
                 await service.initiate_payment(
                     PaymentInitiateRequest(
-                        amount=Decimal("30"), phone_number="258841000005", account_reference="ORDER-C"
+                        amount=Decimal("30"),
+                        phone_number="258841000005",
+                        account_reference="ORDER-C",
                     ),
                     db,
                     user_id="shop",
@@ -89,7 +91,9 @@ async def seeded(url: str, simulator: MpesaSimulator) -> AsyncIterator[dict[str,
             with pytest.raises(PaymentError):
                 await service.initiate_payment(
                     PaymentInitiateRequest(
-                        amount=Decimal("500"), phone_number=LOST_ANSWER_PHONE, account_reference="ORDER-L"
+                        amount=Decimal("500"),
+                        phone_number=LOST_ANSWER_PHONE,
+                        account_reference="ORDER-L",
                     ),
                     db,
                     user_id="shop",
@@ -147,7 +151,9 @@ async def test_operator_resolves_and_reverses_a_flagged_payment_in_the_browser(
 
 
 async def _walk_through(browser: Any, live: Any, made: dict[str, Any], mpesa_id: str) -> None:
-    context = await browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
+    context = await browser.new_context(
+        accept_downloads=True, viewport={"width": 1280, "height": 900}
+    )
     page = await context.new_page()
 
     # Signed out: the console sends the browser to the sign-in form.
