@@ -17,12 +17,13 @@ import uvicorn
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from payments.client import ClientConfig, MpesaClient
 from payments.config import load_settings
 from payments.database import create_engine_for
+from payments.mpesa.client import ClientConfig, MpesaClient
 from payments.router import create_payment_router
 from payments.service import PaymentService
-from payments.simulator import MpesaSimulator, SimulatorConfig, SimulatorTransport
+from payments.simulator.app import MpesaSimulator, SimulatorConfig
+from payments.simulator.transport import SimulatorTransport
 
 
 @dataclass

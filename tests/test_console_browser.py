@@ -18,15 +18,16 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from payments.client import ClientConfig, MpesaClient
 from payments.config import load_settings
 from payments.database import create_engine_for
 from payments.exceptions import PaymentError
 from payments.models import Base, PaymentTransaction, utcnow
+from payments.mpesa.client import ClientConfig, MpesaClient
 from payments.reconciliation import reconcile_once
 from payments.schemas import PaymentInitiateRequest
 from payments.service import PaymentService
-from payments.simulator import MpesaSimulator, SimulatorConfig, SimulatorTransport
+from payments.simulator.app import MpesaSimulator, SimulatorConfig
+from payments.simulator.transport import SimulatorTransport
 
 from .conftest import TEST_ADMIN_KEY
 from .console_server import live_console

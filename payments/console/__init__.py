@@ -8,7 +8,6 @@ operator's name. Templates live in ``templates/`` beside this file, so they trav
 folder. No page needs JavaScript; the chart is inline SVG.
 """
 
-
 import csv
 import io
 import math
@@ -28,7 +27,6 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from .. import repository as repo
-from ..callbacks import CallbackProcessor
 from ..database import DbSession, run_db
 from ..exceptions import (
     InvalidStateTransitionError,
@@ -37,11 +35,12 @@ from ..exceptions import (
     PaymentValidationError,
     UnauthorizedError,
 )
-from ..logger import sanitize, sanitize_text
 from ..models import AuditAction, PaymentOperation, PaymentStatus, utcnow
+from ..mpesa.values import Msisdn, mask_msisdn
+from ..notifications import CallbackProcessor
+from ..redaction import sanitize, sanitize_text
 from ..schemas import PaymentFilters, ReversalRequest
 from ..service import PaymentService
-from ..values import Msisdn, mask_msisdn
 from . import charts, security
 
 TEMPLATES = Path(__file__).parent / "templates"

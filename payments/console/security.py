@@ -7,7 +7,6 @@ admin key ends every session. Phone-number filters travel in links as Fernet tok
 derived the same way, so no page, link or log of the console carries a full number.
 """
 
-
 import base64
 import hashlib
 import hmac
