@@ -40,8 +40,11 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "console"
 #: Completed, unknown here.
 LOST_ANSWER_PHONE = "258842000001"
 
+_HAVE_CHROMIUM = shutil.which(CHROMIUM) is not None or Path(CHROMIUM).exists()
+if not _HAVE_CHROMIUM and os.environ.get("PAYMENT_REQUIRE_BROWSER") == "1":
+    raise RuntimeError(f"PAYMENT_REQUIRE_BROWSER=1 but there is no Chromium at {CHROMIUM}")
 pytestmark = pytest.mark.skipif(
-    shutil.which(CHROMIUM) is None and not Path(CHROMIUM).exists(),
+    not _HAVE_CHROMIUM,
     reason=f"needs Chromium at {CHROMIUM} (.ci/run installs Debian's chromium)",
 )
 

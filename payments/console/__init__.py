@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from .. import repository as repo
-from ..database import DbSession, run_db
+from ..database import DATABASE_ERRORS, DbSession, run_db
 from ..exceptions import (
     InvalidStateTransitionError,
     PaymentError,
@@ -35,6 +35,7 @@ from ..exceptions import (
     PaymentValidationError,
     UnauthorizedError,
 )
+from ..logger import payment_logger
 from ..models import AuditAction, PaymentOperation, PaymentStatus, utcnow
 from ..mpesa.values import Msisdn, mask_msisdn
 from ..notifications import CallbackProcessor
@@ -251,6 +252,18 @@ def create_console_router(
             )
         except HTTPException as error:
             return _render(request, "error.html", error.status_code, message=str(error.detail))
+        except DATABASE_ERRORS as error:
+            payment_logger.error(
+                "Console: database unavailable", path=request.url.path, error=type(error).__name__
+            )
+            return _render(
+                request, "error.html", 503, message="The payments database is unavailable."
+            )
+        except Exception:
+            payment_logger.exception("Console page failed", path=request.url.path)
+            return _render(
+                request, "error.html", 500, message="Something went wrong; it is logged."
+            )
 
     # -- sign-in ---------------------------------------------------------------------------------
 
@@ -676,8 +689,17 @@ def _totals(rows: list[tuple[str, str, int, Decimal]]) -> dict[str, Any]:
         "cells": cells,
         "statuses": statuses,
         "operations": operations,
-        "count": sum(r[2] for r in rows),
-        "amount": sum((r[3] for r in rows), Decimal("0")),
+        # Payments (C2B, B2C, B2B); reversals are shown apart, as money going back.
+        "count": sum(r[2] for r in payments),
+        "amount": sum((r[3] for r in payments), Decimal("0")),
+        "completed_amount": sum(
+            (r[3] for r in payments if r[0] in ("completed", "partially_reversed", "reversed")),
+            Decimal("0"),
+        ),
+        "reversals": sum(r[2] for r in rows if r[1] == "reversal"),
+        "reversed_amount": sum(
+            (r[3] for r in rows if r[1] == "reversal" and r[0] == "completed"), Decimal("0")
+        ),
         "success_rate": (succeeded / settled) if settled else None,
         "settled": settled,
     }
