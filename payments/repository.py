@@ -649,7 +649,7 @@ def payment_detail(
     )
     webhooks = session.scalars(
         select(PaymentWebhookLog)
-        .where(PaymentWebhookLog.transaction_id == row.id)
+        .where(PaymentWebhookLog.payment_id == row.id)
         .order_by(PaymentWebhookLog.id)
         .limit(200)
     )
@@ -679,7 +679,7 @@ def console_webhooks(
     total = session.scalar(select(func.count(table.id)).where(*conditions)) or 0
     rows = session.execute(
         select(table, PaymentTransaction.transaction_id)
-        .outerjoin(PaymentTransaction, table.transaction_id == PaymentTransaction.id)
+        .outerjoin(PaymentTransaction, table.payment_id == PaymentTransaction.id)
         .where(*conditions)
         .order_by(table.id.desc())
         .offset((page - 1) * per_page)

@@ -79,7 +79,7 @@ async def seeded(url: str, simulator: MpesaSimulator) -> AsyncIterator[dict[str,
                         account_reference=f"ORDER-{i}",
                     ),
                     db,
-                    user_id="shop",
+                    actor="shop",
                 )
                 made["completed"].append(paid.transaction_id)
             with pytest.raises(PaymentError):
@@ -90,7 +90,7 @@ async def seeded(url: str, simulator: MpesaSimulator) -> AsyncIterator[dict[str,
                         account_reference="ORDER-C",
                     ),
                     db,
-                    user_id="shop",
+                    actor="shop",
                 )
             with pytest.raises(PaymentError):
                 await service.initiate_payment(
@@ -100,7 +100,7 @@ async def seeded(url: str, simulator: MpesaSimulator) -> AsyncIterator[dict[str,
                         account_reference="ORDER-L",
                     ),
                     db,
-                    user_id="shop",
+                    actor="shop",
                 )
             lost = (
                 await db.scalars(

@@ -38,7 +38,7 @@ from ..exceptions import (
 from ..logger import payment_logger
 from ..models import AuditAction, PaymentOperation, PaymentStatus, utcnow
 from ..mpesa.values import Msisdn, mask_msisdn
-from ..notifications import CallbackProcessor
+from ..notifications import NotificationProcessor
 from ..redaction import sanitize, sanitize_text
 from ..schemas import PaymentFilters, ReversalRequest
 from ..service import PaymentService
@@ -570,7 +570,7 @@ def create_console_router(
                 )
             if not 1 <= webhook_id <= 2**31 - 1:
                 raise PaymentNotFoundError(f"notification {webhook_id} not found")
-            result = await CallbackProcessor(payments).process(db, webhook_id, replay=True)
+            result = await NotificationProcessor(payments).process(db, webhook_id, replay=True)
             if result.transaction_id is not None:
                 await _audit_action(
                     db,
