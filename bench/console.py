@@ -42,18 +42,18 @@ INSERT INTO payment_transactions (
     created_at, updated_at, completed_at)
 SELECT
     'TXN-BENCH-' || lpad(i::text, 8, '0'),
-    (ARRAY['c2b','c2b','c2b','b2c','b2b'])[1 + i % 5],
-    CASE WHEN i % 100 = 0 THEN 'unknown' WHEN i % 97 = 0 THEN 'processing'
-         WHEN i % 10 = 1 THEN 'failed' WHEN i % 10 = 2 THEN 'cancelled' ELSE 'completed' END,
-    (10 + (i * 37) % 5000)::numeric(12, 2), 'MZN', 0,
-    '2588' || (4 + i % 2)::text || lpad((i % 10000000)::text, 7, '0'),
+    (ARRAY['c2b','c2b','c2b','b2c','b2b'])[1 + i %% 5],
+    CASE WHEN i %% 100 = 0 THEN 'unknown' WHEN i %% 97 = 0 THEN 'processing'
+         WHEN i %% 10 = 1 THEN 'failed' WHEN i %% 10 = 2 THEN 'cancelled' ELSE 'completed' END,
+    (10 + (i * 37) %% 5000)::numeric(12, 2), 'MZN', 0,
+    '2588' || (4 + i %% 2)::text || lpad((i %% 10000000)::text, 7, '0'),
     'R' || lpad(i::text, 19, '0'),
-    'ORDER-' || (i % 20000)::text, 'order', (i % 20000)::text,
-    CASE WHEN i % 10 > 2 THEN 'MP' || lpad(i::text, 10, '0') END,
+    'ORDER-' || (i %% 20000)::text, 'order', (i %% 20000)::text,
+    CASE WHEN i %% 10 > 2 THEN 'MP' || lpad(i::text, 10, '0') END,
     'AG_' || i::text,
-    i % 250 = 0, false, 0, 1,
+    i %% 250 = 0, false, 0, 1,
     now() - (i * interval '6 seconds'), now() - (i * interval '6 seconds'),
-    CASE WHEN i % 10 > 0 THEN now() - (i * interval '6 seconds') END
+    CASE WHEN i %% 10 > 0 THEN now() - (i * interval '6 seconds') END
 FROM generate_series(1, %(rows)s) AS i
 """
 

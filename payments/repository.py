@@ -473,61 +473,39 @@ def metrics_state(session: Session, *, now: datetime) -> dict[str, Any]:
     }
 
 
-def totals_since(session: Session, since: datetime) -> list[tuple[str, str, int, Decimal]]:
-    """(status, operation, count, amount) of the payments created since ``since`` (a range on
-    ``ix_payment_transactions_created_at``)."""
+def activity(
+    session: Session, since: datetime, *, hourly: bool
+) -> list[tuple[datetime, str, str, int, Decimal]]:
+    """(hour or day, status, operation, count, amount) of the payments created since ``since``:
+    one aggregate over a range of ``ix_payment_transactions_created_at``, bucketed in the
+    database. The overview derives its totals, success rates and chart from it."""
     table = PaymentTransaction
+    if session.get_bind().dialect.name == "postgresql":
+        # In UTC whatever the server's TimeZone: the buckets are UTC hours and days.
+        bucket = func.date_trunc(
+            "hour" if hourly else "day", func.timezone("UTC", table.created_at)
+        )
+    else:  # SQLite stores ISO text, in UTC
+        bucket = func.strftime(
+            "%Y-%m-%d %H:00:00" if hourly else "%Y-%m-%d 00:00:00", table.created_at
+        )
     rows = session.execute(
         select(
+            bucket.label("bucket"),
             table.status,
             table.operation,
             func.count(table.id),
             func.coalesce(func.sum(table.amount), 0),
         )
         .where(table.created_at >= since)
-        .group_by(table.status, table.operation)
+        .group_by("bucket", table.status, table.operation)
     ).all()
-    return [(s, o, int(c), Decimal(a)) for s, o, c, a in rows]
-
-
-def volume_series(
-    session: Session, since: datetime, *, hourly: bool
-) -> list[tuple[datetime, int, int, int]]:
-    """Per hour (``hourly``) or per day since ``since``: (bucket start, payments, succeeded,
-    settled) of non-reversal payments. Bucketing happens in the database."""
-    table = PaymentTransaction
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        bucket = func.date_trunc("hour" if hourly else "day", table.created_at)
-    else:  # SQLite stores ISO text
-        bucket = func.strftime(
-            "%Y-%m-%d %H:00:00" if hourly else "%Y-%m-%d 00:00:00", table.created_at
-        )
-    succeeded = func.sum(
-        func.cast(
-            table.status.in_(
-                [
-                    PaymentStatus.COMPLETED,
-                    PaymentStatus.PARTIALLY_REVERSED,
-                    PaymentStatus.REVERSED,
-                ]
-            ),
-            type_=table.id.type,
-        )
-    )
-    settled = func.sum(func.cast(~table.status.in_(OPEN_STATUSES), type_=table.id.type))
-    rows = session.execute(
-        select(bucket.label("bucket"), func.count(table.id), succeeded, settled)
-        .where(table.created_at >= since, table.operation != "reversal")
-        .group_by("bucket")
-        .order_by("bucket")
-    ).all()
-    series = []
-    for start, count, ok, done in rows:
+    found = []
+    for start, status, operation, count, amount in rows:
         if isinstance(start, str):
             start = datetime.fromisoformat(start)
-        series.append((as_utc(start), int(count), int(ok or 0), int(done or 0)))
-    return series  # type: ignore[return-value]
+        found.append((as_utc(start), status, operation, int(count), Decimal(amount)))
+    return found  # type: ignore[return-value]
 
 
 def work_queue(
@@ -558,10 +536,15 @@ def work_queue(
         if condition is conditions[1]:
             # Stuck and flagged at once: counted (and listed) once, with the flagged ones.
             condition = and_(condition, table.attention_required.is_(False))
-        total += session.scalar(select(func.count(table.id)).where(condition)) or 0
-        for row in session.scalars(
-            select(table).where(condition).order_by(table.created_at, table.id).limit(limit)
-        ):
+        # The count rides along (a window over the same scan): one pass per condition.
+        rows = session.execute(
+            select(table, func.count().over())
+            .where(condition)
+            .order_by(table.created_at, table.id)
+            .limit(limit)
+        ).all()
+        total += int(rows[0][1]) if rows else 0
+        for row, _ in rows:
             found[row.id] = row
     rows = sorted(found.values(), key=lambda row: (as_utc(row.created_at), row.id))[:limit]
     return [PaymentRecord.of(row) for row in rows], total

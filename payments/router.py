@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
 from pydantic import AfterValidator, BaseModel, TypeAdapter, ValidationError
@@ -605,8 +605,16 @@ def create_payment_router(
 
     @router.get(
         "/metrics",
-        response_class=PlainTextResponse,
-        responses={401: {"model": ErrorResponse, "description": "Not authenticated"}},
+        response_class=Response,
+        responses=_responses()
+        | {
+            200: {
+                "description": "Prometheus text format",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            }
+        },
+        # Staff, like the API; or the PAYMENT_METRICS_TOKEN bearer token Prometheus sends.
+        openapi_extra={"security": [{"APIKeyHeader": []}]} if auth is require_api_key else None,
     )
     async def metrics(request: Request, db: Db, payments: Service) -> Response:
         """Prometheus text format. Staff only, or ``Authorization: Bearer

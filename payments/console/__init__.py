@@ -338,16 +338,16 @@ def create_console_router(
 
             def load(session: Any) -> Any:
                 return (
-                    repo.totals_since(session, today),
-                    repo.totals_since(session, week),
-                    repo.volume_series(session, hour, hourly=True),
-                    repo.volume_series(session, week, hourly=False),
+                    repo.activity(session, week, hourly=False),
+                    repo.activity(session, hour, hourly=True),
                     repo.work_queue(session, stuck_created_before=stuck, limit=WORK_QUEUE_LIMIT),
                 )
 
-            today_rows, week_rows, hourly, daily, (queue, queue_total) = await run_db(db, load)
-            hours = charts.fill(hourly, hour, timedelta(hours=1), 24)
-            days = charts.fill(daily, week, timedelta(days=1), 7)
+            daily, hourly, (queue, queue_total) = await run_db(db, load)
+            today_rows = [row[1:] for row in daily if row[0] >= today]
+            week_rows = [row[1:] for row in daily]
+            hours = charts.fill(_series(hourly), hour, timedelta(hours=1), 24)
+            days = charts.fill(_series(daily), week, timedelta(days=1), 7)
             return _render(
                 request,
                 "overview.html",
@@ -670,14 +670,35 @@ def _page(value: str | None) -> int:
         return 1
 
 
+_SUCCEEDED = ("completed", "partially_reversed", "reversed")
+
+
+def _series(
+    rows: list[tuple[datetime, str, str, int, Decimal]],
+) -> list[tuple[datetime, int, int, int]]:
+    """Per bucket: (start, payments, succeeded, settled), reversals left out."""
+    buckets: dict[datetime, list[int]] = {}
+    for start, status, operation, count, _ in rows:
+        if operation == "reversal":
+            continue
+        bucket = buckets.setdefault(start, [0, 0, 0])
+        bucket[0] += count
+        bucket[1] += count if status in _SUCCEEDED else 0
+        bucket[2] += count if status not in _OPEN else 0
+    return [(start, *values) for start, values in sorted(buckets.items())]  # type: ignore[misc]
+
+
 def _totals(rows: list[tuple[str, str, int, Decimal]]) -> dict[str, Any]:
     """One period's table: per status and operation, with totals and the success rate."""
-    cells: dict[tuple[str, str], tuple[int, Decimal]] = {}
-    statuses: dict[str, tuple[int, Decimal]] = {}
-    operations: dict[str, tuple[int, Decimal]] = {}
+    cells: dict[Any, tuple[int, Decimal]] = {}
+    statuses: dict[Any, tuple[int, Decimal]] = {}
+    operations: dict[Any, tuple[int, Decimal]] = {}
     for status, operation, count, amount in rows:
-        cells[(status, operation)] = (count, amount)
-        for bucket, key in ((statuses, status), (operations, operation)):
+        for bucket, key in (
+            (cells, (status, operation)),
+            (statuses, status),
+            (operations, operation),
+        ):
             c, a = bucket.get(key, (0, Decimal("0")))
             bucket[key] = (c + count, a + amount)
     payments = [row for row in rows if row[1] != "reversal"]
