@@ -29,7 +29,7 @@ from payments.service import PaymentService
 from payments.simulator.app import MpesaSimulator, SimulatorConfig
 from payments.simulator.transport import SimulatorTransport
 
-from .conftest import TEST_ADMIN_KEY
+from .conftest import TEST_ADMIN_KEY, TEST_CALLBACK_TOKEN
 from .console_server import live_console
 
 playwright_api = pytest.importorskip("playwright.async_api")
@@ -82,6 +82,7 @@ async def seeded(url: str, simulator: MpesaSimulator) -> AsyncIterator[dict[str,
                     actor="shop",
                 )
                 made["completed"].append(paid.transaction_id)
+                made.setdefault("paid", []).append(paid)
             with pytest.raises(PaymentError):
                 await service.initiate_payment(
                     PaymentInitiateRequest(
@@ -240,8 +241,30 @@ async def _walk_through(browser: Any, live: Any, made: dict[str, Any], mpesa_id:
     assert "841230001" not in html and "258841230001" not in html
     assert "1 payment" in await page.inner_text("main")
 
+    # M-Pesa's notice of a paid payment, and a forged one; then the operator replays the first.
+    paid = made["paid"][0]
+    notice = {
+        "input_OriginalConversationID": paid.conversation_id,
+        "input_ThirdPartyReference": paid.third_party_reference,
+        "input_TransactionID": paid.provider_transaction_id,
+        "input_ResultCode": "INS-0",
+        "input_ResultDesc": "Request processed successfully",
+    }
+    callback = live.base_url + "/api/payments/callback/c2b"
+    stored = await context.request.post(
+        callback, data=notice, headers={"X-Callback-Token": TEST_CALLBACK_TOKEN}
+    )
+    assert stored.status == 200
+    forged = await context.request.post(callback, data=notice, headers={"X-Callback-Token": "x"})
+    assert forged.status == 401
     await page.goto(live.console + "notifications")
+    listing = await page.inner_text("main")
+    assert "2 stored" in listing and "invalid" in listing and paid.transaction_id in listing
     await _shot(page, "09-notifications")
+    await page.click("form[action$='/replay'] button")
+    assert "Confirm: replay" in await page.inner_text("h1")
+    await page.click("#confirm")
+    assert "replayed: processed" in await page.inner_text(".notice")
 
     # A POST without the CSRF token is refused, even with the session cookie.
     refused = await context.request.post(
