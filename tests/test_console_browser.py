@@ -291,4 +291,10 @@ async def _phone_screen(browser: Any, live: Any) -> None:
     await _shot(page, "10-overview-phone")
     width = await page.evaluate("document.documentElement.scrollWidth")
     assert width <= 400, f"the page scrolls sideways on a phone ({width} px)"
+    await page.goto(live.console + "payments")
+    await _shot(page, "11-payments-phone")
+    await page.locator("td[data-label=Payment] a").first.click()
+    await _shot(page, "12-detail-phone")
+    width = await page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 400, f"the detail page scrolls sideways on a phone ({width} px)"
     await context.close()
