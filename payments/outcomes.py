@@ -14,21 +14,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from . import exceptions as errors
 from . import repository as repo
-from .exceptions import (
-    InsufficientFundsError,
-    InvalidPaymentRequestError,
-    InvalidStateTransitionError,
-    PaymentCancelledError,
-    PaymentConfigurationError,
-    PaymentError,
-    PaymentInitiationError,
-    PaymentOutcomeUnknownError,
-    PaymentProviderError,
-    PaymentValidationError,
-    ProviderUnavailableError,
-)
-from .lifecycle import SUCCEEDED, UNSETTLED, UNSUCCESSFUL, check_transition
+from .lifecycle import IN_FLIGHT, SUCCEEDED, UNSETTLED, UNSUCCESSFUL, check_transition
 from .logger import payment_logger
 from .models import (
     ID_LENGTH,
@@ -39,6 +27,12 @@ from .models import (
     utcnow,
 )
 from .mpesa.client import MpesaClient, ProviderExchange, ProviderResult
+from .mpesa.codes import (
+    CANCELLED_BY_CUSTOMER,
+    CUSTOMER_REFUSALS,
+    INSUFFICIENT_BALANCE,
+    KEY_REFUSED_CODES,
+)
 from .mpesa.values import mask_msisdn
 from .references import query_reference
 from .repository import PaymentRecord
@@ -46,19 +40,14 @@ from .schemas import PaymentResponse
 
 S = PaymentStatus
 #: Errors of payments recorded ``failed`` without anything reaching M-Pesa, by ``error_code``.
-_NOT_SENT_ERRORS: dict[str, type[PaymentError]] = {
-    PaymentValidationError.error_code: PaymentValidationError,
-    PaymentConfigurationError.error_code: PaymentConfigurationError,
-    ProviderUnavailableError.error_code: ProviderUnavailableError,
+_NOT_SENT_ERRORS: dict[str, type[errors.PaymentError]] = {
+    errors.PaymentValidationError.error_code: errors.PaymentValidationError,
+    errors.PaymentConfigurationError.error_code: errors.PaymentConfigurationError,
+    errors.ProviderUnavailableError.error_code: errors.ProviderUnavailableError,
 }
 
 #: ``output_ResponseTransactionStatus`` → our status. ``N/A`` (or anything else) is no evidence.
 _PROVIDER_STATUS = {"completed": S.COMPLETED, "cancelled": S.CANCELLED, "expired": S.EXPIRED}
-
-
-#: Status-query refusals of the key itself ("Invalid Reference/TransactionID Used", "Parameter
-#: validations failed"): the gateway would not look that key up, so the next one is tried.
-_KEY_REFUSED_CODES = frozenset({"INS-14", "INS-18", "INS-21"})
 
 
 STATUS_MESSAGES = {
@@ -85,7 +74,7 @@ class Outcome:
     response_description: str | None = None
     provider_transaction_id: str | None = None
     conversation_id: str | None = None
-    error: PaymentError | None = None
+    error: errors.PaymentError | None = None
     action: AuditAction | None = None  # audit action for the status change, if not the default
     attention: str | None = None  # why an operator must look at the payment, if one must
     #: Only an operator may settle the payment from now on (``PaymentService.resolve``).
@@ -152,10 +141,10 @@ async def query_outcome(
             result = await client.query_transaction_status(
                 query_reference=key, third_party_reference=query_reference()
             )
-        except PaymentProviderError as error:
+        except errors.PaymentProviderError as error:
             exchanges += error.exchanges
             answers.append(f"status query failed: {error.message}")
-            if error.provider_code in _KEY_REFUSED_CODES:
+            if error.provider_code in KEY_REFUSED_CODES:
                 continue  # M-Pesa will not look this key up; another may do
             break
         exchanges += result.exchanges
@@ -200,14 +189,17 @@ def outcome_of_success(result: ProviderResult) -> Outcome:
     )
 
 
-def outcome_of_error(error: PaymentProviderError) -> Outcome:
+def outcome_of_error(error: errors.PaymentProviderError) -> Outcome:
     """Only provider evidence fails a payment; everything ambiguous leaves it unknown."""
     status: PaymentStatus
-    if isinstance(error, PaymentCancelledError) and error.provider_code == "INS-5":
+    if (
+        isinstance(error, errors.PaymentCancelledError)
+        and error.provider_code == CANCELLED_BY_CUSTOMER
+    ):
         status = S.CANCELLED
-    elif isinstance(error, PaymentInitiationError):
+    elif isinstance(error, errors.PaymentInitiationError):
         status = S.FAILED
-    elif isinstance(error, ProviderUnavailableError) and error.outcome_known:
+    elif isinstance(error, errors.ProviderUnavailableError) and error.outcome_known:
         status = S.FAILED  # provably never sent: nothing can have moved
     else:
         status = S.UNKNOWN
@@ -225,34 +217,38 @@ def outcome_of_error(error: PaymentProviderError) -> Outcome:
     )
 
 
-def error_for_record(record: PaymentRecord) -> PaymentError | None:
-    """The error a caller gets for a payment in this state (also on an idempotent replay)."""
+def error_for_record(
+    record: PaymentRecord, payment: PaymentResponse | None = None
+) -> errors.PaymentError | None:
+    """The error a caller gets for a payment in this state (also on an idempotent replay),
+    carrying ``payment`` (the answer for the recorded payment) when given."""
     status = PaymentStatus(record.status)
     details = {"transaction_id": record.transaction_id, "status": status.value}
     common: dict[str, Any] = {
         "details": details,
         "provider_code": record.response_code,
         "provider_description": record.response_description,
+        "payment": payment,
     }
     message = record.status_description or STATUS_MESSAGES[status]
-    if status is S.UNKNOWN or status in (S.PENDING, S.PROCESSING):
-        return PaymentOutcomeUnknownError(message, **common)
+    if status in UNSETTLED:
+        return errors.PaymentOutcomeUnknownError(message, **common)
     if status is S.CANCELLED:
-        return PaymentCancelledError(message, **common)
+        return errors.PaymentCancelledError(message, **common)
     if status in (S.FAILED, S.EXPIRED):
         not_sent = _NOT_SENT_ERRORS.get(record.error_code or "")
         if not_sent is not None:  # recorded failed, and nothing reached M-Pesa
             error = not_sent(message, **common)
             error.details["sent"] = False
             return error
-        if record.response_code == "INS-2006":
-            return InsufficientFundsError(message, **common)
-        if status is S.EXPIRED or record.response_code in ("INS-4", "INS-6", "INS-995", "INS-996"):
-            return PaymentCancelledError(message, **common)
+        if record.response_code == INSUFFICIENT_BALANCE:
+            return errors.InsufficientFundsError(message, **common)
+        if status is S.EXPIRED or record.response_code in CUSTOMER_REFUSALS:
+            return errors.PaymentCancelledError(message, **common)
         if record.response_code:
-            return InvalidPaymentRequestError(message, **common)
+            return errors.InvalidPaymentRequestError(message, **common)
         # Sent, and M-Pesa reports it did not go through (a status answer carries no code).
-        return PaymentInitiationError(message, **common)
+        return errors.PaymentInitiationError(message, **common)
     return None
 
 
@@ -343,7 +339,7 @@ def apply_outcome(
     elif (
         status is not None
         and not outcome.live
-        and before in (S.PENDING, S.PROCESSING)
+        and before in IN_FLIGHT
         and in_flight_until is not None
         and now < in_flight_until
     ):
@@ -368,7 +364,7 @@ def apply_outcome(
     if status is not None:
         try:
             changed = check_transition(before, status)
-        except InvalidStateTransitionError as refused:
+        except errors.InvalidStateTransitionError as refused:
             audits.append(
                 repo.audit_entry(
                     record.id,
@@ -475,6 +471,6 @@ def _apply_reversal_to_original(
 def _audit_action_for(status: PaymentStatus) -> AuditAction:
     if status is S.COMPLETED:
         return AuditAction.COMPLETED
-    if status in (S.FAILED, S.CANCELLED, S.EXPIRED):
+    if status in UNSUCCESSFUL:
         return AuditAction.FAILED
     return AuditAction.STATUS_CHANGED

@@ -17,6 +17,7 @@ from sqlalchemy import Select, and_, bindparam, func, insert, or_, select, true,
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.exc import StaleDataError
 
+from .lifecycle import IN_FLIGHT, UNSETTLED
 from .models import (
     AuditAction,
     PaymentAuditLog,
@@ -243,9 +244,7 @@ def reversals_in_flight_amount(session: Session, original_pk: int) -> Decimal:
     total = session.scalar(
         select(func.coalesce(func.sum(PaymentTransaction.amount), 0)).where(
             PaymentTransaction.original_id == original_pk,
-            PaymentTransaction.status.in_(
-                [PaymentStatus.PENDING, PaymentStatus.PROCESSING, PaymentStatus.UNKNOWN]
-            ),
+            PaymentTransaction.status.in_(sorted(UNSETTLED)),
         )
     )
     return Decimal(total or 0)
@@ -399,7 +398,7 @@ def claim_due_for_reconciliation(
     Skipped: payments held for an operator (no answer of M-Pesa's can settle them), and
     ``pending``/``processing`` ones not created before ``open_calls_created_before[operation]``
     (their own call may still be answered)."""
-    in_flight = PaymentTransaction.status.in_([PaymentStatus.PENDING, PaymentStatus.PROCESSING])
+    in_flight = PaymentTransaction.status.in_(sorted(IN_FLIGHT))
     call_over = (
         or_(
             *(
@@ -416,9 +415,7 @@ def claim_due_for_reconciliation(
     rows = session.scalars(
         select(PaymentTransaction)
         .where(
-            PaymentTransaction.status.in_(
-                [PaymentStatus.PENDING, PaymentStatus.PROCESSING, PaymentStatus.UNKNOWN]
-            ),
+            PaymentTransaction.status.in_(sorted(UNSETTLED)),
             PaymentTransaction.operator_hold.is_(False),
             PaymentTransaction.created_at <= created_before,
             or_(~in_flight, call_over),
@@ -440,8 +437,8 @@ def claim_due_for_reconciliation(
 
 # -- the operator console and the metrics' gauges (read-only) ----------------------------------
 
-#: Statuses whose outcome is still open.
-OPEN_STATUSES = (PaymentStatus.PENDING, PaymentStatus.PROCESSING, PaymentStatus.UNKNOWN)
+#: Statuses whose outcome is still open, in a stable order (the gauges list each).
+OPEN_STATUSES = tuple(sorted(UNSETTLED))
 
 
 def metrics_state(session: Session, *, now: datetime) -> dict[str, Any]:
@@ -457,7 +454,7 @@ def metrics_state(session: Session, *, now: datetime) -> dict[str, Any]:
     oldest: datetime | None = None
     for status, operation, count, first in open_rows:
         open_counts[status] += int(count)
-        if status != PaymentStatus.UNKNOWN:
+        if status in IN_FLIGHT:
             in_flight[operation] = in_flight.get(operation, 0) + int(count)
         first = as_utc(first)
         if first is not None and (oldest is None or first < oldest):
@@ -527,7 +524,7 @@ def work_queue(
     )
     conditions = [
         table.status == PaymentStatus.UNKNOWN,
-        and_(table.status.in_([PaymentStatus.PENDING, PaymentStatus.PROCESSING]), stuck),
+        and_(table.status.in_(sorted(IN_FLIGHT)), stuck),
         and_(table.attention_required.is_(True), table.status != PaymentStatus.UNKNOWN),
     ]
     found: dict[int, PaymentTransaction] = {}

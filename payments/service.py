@@ -1,14 +1,14 @@
 """The use cases: initiate (C2B), payout (B2C), transfer (B2B), reverse, refresh, and the reads.
 
 ``PaymentService`` composes the provider client and the repository and owns every commit. Its
-money-moving flows keep DESIGN.md's rules:
+money-moving flows keep these rules (comments cite them by number):
 
 1. the intent row is committed (``processing``) before M-Pesa is called;
 2. no database connection or transaction is held while waiting on M-Pesa;
 3. lost or ambiguous answers leave the payment ``unknown``; only a status query settles it;
-5. an idempotency key plus a request fingerprint: one provider call per key, decided by the
+4. an idempotency key plus a request fingerprint: one provider call per key, decided by the
    database's unique constraint; the ``input_ThirdPartyReference`` is derived from the key;
-7. statuses change only along ``lifecycle.ALLOWED_TRANSITIONS``, under an optimistic lock,
+5. statuses change only along ``lifecycle.ALLOWED_TRANSITIONS``, under an optimistic lock,
    and hooks fire once, for the writer that made the transition.
 """
 
@@ -42,7 +42,7 @@ from .exceptions import (
     PaymentStorageError,
     PaymentValidationError,
 )
-from .lifecycle import SUCCEEDED, UNSETTLED, UNSUCCESSFUL
+from .lifecycle import IN_FLIGHT, SUCCEEDED, UNSETTLED, UNSUCCESSFUL
 from .logger import payment_logger
 from .models import (
     AuditAction,
@@ -456,7 +456,7 @@ class PaymentService:
                     status=before.value,
                 )
             record = repo.record_of(session, row)
-            stuck = before in (S.PENDING, S.PROCESSING) and now >= self.in_flight_until(record)
+            stuck = before in IN_FLIGHT and now >= self.in_flight_until(record)
             after = before
             if before in SUCCEEDED and not row.provider_transaction_id:
                 if wanted not in (None, S.COMPLETED):
@@ -737,7 +737,7 @@ class PaymentService:
         work: Callable[[Session], tuple[PaymentRecord, bool]],
         key: str | None,
     ) -> tuple[PaymentRecord, bool]:
-        """Commit the intent (or find the payment this key already made): rule 1 and rule 5."""
+        """Commit the intent (or find the payment this key already made): rules 1 and 4."""
         try:
             return await run_db(db, committing(work), write=True)
         except IntegrityError as exc:
@@ -808,7 +808,7 @@ class PaymentService:
         error.message = message
         error.args = (message,)
         error.details.update(transaction_id=record.transaction_id, sent=False)
-        error.payment = to_response(record)  # type: ignore[attr-defined]
+        error.payment = to_response(record)  # the client's error, now about a recorded payment
         return error
 
     def _replay(
@@ -821,9 +821,9 @@ class PaymentService:
                 details={"transaction_id": record.transaction_id},
             )
         response = to_response(record)
-        error = error_for_record(record)  # also for one still in flight: its outcome is open
+        # Also for one still in flight: its outcome is open.
+        error = error_for_record(record, payment=response)
         if error is not None:
-            error.payment = response  # type: ignore[attr-defined]
             raise error
         return response
 
@@ -848,14 +848,14 @@ class PaymentService:
                 f"M-Pesa reports this payment completed, but it was recorded as {status.value}"
                 " before; it is held for an operator to confirm",
                 details={"transaction_id": record.transaction_id, "status": status.value},
+                payment=response,
             )
-            contradiction.payment = response  # type: ignore[attr-defined]
             raise contradiction
         error = outcome.error or error_for_record(record)
         if error is None:
             return response
         error.details.setdefault("transaction_id", record.transaction_id)
-        error.payment = response  # type: ignore[attr-defined]
+        error.payment = response  # the client's error (or the record's), now with the payment
         log = payment_logger.warning if status is S.UNKNOWN else payment_logger.info
         log(
             "Payment not completed",
@@ -954,8 +954,8 @@ class PaymentService:
                             "third_party_reference": record.third_party_reference,
                         },
                         outcome_known=False,
+                        payment=to_response(record),
                     )
-                    lost.payment = to_response(record)  # type: ignore[attr-defined]
                     raise lost from exc
                 await asyncio.sleep(self._db_retry_delays[attempt])
                 attempt += 1
@@ -981,7 +981,7 @@ class PaymentService:
                 hook = self.on_reversal_completed(record, original)
             elif not is_reversal:
                 hook = self.on_payment_completed(record)
-        elif status in (S.FAILED, S.CANCELLED, S.EXPIRED):
+        elif status in UNSUCCESSFUL:
             error = outcome.error or error_for_record(record)
             hook = (
                 self.on_reversal_failed(record, error)

@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 from payments.models import PaymentAuditLog, PaymentTransaction, utcnow
 from payments.router import require_api_key
 
-from .conftest import TEST_ADMIN_KEY, TEST_CALLBACK_TOKEN, PaymentApi, PaymentApiFactory
+from .support import TEST_ADMIN_KEY, TEST_CALLBACK_TOKEN, PaymentApi, PaymentApiFactory
 
 CONSOLE = "/api/payments/console/"
 NO_KEY = {"X-API-Key": ""}

@@ -29,8 +29,8 @@ from payments.service import PaymentService
 from payments.simulator.app import MpesaSimulator, SimulatorConfig
 from payments.simulator.transport import SimulatorTransport
 
-from .conftest import TEST_ADMIN_KEY, TEST_CALLBACK_TOKEN
 from .console_server import live_console
+from .support import TEST_ADMIN_KEY, TEST_CALLBACK_TOKEN
 
 playwright_api = pytest.importorskip("playwright.async_api")
 

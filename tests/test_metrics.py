@@ -16,7 +16,7 @@ from sqlalchemy import update
 from payments.models import PaymentTransaction, utcnow
 from payments.reconciliation import reconcile_once
 
-from .conftest import TEST_ADMIN_KEY, PaymentApi, PaymentApiFactory
+from .support import TEST_ADMIN_KEY, PaymentApi, PaymentApiFactory
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

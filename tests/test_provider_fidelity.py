@@ -23,7 +23,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from payments.config import load_settings
 from payments.exceptions import InvalidPaymentRequestError, PaymentOutcomeUnknownError
 from payments.models import PaymentAuditLog, PaymentTransaction
-from payments.mpesa.client import ClientConfig, MpesaClient
 from payments.reconciliation import reconcile_once
 from payments.schemas import (
     PaymentInitiateRequest,
@@ -33,19 +32,16 @@ from payments.schemas import (
 )
 from payments.service import PaymentService
 from payments.simulator.app import MpesaSimulator, SimulatorConfig
-from payments.simulator.transport import SimulatorTransport
-
-from .conftest import PaymentApiFactory
-
-SUCCESS = "258841234567"
-PIN_TIMEOUT = "258841000009"  # INS-9 after the PIN delay; the answer carries a ConversationID
-INTERNAL_ERROR = "258841000001"  # INS-1, yet the payment went through
-DROPPED = "258842000001"  # recorded, then the connection drops: no ID reaches the module
-SLOW = "258842000002"
-
-
-async def _no_sleep(_: float) -> None:
-    return None
+from tests.support import (
+    DROPPED,
+    INTERNAL_ERROR,
+    PIN_TIMEOUT,
+    SLOW,
+    SUCCESS,
+    PaymentApiFactory,
+    simulated_client,
+)
+from tests.support import payment_row as row_of
 
 
 @pytest.fixture
@@ -56,11 +52,7 @@ def simulator() -> MpesaSimulator:
 @pytest.fixture
 async def service(simulator: MpesaSimulator) -> AsyncIterator[PaymentService]:
     settings = load_settings(mpesa_environment="simulator", payment_c2b_timeout=1)
-    client = MpesaClient(
-        ClientConfig.from_settings(settings),
-        transport=SimulatorTransport(simulator),
-        sleep=_no_sleep,
-    )
+    client = simulated_client(simulator, settings)
     service = PaymentService(settings, client, db_retry_delays=(0.01,))
     yield service
     await service.aclose()
@@ -80,15 +72,6 @@ async def unknown_c2b(
     return info.value.payment.transaction_id  # type: ignore[attr-defined, no-any-return]
 
 
-async def row_of(sessions: async_sessionmaker[AsyncSession], transaction_id: str) -> Any:
-    async with sessions() as session:
-        return (
-            await session.scalars(
-                select(PaymentTransaction).where(
-                    PaymentTransaction.transaction_id == transaction_id
-                )
-            )
-        ).one()
 
 
 async def query_exchanges(
