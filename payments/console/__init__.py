@@ -37,7 +37,7 @@ from ..exceptions import (
 )
 from ..logger import payment_logger
 from ..models import AuditAction, PaymentOperation, PaymentStatus, utcnow
-from ..mpesa.values import Msisdn, mask_msisdn
+from ..mpesa.values import Msisdn, mask_msisdn, money_text
 from ..notifications import NotificationProcessor
 from ..redaction import sanitize, sanitize_text
 from ..schemas import PaymentFilters, ReversalRequest
@@ -642,8 +642,8 @@ def _csv_row(record: repo.PaymentRecord) -> list[str]:
             record.created_at.astimezone(UTC).isoformat(),
             record.operation,
             record.status,
-            f"{record.amount:.2f}",
-            f"{record.reversed_amount:.2f}",
+            money_text(record.amount),
+            money_text(record.reversed_amount),
             record.currency,
             mask_msisdn(record.phone_number) if record.phone_number else "",
             record.provider_transaction_id,
