@@ -8,6 +8,7 @@ import io
 import re
 from datetime import timedelta
 
+import pytest
 from fastapi import Header, HTTPException
 from sqlalchemy import select, update
 
@@ -228,15 +229,16 @@ async def test_work_queue_lists_open_payments_oldest_first(payment_api: PaymentA
     assert "stuck in processing" in queue and "attention required" in queue
 
 
+@pytest.mark.parametrize("option", ["staff_auth", "auth"])
 async def test_a_hosts_own_auth_works_without_a_sign_in_form(
-    payment_api_factory: PaymentApiFactory,
+    payment_api_factory: PaymentApiFactory, option: str
 ) -> None:
     async def host_staff(x_staff: str | None = Header(default=None)) -> str:
         if x_staff != "ops-lead":
             raise HTTPException(status_code=403, detail="staff only")
         return "ops-lead"
 
-    api = await payment_api_factory(router_options={"auth": host_staff})
+    api = await payment_api_factory(router_options={option: host_staff})
     made = await seed_with(api, {"X-Staff": "ops-lead"})
     assert (await api.http.get(CONSOLE)).status_code == 403
     api.http.headers["X-Staff"] = "ops-lead"
