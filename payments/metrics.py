@@ -4,13 +4,13 @@ Two kinds of numbers, each from where it is true across worker processes:
 
 - **Counters of things a process did** (``payments_total``, ``payment_amount_mzn_total``,
   ``mpesa_requests_total``, ``mpesa_request_duration_seconds``, ``reconcile_runs_total``,
-  ``reconcile_settled_total``, ``callbacks_total``, ``event_deliveries_total``) are
+  ``reconcile_settled_total``, ``callbacks_total``) are
   prometheus-client metrics, counted where it happens. With several worker processes set
   ``PROMETHEUS_MULTIPROC_DIR`` (an empty directory shared by the workers and the reconciler on one
   host, emptied at deploy) before they start: prometheus-client then keeps each process's values in
   that directory and every scrape adds them up, whichever worker answers it.
 - **Gauges of the current state** (``payments_in_flight``, ``payments_open``,
-  ``payments_open_oldest_age_seconds``, ``payments_attention_required``, ``events_pending``) are
+  ``payments_open_oldest_age_seconds``, ``payments_attention_required``) are
   read from the database at each scrape (indexed counts), so they are right with any number of
   processes and after restarts, and no process has to keep them up to date.
 """
@@ -83,13 +83,6 @@ CALLBACKS = Counter(
     ["valid", "processed"],
     registry=REGISTRY,
 )
-EVENT_DELIVERIES = Counter(
-    "event_deliveries_total",
-    "Outgoing event delivery attempts by result",
-    ["result"],
-    registry=REGISTRY,
-)
-
 #: Response codes become label values only in M-Pesa's own shape, so a strange answer cannot
 #: create unbounded series.
 _CODE = re.compile(r"(?:INS-[0-9]{1,4}|[0-9]{1,4})", re.ASCII)
@@ -133,10 +126,6 @@ def observe_callback(*, valid: bool, processed: bool) -> None:
     CALLBACKS.labels(str(valid).lower(), str(processed).lower()).inc()
 
 
-def observe_event_delivery(result: str) -> None:
-    EVENT_DELIVERIES.labels(result).inc()
-
-
 # -- exposition ------------------------------------------------------------------------------------
 
 
@@ -176,16 +165,7 @@ def database_families(state: dict[str, Any]) -> list[Metric]:
         "Payments flagged for an operator",
         value=state["attention_required"],
     )
-    families: list[Metric] = [in_flight, open_, oldest, attention]
-    if state.get("events_pending") is not None:
-        families.append(
-            GaugeMetricFamily(
-                "events_pending",
-                "Outgoing events not delivered yet",
-                value=state["events_pending"],
-            )
-        )
-    return families
+    return [in_flight, open_, oldest, attention]
 
 
 def exposition(state: dict[str, Any]) -> bytes:
