@@ -59,6 +59,7 @@ class PaymentSettings(BaseSettings):
     mpesa_callback_allowed_ips: str | None = None
     payment_trusted_proxies: str | None = None
     payment_admin_api_key: SecretStr | None = None
+    payment_metrics_token: SecretStr | None = None
 
     # Limits: what any caller, authenticated or not, can make the process hold or store
     payment_max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
@@ -213,7 +214,11 @@ class PaymentSettings(BaseSettings):
     def secret_values(self) -> list[str]:
         """Values that must never appear in a log line, audit row or error message."""
         values = [self.api_key, self.security_credential]
-        for secret in (self.mpesa_callback_token, self.payment_admin_api_key):
+        for secret in (
+            self.mpesa_callback_token,
+            self.payment_admin_api_key,
+            self.payment_metrics_token,
+        ):
             if secret is not None:
                 values.append(secret.get_secret_value())
         return [value for value in values if value]

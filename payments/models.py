@@ -107,6 +107,8 @@ class AuditAction(StrEnum):
     ATTENTION_REQUIRED = "attention_required"
     HOOK_FAILED = "hook_failed"
     OPERATOR_RESOLVED = "operator_resolved"
+    #: An operator started an action from the console (refresh, reverse, replay, redeliver).
+    OPERATOR_ACTION = "operator_action"
 
 
 def _in(values: type[StrEnum]) -> str:

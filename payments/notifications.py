@@ -30,6 +30,7 @@ from pydantic import BaseModel
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
+from . import metrics
 from . import repository as repo
 from .config import PaymentSettings
 from .database import DATABASE_ERRORS, DbSession, committing, run_db
@@ -276,6 +277,7 @@ class NotificationProcessor:
             "Callback received", webhook_id=notification_id, valid=rejection is None, ip=caller_ip
         )
         if rejection is not None:
+            metrics.observe_callback(valid=False, processed=False)
             await guard.prune(db, settings)
         if oversized:
             return 413, provider_answer({}, "INS-21", "The body is too large")
@@ -287,7 +289,9 @@ class NotificationProcessor:
         try:
             result = await self.process(db, notification_id)
         except PaymentStorageError:
+            metrics.observe_callback(valid=True, processed=False)
             return 503, provider_answer(parsed, "INS-1", "Stored, but could not be processed yet")
+        metrics.observe_callback(valid=True, processed=result.processed)
         if result.error == NO_MATCHING_PAYMENT:
             # Delivering it again cannot make it match: accepted (so the sender stops), kept
             # unprocessed with its error for an operator (GET /webhooks?is_processed=false).

@@ -23,6 +23,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from . import metrics
 from . import repository as repo
 from .config import PaymentSettings
 from .database import DbSession, SessionSource, as_session_source, committing, run_db
@@ -167,6 +168,7 @@ async def reconcile_once(
                 )
 
     await asyncio.gather(*(settle(record) for record in claimed))
+    metrics.observe_reconcile_run("errors" if report.errors else "ok")
     if claimed:
         payment_logger.info("Reconciliation pass", report=str(report))
     return report
@@ -224,6 +226,7 @@ async def _settle_one(
         PaymentStatus.UNKNOWN,
     ):
         report.settled += 1
+        metrics.observe_reconcile_settled(updated.status)
         report.settled_ids.append(updated.transaction_id)
         payment_logger.info(
             "Payment reconciled", transaction_id=updated.transaction_id, status=updated.status
@@ -279,6 +282,7 @@ async def reconcile_forever(
         try:
             await reconcile_once(service, sessions, min_age=min_age, batch_size=batch_size)
         except Exception as exc:  # the database may be down for a while: keep trying
+            metrics.observe_reconcile_run("failed")
             payment_logger.error("Reconciliation pass failed", error=type(exc).__name__)
         if last_prune is None or utcnow() - last_prune >= PRUNE_EVERY:
             last_prune = utcnow()

@@ -30,7 +30,9 @@ from pydantic import AfterValidator, BaseModel, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import Message
 
+from . import metrics as prometheus_metrics
 from .config import get_settings
+from .console import create_console_router
 from .database import DATABASE_ERRORS, DbSession, get_db
 from .exceptions import (
     DuplicateTransactionError,
@@ -468,6 +470,7 @@ def create_payment_router(
     staff_auth: Callable[..., Any] | None = None,
     auth: Callable[..., Any] | None = None,
     service: Callable[[], PaymentService] = get_payment_service,
+    console: bool = True,
 ) -> APIRouter:
     """Build the router.
 
@@ -478,7 +481,9 @@ def create_payment_router(
     most 100 characters (a customer's is recorded as the payment's ``user_id`` and compared on
     ``status``; every identity is the ``actor`` of audit entries), or raises (an
     ``HTTPException`` passes through as it is). ``auth`` is the earlier single dependency: it
-    sets whichever of the two is not given. Without any, both are ``require_api_key``."""
+    sets whichever of the two is not given. Without any, both are ``require_api_key``.
+    ``console``: mount the operator console at ``/payments/console/`` (staff, like ``staff_auth``).
+    """
     staff = staff_auth or auth or require_api_key
     customer = customer_auth or auth or require_api_key
     router = APIRouter(prefix="/payments", tags=["payments"], route_class=PaymentRoute)
@@ -747,6 +752,34 @@ def create_payment_router(
         return JSONResponse(answer, status_code=status_code)
 
     setattr(callback_c2b, _OWN_BODY_MARK, True)
+
+    @router.get(
+        "/metrics",
+        response_class=Response,
+        responses=_responses()
+        | {
+            200: {
+                "description": "Prometheus text format",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            }
+        },
+        # Staff, like the API; or the PAYMENT_METRICS_TOKEN bearer token Prometheus sends.
+        openapi_extra={"security": [{"APIKeyHeader": []}]} if staff is require_api_key else None,
+    )
+    async def metrics(request: Request, db: Db, payments: Service) -> Response:
+        """Prometheus text format. Staff only, or ``Authorization: Bearer
+        <PAYMENT_METRICS_TOKEN>`` when that is set."""
+        await prometheus_metrics.check_access(request, staff, payments.settings)
+        return Response(
+            await prometheus_metrics.scrape(db), media_type=prometheus_metrics.CONTENT_TYPE
+        )
+
+    if console:
+        router.include_router(
+            create_console_router(
+                auth=staff, builtin_auth=require_api_key, get_session=get_session, service=service
+            )
+        )
 
     @router.get("/webhooks", responses=_responses())
     async def list_webhooks(

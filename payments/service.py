@@ -28,7 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
-from . import outcomes
+from . import metrics, outcomes
 from . import repository as repo
 from .config import PaymentSettings, get_settings
 from .database import DATABASE_ERRORS, DbSession, committing, run_db
@@ -1086,6 +1086,7 @@ class PaymentService:
         original: PaymentRecord | None,
     ) -> None:
         status = PaymentStatus(record.status)
+        metrics.observe_transition(record.operation, status.value, record.amount)
         is_reversal = record.operation == PaymentOperation.REVERSAL
         hook: Awaitable[None] | None = None
         if status is S.COMPLETED:

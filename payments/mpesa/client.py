@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+from .. import metrics
 from ..config import PROVIDER_HOSTS, PaymentSettings
 from ..exceptions import (
     DuplicateTransactionError,
@@ -523,6 +524,7 @@ class MpesaClient:
                         error=reason,
                     )
                 )
+                metrics.observe_mpesa_transport_error(operation.value, elapsed_ms / 1000)
                 payment_logger.warning(
                     "API call failed",
                     operation=operation.value,
@@ -561,6 +563,7 @@ class MpesaClient:
             payment_logger.api_response(
                 response.status_code, elapsed_ms, operation=operation.value, code=code
             )
+            metrics.observe_mpesa_request(operation.value, code, elapsed_ms / 1000)
             entry = self.config.codes.lookup(
                 code if isinstance(code, str) else None, response.status_code
             )
