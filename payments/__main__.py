@@ -1,4 +1,4 @@
-"""Command line: ``python -m payments serve | simulator | reconcile``."""
+"""Command line: ``python -m payments serve | simulator | reconcile | dispatch``."""
 
 from __future__ import annotations
 
@@ -99,7 +99,64 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument(
         "--batch-size", type=int, default=None, help="payments per pass (default 50)"
     )
+    dispatch = commands.add_parser(
+        "dispatch",
+        help="deliver payment events: webhooks to PAYMENT_WEBHOOK_URLS, and the host's hooks",
+        description="Deliver every due payment event: POST it, signed (Standard Webhooks), to"
+        " each PAYMENT_WEBHOOK_URLS endpoint, retrying failures with backoff; with --service,"
+        " also run the host service's hooks (on_payment_completed, ...) for events no process"
+        " has run them for. Prunes events older than PAYMENT_EVENT_RETENTION_DAYS. Safe to run"
+        " in several processes at once on PostgreSQL; on SQLite run one.",
+    )
+    dispatch.add_argument(
+        "--loop",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="keep running, polling every SECONDS (default: deliver what is due, then exit)",
+    )
+    _add_service_flag(dispatch)
     return parser
+
+
+def _add_service_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--service",
+        default=None,
+        metavar="MODULE:ATTRIBUTE",
+        help="the host's PaymentService (an instance, a subclass, or a factory), e.g."
+        " app.payments_hooks:shop_payments, so its hooks run (default: the plain service)",
+    )
+
+
+def load_service(spec: str | None) -> object:
+    """``module:attribute`` → a ``PaymentService``: the attribute is an instance, a subclass,
+    or a callable returning one. The current directory is importable, as with ``python -m``."""
+    import importlib
+    import sys
+
+    from .service import PaymentService
+
+    if spec is None:
+        return PaymentService()
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise SystemExit(f"--service must be module:attribute, not {spec!r}")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        target: object = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise SystemExit(f"--service {spec}: {exc}") from None
+    if isinstance(target, type) and issubclass(target, PaymentService):
+        target = target()
+    elif not isinstance(target, PaymentService) and callable(target):
+        target = target()
+    if not isinstance(target, PaymentService):
+        raise SystemExit(f"--service {spec} is not a PaymentService (got {type(target).__name__})")
+    return target
 
 
 def _add_exposure_flag(parser: argparse.ArgumentParser, what: str) -> None:
@@ -134,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             limit_concurrency=args.limit_concurrency,
             max_header_bytes=args.max_header_bytes,
         )
+    elif args.command == "dispatch":
+        asyncio.run(dispatch(args.loop, args.service))
     elif args.command == "reconcile":
         asyncio.run(reconcile(args.min_age, args.loop, args.batch_size))
     elif args.command == "simulator":
@@ -210,6 +269,24 @@ async def reconcile(min_age: float | None, loop: float | None, batch_size: int |
                 min_age=min_age,
                 batch_size=batch_size,
             )
+    finally:
+        await service.aclose()
+        await get_database().dispose()
+
+
+async def dispatch(loop: float | None, service_spec: str | None) -> None:
+    from .database import get_database
+    from .dispatcher import dispatch_forever, dispatch_once
+    from .service import PaymentService
+
+    service = load_service(service_spec)
+    assert isinstance(service, PaymentService)
+    try:
+        if loop is None:
+            report = await dispatch_once(service, get_database().session)
+            print(f"dispatch: {report}")
+        else:
+            await dispatch_forever(service, get_database().session, interval=loop)
     finally:
         await service.aclose()
         await get_database().dispose()

@@ -10,7 +10,8 @@ import asyncio
 import hmac
 import inspect
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from functools import lru_cache
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -25,6 +26,7 @@ from sqlalchemy import text
 from starlette.exceptions import HTTPException
 from starlette.types import Message
 
+from . import events as outbox
 from . import repository as repo
 from .callbacks import CallbackProcessor, ProviderAnswer, client_ip, read_capped
 from .client import OPERATIONS
@@ -48,6 +50,7 @@ from .exceptions import (
     UnauthorizedError,
 )
 from .logger import payment_logger, sanitize_text
+from .models import EventType
 from .schemas import (
     ApiDate,
     AuditTrailResponse,
@@ -63,7 +66,7 @@ from .schemas import (
     ReversalRequest,
     TransferRequest,
 )
-from .service import PaymentService
+from .service import PaymentService, committing
 from .values import MSISDN_PATTERN, Msisdn
 
 #: Exception type → HTTP status; the most specific class listed first wins.
@@ -384,8 +387,17 @@ def create_payment_router(
     service: Callable[[], PaymentService] = get_payment_service,
 ) -> APIRouter:
     """Build the router. ``get_session`` yields a ``Session`` or an ``AsyncSession``; ``auth``
-    returns the caller's name (or raises); ``service`` returns the ``PaymentService`` to use."""
-    router = APIRouter(prefix="/payments", tags=["payments"], route_class=PaymentRoute)
+    returns the caller's name (or raises); ``service`` returns the ``PaymentService`` to use.
+
+    Its lifespan runs the event dispatcher (``dispatcher.dispatch_forever``) with the app that
+    includes it, on that service and those sessions (or their ``app.dependency_overrides``),
+    unless ``PAYMENT_DISPATCH_IN_APP=false``."""
+    router = APIRouter(
+        prefix="/payments",
+        tags=["payments"],
+        route_class=PaymentRoute,
+        lifespan=dispatcher_lifespan(get_session=get_session, service=service),
+    )
     Db = Annotated[DbSession, Depends(get_session)]
     Actor = Annotated[str, Depends(_actor_dependency(auth))]
     Service = Annotated[PaymentService, Depends(_awaitable(service))]
@@ -597,6 +609,52 @@ def create_payment_router(
 
     setattr(callback_c2b, _OWN_BODY_MARK, True)
 
+    @router.get("/events", response_model=outbox.EventListResponse, responses=_responses())
+    async def list_events(
+        db: Db,
+        _: Actor,
+        after: Annotated[str | None, Query(max_length=64, description="an event id")] = None,
+        event_type: Annotated[EventType | None, Query(alias="type")] = None,
+        transaction_id: Annotated[str | None, Query(max_length=64)] = None,
+        limit: Annotated[int, Query(ge=1, le=100)] = 50,
+    ) -> Response:
+        """Events oldest first, after the event ``after`` (a cursor: pass the last id seen)."""
+        return _json(
+            await run_db(
+                db,
+                lambda s: outbox.list_events(
+                    s,
+                    after=after,
+                    event_type=event_type.value if event_type else None,
+                    transaction_id=transaction_id,
+                    limit=limit,
+                ),
+            )
+        )
+
+    @router.get(
+        "/events/{event_id}", response_model=outbox.EventResponse, responses=_responses(404)
+    )
+    async def get_event(event_id: str, db: Db, _: Actor) -> Response:
+        """One event with its delivery state per consumer and every attempt."""
+        return _json(await _event_or_404(db, event_id))
+
+    @router.post(
+        "/events/{event_id}/redeliver",
+        response_model=outbox.EventResponse,
+        responses=_responses(404),
+    )
+    async def redeliver_event(event_id: str, db: Db, _: Actor, payments: Service) -> Response:
+        """Deliver the event again to every configured endpoint (the hooks are not run again)."""
+        urls = payments.settings.webhook_urls()
+        found = len(event_id) <= 64 and await run_db(
+            db, committing(lambda s: outbox.redeliver(s, event_id, urls)), write=True
+        )
+        if not found:
+            raise PaymentNotFoundError(f"event {event_id} not found")
+        outbox.notify()
+        return _json(await _event_or_404(db, event_id))
+
     @router.get("/webhooks", responses=_responses())
     async def list_webhooks(
         db: Db,
@@ -645,6 +703,82 @@ def create_payment_router(
         }
 
     return router
+
+
+async def _event_or_404(db: DbSession, event_id: str) -> outbox.EventResponse:
+    event = (
+        await run_db(db, lambda s: outbox.get_event(s, event_id)) if len(event_id) <= 64 else None
+    )
+    if event is None:
+        raise PaymentNotFoundError(f"event {event_id} not found")
+    return event
+
+
+def dispatcher_lifespan(
+    *, get_session: Callable[..., Any], service: Callable[..., Any]
+) -> Callable[[Any], AbstractAsyncContextManager[None]]:
+    """The router's lifespan: FastAPI merges it into the app's when the app includes the
+    router, so the dispatcher starts and stops with the host's app."""
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        from .dispatcher import dispatch_forever
+
+        try:
+            enabled = get_settings().payment_dispatch_in_app
+        except Exception as exc:  # misconfigured: requests say so; the app still starts
+            payment_logger.error("Event dispatcher not started", error=str(exc))
+            enabled = False
+        if not enabled:
+            yield
+            return
+        overrides = getattr(app, "dependency_overrides", {})
+        payments = overrides.get(service, service)()
+        if inspect.isawaitable(payments):
+            payments = await payments
+        sessions = _session_source(overrides.get(get_session, get_session))
+        stop = asyncio.Event()
+        task = asyncio.create_task(dispatch_forever(payments, sessions, stop=stop))
+        try:
+            yield
+        finally:
+            stop.set()
+            try:
+                await asyncio.wait_for(task, timeout=15)
+            except TimeoutError:
+                payment_logger.warning("Event dispatcher stopped mid-delivery")
+
+    return lifespan
+
+
+def _session_source(get_session: Callable[..., Any]) -> Callable[[], Any]:
+    """The sessions a dependency gives, as a context manager factory for the dispatcher: an
+    async or sync generator without parameters; anything else gets the module's database."""
+    from .database import get_database
+
+    required = [
+        p
+        for p in inspect.signature(get_session).parameters.values()
+        if p.default is inspect.Parameter.empty
+        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
+    if required:
+        payment_logger.warning(
+            "The session dependency takes parameters; the dispatcher uses PAYMENT_DATABASE_URL"
+        )
+        return get_database().session
+    if inspect.isasyncgenfunction(get_session):
+        return asynccontextmanager(get_session)
+    if inspect.isgeneratorfunction(get_session):
+        sync = contextmanager(get_session)
+
+        @asynccontextmanager
+        async def sessions() -> AsyncIterator[Any]:
+            with sync() as session:
+                yield session
+
+        return sessions
+    return get_database().session
 
 
 class ReplayResult(BaseModel):
