@@ -52,8 +52,8 @@ from typing import Any
 import aiohttp
 import httpx
 
-from payments.signing import derive_bearer_token
-from payments.simulator_keys import (
+from payments.mpesa.auth import derive_bearer_token
+from payments.simulator.keys import (
     SIMULATOR_API_KEY,
     SIMULATOR_PUBLIC_KEY,
     SIMULATOR_SERVICE_PROVIDER_CODE,

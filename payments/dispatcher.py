@@ -30,13 +30,15 @@ from sqlalchemy.orm import Session
 
 from . import events
 from . import repository as repo
-from .database import DATABASE_ERRORS, DbSession, run_db
+from .database import DATABASE_ERRORS, DbSession, committing, run_db
 from .events import AttemptResult, Claimed
-from .logger import payment_logger, sanitize_text
+from .logger import payment_logger
 from .models import ConsumerKind, DeliveryStatus, PaymentOperation, utcnow
+from .outcomes import error_for_record
 from .reconciliation import SessionSource
+from .redaction import sanitize_text
 from .repository import PaymentRecord
-from .service import PaymentService, committing, error_for_record
+from .service import PaymentService
 
 #: How long a claimed webhook delivery stays invisible to other dispatchers beyond its timeout.
 LEASE_MARGIN = timedelta(seconds=30)

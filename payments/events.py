@@ -150,7 +150,7 @@ def transition_types(
 
 def snapshot(record: PaymentRecord) -> dict[str, Any]:
     """The payment as the API shows it (phone number masked), as JSON values."""
-    from .service import to_response  # the service imports this module
+    from .outcomes import to_response  # outcomes imports this module
 
     return to_response(record).model_dump(mode="json")
 
