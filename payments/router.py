@@ -727,18 +727,18 @@ def dispatcher_lifespan(
     async def lifespan(app: Any) -> AsyncIterator[None]:
         from .dispatcher import dispatch_forever
 
+        overrides = getattr(app, "dependency_overrides", {})
         try:
-            enabled = get_settings().payment_dispatch_in_app
+            payments = overrides.get(service, service)()
+            if inspect.isawaitable(payments):
+                payments = await payments
+            enabled = payments.settings.payment_dispatch_in_app
         except Exception as exc:  # misconfigured: requests say so; the app still starts
             payment_logger.error("Event dispatcher not started", error=str(exc))
             enabled = False
         if not enabled:
             yield
             return
-        overrides = getattr(app, "dependency_overrides", {})
-        payments = overrides.get(service, service)()
-        if inspect.isawaitable(payments):
-            payments = await payments
         sessions = _session_source(overrides.get(get_session, get_session))
         stop = asyncio.Event()
         task = asyncio.create_task(dispatch_forever(payments, sessions, stop=stop))

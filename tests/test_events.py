@@ -26,10 +26,7 @@ from payments import events
 from payments.config import load_settings
 from payments.dispatcher import dispatch_once
 from payments.exceptions import (
-    InsufficientFundsError,
-    PaymentCancelledError,
     PaymentError,
-    PaymentOutcomeUnknownError,
     PaymentStorageError,
 )
 from payments.models import (
@@ -153,7 +150,9 @@ async def _no_sleep(_: float) -> None:
 
 
 def make_service(
-    cls: type[PaymentService] = PaymentService, simulator: MpesaSimulator | None = None, **overrides: Any
+    cls: type[PaymentService] = PaymentService,
+    simulator: MpesaSimulator | None = None,
+    **overrides: Any,
 ) -> Any:
     settings = load_settings(
         **({"mpesa_environment": "simulator", "payment_c2b_timeout": 2} | overrides)
@@ -303,7 +302,9 @@ async def test_no_transition_commits_without_its_event(
     async with session_factory() as session:
         row = (
             await session.scalars(
-                select(PaymentTransaction).where(PaymentTransaction.transaction_id == transaction_id)
+                select(PaymentTransaction).where(
+                    PaymentTransaction.transaction_id == transaction_id
+                )
             )
         ).one()
     assert row.status == "processing"  # not completed without its event
@@ -553,3 +554,124 @@ async def test_old_events_are_pruned_with_their_deliveries(
     assert len(await deliveries(session_factory)) == 1
     assert len(await attempts(session_factory)) == 1
     await service.aclose()
+
+
+# --- the events API and the app's own dispatcher ------------------------------------------------
+
+
+async def test_the_events_api_lists_shows_and_redelivers(
+    payment_api_factory: Any, receiver: Receiver
+) -> None:
+    api = await payment_api_factory(settings_overrides=webhook_settings(receiver.url))
+    first = await api.http.post(
+        "/api/payments/initiate", json={"phone_number": SUCCESS, "amount": "100.00"}
+    )
+    second = await api.http.post(
+        "/api/payments/initiate", json={"phone_number": INSUFFICIENT, "amount": "10.00"}
+    )
+    paid, refused = first.json()["transaction_id"], second.json()["details"]["transaction_id"]
+
+    listed = (await api.http.get("/api/payments/events")).json()
+    assert [item["transaction_id"] for item in listed["items"]] == [paid, refused]
+    assert [item["type"] for item in listed["items"]] == ["payment.completed", "payment.failed"]
+    assert listed["has_more"] is False
+    first_id, second_id = (item["id"] for item in listed["items"])
+    after = (await api.http.get("/api/payments/events", params={"after": first_id})).json()
+    assert [item["id"] for item in after["items"]] == [second_id]
+    page = (await api.http.get("/api/payments/events", params={"limit": 1})).json()
+    assert ([item["id"] for item in page["items"]], page["has_more"]) == ([first_id], True)
+    typed = await api.http.get("/api/payments/events", params={"type": "payment.failed"})
+    assert [item["id"] for item in typed.json()["items"]] == [second_id]
+    by_payment = await api.http.get("/api/payments/events", params={"transaction_id": paid})
+    assert [item["id"] for item in by_payment.json()["items"]] == [first_id]
+    assert listed["items"][0]["data"]["phone_number"] == "2588412*****"
+
+    await dispatch_until_settled(api.service, api.session_factory)
+    shown = (await api.http.get(f"/api/payments/events/{first_id}")).json()
+    (webhook,) = [d for d in shown["deliveries"] if d["kind"] == "webhook"]
+    assert (webhook["consumer"], webhook["status"], webhook["attempts"]) == (
+        receiver.url,
+        "delivered",
+        1,
+    )
+    (attempt,) = webhook["attempt_log"]
+    assert attempt["status_code"] == 200 and attempt["response_body"] == "answer 200"
+
+    again = await api.http.post(f"/api/payments/events/{first_id}/redeliver")
+    assert again.status_code == 200
+    assert [d["status"] for d in again.json()["deliveries"] if d["kind"] == "webhook"] == [
+        "pending"
+    ]
+    await dispatch_until_settled(api.service, api.session_factory)
+    assert receiver.event_ids().count(first_id) == 2
+    assert all(body["id"] in (first_id, second_id) for body in receiver.verified())
+
+    assert (await api.http.get("/api/payments/events/evt_nope")).status_code == 404
+    assert (await api.http.post("/api/payments/events/evt_nope/redeliver")).status_code == 404
+    bad = await api.http.get("/api/payments/events", params={"type": "payment.paid"})
+    assert bad.status_code == 422
+    assert (await api.http.get("/api/payments/events", params={"limit": 0})).status_code == 422
+    for method, path in (
+        ("GET", "/api/payments/events"),
+        ("GET", f"/api/payments/events/{first_id}"),
+        ("POST", f"/api/payments/events/{first_id}/redeliver"),
+    ):
+        answer = await api.http.request(method, path, headers={"X-API-Key": "wrong"})
+        assert answer.status_code == 401, path
+
+
+async def test_the_router_runs_the_dispatcher_with_the_app(
+    payment_api_factory: Any, receiver: Receiver
+) -> None:
+    api = await payment_api_factory(
+        service_class=HookService, settings_overrides=webhook_settings(receiver.url)
+    )
+    async with api.app.router.lifespan_context(api.app):
+        answer = await api.http.post(
+            "/api/payments/initiate", json={"phone_number": SUCCESS, "amount": "100.00"}
+        )
+        transaction_id = answer.json()["transaction_id"]
+        for _ in range(100):  # promptly: the commit wakes the app's dispatcher
+            if receiver.requests:
+                break
+            await asyncio.sleep(0.02)
+    (body,) = receiver.verified()
+    assert body["data"]["transaction_id"] == transaction_id
+    assert api.service.calls == [("completed", transaction_id, body["id"])]
+
+
+async def test_payment_dispatch_in_app_false_leaves_delivery_to_the_cli(
+    payment_api_factory: Any, receiver: Receiver
+) -> None:
+    api = await payment_api_factory(
+        settings_overrides=webhook_settings(receiver.url, payment_dispatch_in_app=False)
+    )
+    async with api.app.router.lifespan_context(api.app):
+        await api.http.post(
+            "/api/payments/initiate", json={"phone_number": SUCCESS, "amount": "100.00"}
+        )
+        await asyncio.sleep(1.5)  # longer than the dispatcher's poll interval
+    assert receiver.requests == []
+    await dispatch_once(api.service, api.session_factory)
+    assert len(receiver.requests) == 1
+
+
+def test_webhook_settings_are_checked() -> None:
+    from payments.exceptions import PaymentConfigurationError
+
+    for bad in (
+        {"payment_webhook_urls": "http://127.0.0.1:1/x"},  # no secret
+        {"payment_webhook_urls": "ftp://host/x", "payment_webhook_secret": SECRET},
+        {"payment_webhook_urls": "http://h/x", "payment_webhook_secret": "not-whsec"},
+        {"payment_webhook_urls": "http://h/x", "payment_webhook_secret": "whsec_???"},
+        {"payment_event_retention_days": 7},
+    ):
+        with pytest.raises((PaymentConfigurationError, ValueError)):
+            load_settings(mpesa_environment="simulator", **bad)
+    settings = load_settings(
+        mpesa_environment="simulator",
+        payment_webhook_urls=" http://127.0.0.1:1/a , http://127.0.0.1:1/b ",
+        payment_webhook_secret=SECRET,
+    )
+    assert settings.webhook_urls() == ["http://127.0.0.1:1/a", "http://127.0.0.1:1/b"]
+    assert SECRET in settings.secret_values()
