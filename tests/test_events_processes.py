@@ -48,7 +48,8 @@ class ShopPayments(PaymentService):
             Path(stall).write_text(self.current_event_id or "")
             time.sleep(3600)
         with Path(os.environ["HOOK_LOG"]).open("a") as log:
-            log.write(f"{self.current_event_id} {transaction.transaction_id} {transaction.status}\\n")
+            line = f"{self.current_event_id} {transaction.transaction_id} {transaction.status}"
+            log.write(line + "\\n")
 
 
 shop_payments = ShopPayments()
