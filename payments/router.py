@@ -645,7 +645,7 @@ def create_payment_router(
     @router.post(
         "/events/{event_id}/redeliver",
         response_model=outbox.EventResponse,
-        responses=_responses(404),
+        responses=_responses(404, 413),
     )
     async def redeliver_event(event_id: str, db: Db, _: Actor, payments: Service) -> Response:
         """Deliver the event again to every configured endpoint (the hooks are not run again)."""

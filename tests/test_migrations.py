@@ -26,13 +26,23 @@ from sqlalchemy.orm import Session
 from payments.models import (
     Base,
     PaymentAuditLog,
+    PaymentEvent,
+    PaymentEventDelivery,
     PaymentTransaction,
     PaymentWebhookLog,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MIGRATION_FILE = REPO_ROOT / "payments" / "migrations" / "payment_001_create_tables.py"
-PAYMENT_TABLES = {"payment_transactions", "payment_audit_logs", "payment_webhook_logs"}
+EVENTS_MIGRATION_FILE = REPO_ROOT / "payments" / "migrations" / "payment_002_create_events.py"
+MIGRATION_FILES = (MIGRATION_FILE, EVENTS_MIGRATION_FILE)
+HEAD = "payment_002"
+EVENT_TABLES = {"payment_events", "payment_event_deliveries", "payment_event_attempts"}
+PAYMENT_TABLES = {
+    "payment_transactions",
+    "payment_audit_logs",
+    "payment_webhook_logs",
+} | EVENT_TABLES
 
 
 def repo_alembic_config(url: str) -> Config:
@@ -70,12 +80,16 @@ def current_revision(url: str) -> str | None:
 
 def test_the_repository_applies_the_module_revision_file() -> None:
     script = ScriptDirectory.from_config(repo_alembic_config("sqlite://"))
-    assert script.get_heads() == ["payment_001"]  # payments/migrations/__init__.py is ignored
+    assert script.get_heads() == [HEAD]  # payments/migrations/__init__.py is ignored
     revision = script.get_revision("payment_001")
     assert revision is not None
     assert revision.down_revision is None
     assert revision.branch_labels == {"payments"}
     assert Path(revision.path) == MIGRATION_FILE
+    events = script.get_revision("payment_002")
+    assert events is not None
+    assert events.down_revision == "payment_001"
+    assert Path(events.path) == EVENTS_MIGRATION_FILE
 
 
 def test_upgrade_downgrade_upgrade(database_url: str) -> None:
@@ -83,6 +97,10 @@ def test_upgrade_downgrade_upgrade(database_url: str) -> None:
 
     command.upgrade(config, "head")
     assert PAYMENT_TABLES <= table_names(database_url)
+    assert current_revision(database_url) == HEAD
+
+    command.downgrade(config, "payment_001")  # payment_002 alone comes off
+    assert table_names(database_url) - {"alembic_version"} == PAYMENT_TABLES - EVENT_TABLES
     assert current_revision(database_url) == "payment_001"
 
     command.downgrade(config, "base")
@@ -91,7 +109,7 @@ def test_upgrade_downgrade_upgrade(database_url: str) -> None:
 
     command.upgrade(config, "heads")
     assert PAYMENT_TABLES <= table_names(database_url)
-    assert current_revision(database_url) == "payment_001"
+    assert current_revision(database_url) == HEAD
 
 
 def test_migrated_schema_matches_the_models(database_url: str) -> None:
@@ -167,6 +185,8 @@ def test_constraint_and_index_names_match_the_models(database_url: str) -> None:
         "fk_payment_transactions_original_id_payment_transactions": "RESTRICT",
         "fk_payment_audit_logs_transaction_id_payment_transactions": "RESTRICT",
         "fk_payment_webhook_logs_transaction_id_payment_transactions": "SET NULL",
+        "fk_payment_event_deliveries_event_id_payment_events": "CASCADE",
+        "fk_payment_event_attempts_delivery_id_payment_event_deliveries": "CASCADE",
     }
 
 
@@ -175,22 +195,27 @@ def test_check_constraints_repeat_the_models_on_sqlite(tmp_path: Path) -> None:
     operation added to the models but not to the migration shows up here."""
     url = f"sqlite:///{tmp_path}/checks.db"
     command.upgrade(repo_alembic_config(url), "head")
+    tables = [PaymentTransaction.__table__, PaymentEvent.__table__, PaymentEventDelivery.__table__]
     with sync_engine(url) as engine:
         migrated = {
             check["name"]: check["sqltext"]
-            for check in inspect(engine).get_check_constraints("payment_transactions")
+            for table in tables
+            for check in inspect(engine).get_check_constraints(table.name)
         }
     declared = {
         str(constraint.name): str(constraint.sqltext)  # type: ignore[attr-defined]
-        for constraint in PaymentTransaction.__table__.constraints
+        for table in tables
+        for constraint in table.constraints
         if type(constraint).__name__ == "CheckConstraint"
     }
+    assert "ck_payment_events_type" in declared
     assert migrated == declared
 
 
-def test_the_revision_file_stands_alone() -> None:
+@pytest.mark.parametrize("path", MIGRATION_FILES, ids=lambda path: path.stem)
+def test_the_revision_file_stands_alone(path: Path) -> None:
     """Hosts copy the file without the package: it may import only alembic and SQLAlchemy."""
-    tree = ast.parse(MIGRATION_FILE.read_text())
+    tree = ast.parse(path.read_text())
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -262,7 +287,8 @@ def test_a_host_copies_the_revision_into_its_own_alembic_versions(tmp_path: Path
     (project / "alembic" / "env.py").write_text(HOST_ENV)
     (project / "alembic" / "script.py.mako").write_text(HOST_SCRIPT_TEMPLATE)
     (versions / "host_0001_users.py").write_text(HOST_REVISION)
-    shutil.copy(MIGRATION_FILE, versions / MIGRATION_FILE.name)
+    for path in MIGRATION_FILES:
+        shutil.copy(path, versions / path.name)
     url = f"sqlite:///{project}/app.db"
     (project / "alembic.ini").write_text(
         dedent(
