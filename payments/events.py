@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from pydantic import BaseModel
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
@@ -58,6 +57,12 @@ from .models import (
     utcnow,
 )
 from .repository import PaymentRecord
+from .schemas import (
+    EventAttemptResponse,
+    EventDeliveryResponse,
+    EventListResponse,
+    EventResponse,
+)
 
 _EVENTS = PaymentEvent.__table__
 _DELIVERIES = PaymentEventDelivery.__table__
@@ -486,42 +491,6 @@ def prune(session: Session, older_than: datetime, *, limit: int = 1000) -> int:
 
 
 # -- the API's reads and redelivery --------------------------------------------------------------
-
-
-class EventAttemptResponse(BaseModel):
-    attempted_at: datetime
-    status_code: int | None = None
-    duration_ms: int | None = None
-    error: str | None = None
-    response_body: str | None = None
-
-
-class EventDeliveryResponse(BaseModel):
-    kind: str
-    consumer: str  # "hooks", or the endpoint's URL
-    status: str
-    attempts: int
-    next_attempt_at: datetime | None = None
-    last_attempt_at: datetime | None = None
-    delivered_at: datetime | None = None
-    last_status_code: int | None = None
-    last_error: str | None = None
-    attempt_log: list[EventAttemptResponse] = []
-
-
-class EventResponse(BaseModel):
-    id: str
-    type: str
-    transaction_id: str
-    created_at: datetime
-    data: dict[str, Any]
-    deliveries: list[EventDeliveryResponse] | None = None
-
-
-class EventListResponse(BaseModel):
-    items: list[EventResponse]
-    #: More events follow the last one: ask again with ``after`` = its id.
-    has_more: bool
 
 
 def _event(row: Any) -> EventResponse:

@@ -56,6 +56,8 @@ from .schemas import (
     AuditTrailResponse,
     CustomerNameResponse,
     ErrorResponse,
+    EventListResponse,
+    EventResponse,
     HealthReport,
     PaymentFilters,
     PaymentInitiateRequest,
@@ -612,7 +614,7 @@ def create_payment_router(
 
     setattr(callback_c2b, _OWN_BODY_MARK, True)
 
-    @router.get("/events", response_model=outbox.EventListResponse, responses=_responses())
+    @router.get("/events", response_model=EventListResponse, responses=_responses())
     async def list_events(
         db: Db,
         _: Actor,
@@ -635,16 +637,14 @@ def create_payment_router(
             )
         )
 
-    @router.get(
-        "/events/{event_id}", response_model=outbox.EventResponse, responses=_responses(404)
-    )
+    @router.get("/events/{event_id}", response_model=EventResponse, responses=_responses(404))
     async def get_event(event_id: str, db: Db, _: Actor) -> Response:
         """One event with its delivery state per consumer and every attempt."""
         return _json(await _event_or_404(db, event_id))
 
     @router.post(
         "/events/{event_id}/redeliver",
-        response_model=outbox.EventResponse,
+        response_model=EventResponse,
         responses=_responses(404, 413),
     )
     async def redeliver_event(event_id: str, db: Db, _: Actor, payments: Service) -> Response:
@@ -708,7 +708,7 @@ def create_payment_router(
     return router
 
 
-async def _event_or_404(db: DbSession, event_id: str) -> outbox.EventResponse:
+async def _event_or_404(db: DbSession, event_id: str) -> EventResponse:
     event = (
         await run_db(db, lambda s: outbox.get_event(s, event_id)) if len(event_id) <= 64 else None
     )

@@ -13,6 +13,7 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,6 +31,7 @@ from payments.exceptions import (
     PaymentStorageError,
 )
 from payments.models import (
+    EventType,
     PaymentEvent,
     PaymentEventAttempt,
     PaymentEventDelivery,
@@ -675,3 +677,42 @@ def test_webhook_settings_are_checked() -> None:
     )
     assert settings.webhook_urls() == ["http://127.0.0.1:1/a", "http://127.0.0.1:1/b"]
     assert SECRET in settings.secret_values()
+
+
+# --- the README's Events section ----------------------------------------------------------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_block(marker: str, language: str) -> str:
+    text = README.read_text()
+    start = text.index(f"<!-- readme-test: {marker} -->\n```{language}\n")
+    start = text.index("\n", text.index("```", start)) + 1
+    return text[start : text.index("```", start)]
+
+
+async def test_the_readme_verification_snippet_accepts_deliveries_and_rejects_tampering(
+    session_factory: async_sessionmaker[AsyncSession], receiver: Receiver
+) -> None:
+    namespace: dict[str, Any] = {}
+    exec(readme_block("group=verify-webhook", "python"), namespace)
+    verified_event = namespace["verified_event"]
+    service = make_service(**webhook_settings(receiver.url))
+    transaction_id = await pay(service, session_factory)
+    await dispatch_until_settled(service, session_factory)
+    ((headers, body),) = receiver.requests
+    event = verified_event(body, headers, SECRET)
+    assert (event["type"], event["data"]["transaction_id"]) == ("payment.completed", transaction_id)
+    assert verified_event(body + b" ", headers, SECRET) is None
+    assert verified_event(body, {**headers, "webhook-timestamp": "1000"}, SECRET) is None
+    await service.aclose()
+
+
+def test_the_readme_payload_example_is_an_event_with_a_payment() -> None:
+    from payments.schemas import EventPayload, PaymentResponse
+
+    example = json.loads(readme_block("model=EventPayload", "json"))
+    assert set(example) == {"id", "type", "created_at", "data"}
+    EventPayload.model_validate(example)
+    PaymentResponse.model_validate(example["data"])
+    assert example["type"] in {member.value for member in EventType}
