@@ -33,7 +33,7 @@ from . import repository as repo
 from .database import DATABASE_ERRORS, DbSession, committing, run_db
 from .events import AttemptResult, Claimed
 from .logger import payment_logger
-from .models import ConsumerKind, DeliveryStatus, PaymentOperation, utcnow
+from .models import HOOKS_CONSUMER, ConsumerKind, DeliveryStatus, PaymentOperation, utcnow
 from .outcomes import error_for_record
 from .reconciliation import SessionSource
 from .redaction import sanitize_text
@@ -85,52 +85,95 @@ def next_state(
     return DeliveryStatus.PENDING, due
 
 
-async def _record(
-    service: PaymentService,
-    db: DbSession,
-    delivery_id: int,
-    attempt: int,
-    result: AttemptResult,
-    *,
-    created_at: datetime,
-    event_id: str,
-    consumer: str,
-    report: DispatchReport | None = None,
-) -> DeliveryStatus:
-    now = utcnow()
-    status, due = next_state(result, attempt, created_at, now, service)
-    await run_db(
-        db,
-        committing(
-            lambda s: events.record_attempt(
-                s, delivery_id, attempt, result, status=status, next_attempt_at=due, now=now
-            )
-        ),
-        write=True,
-    )
+def _outcome_of(
+    service: PaymentService, item: _Done, now: datetime
+) -> tuple[DeliveryStatus, datetime | None]:
+    status, due = next_state(item.result, item.attempt, item.created_at, now, service)
     if status is DeliveryStatus.FAILED:
         payment_logger.error(
             "Event delivery failed for good: retried for the whole window",
-            event_id=event_id,
-            consumer=consumer,
-            attempts=attempt,
-            error=result.error or f"HTTP {result.status_code}",
+            event_id=item.event_id,
+            consumer=item.consumer,
+            attempts=item.attempt,
+            error=item.result.error or f"HTTP {item.result.status_code}",
         )
     elif status is DeliveryStatus.GONE:
-        payment_logger.warning("Endpoint answered 410 Gone", event_id=event_id, consumer=consumer)
+        payment_logger.warning(
+            "Endpoint answered 410 Gone", event_id=item.event_id, consumer=item.consumer
+        )
+    return status, due
+
+
+@dataclass(frozen=True, slots=True)
+class _Done:
+    """One attempt made, to be recorded."""
+
+    delivery_id: int
+    attempt: int
+    created_at: datetime
+    event_id: str
+    consumer: str
+    result: AttemptResult
+
+
+async def _record(
+    service: PaymentService,
+    db: DbSession,
+    done: list[_Done],
+    report: DispatchReport | None = None,
+) -> None:
+    """Record attempts and the deliveries' new states, all in one transaction."""
+    if not done:
+        return
+    now = utcnow()
+    decided = [(item, *_outcome_of(service, item, now)) for item in done]
+
+    def write(session: Session) -> None:
+        for item, status, due in decided:
+            events.record_attempt(
+                session,
+                item.delivery_id,
+                item.attempt,
+                item.result,
+                status=status,
+                next_attempt_at=due,
+                now=now,
+            )
+
+    await run_db(db, committing(write), write=True)
     if report is not None:
-        if status is DeliveryStatus.DELIVERED:
-            report.delivered += 1
-        elif status is DeliveryStatus.GONE:
-            report.gone += 1
-        elif status is DeliveryStatus.FAILED:
-            report.failed += 1
-        else:
-            report.retried += 1
-    return status
+        for _, status, _ in decided:
+            if status is DeliveryStatus.DELIVERED:
+                report.delivered += 1
+            elif status is DeliveryStatus.GONE:
+                report.gone += 1
+            elif status is DeliveryStatus.FAILED:
+                report.failed += 1
+            else:
+                report.retried += 1
 
 
 # -- hooks ---------------------------------------------------------------------------------------
+
+
+async def run_hook(
+    service: PaymentService,
+    db: DbSession,
+    event_id: str,
+    record: PaymentRecord,
+    name: str,
+    args: tuple[Any, ...],
+) -> AttemptResult:
+    """Run one hook call for an event: a hook that raises is audited (as ``hook_failed``) and
+    retried later, and never undoes the payment."""
+    started = time.perf_counter()
+    error: str | None = None
+    try:
+        await events.call_hook(service, name, args, event_id)
+    except Exception as exc:  # a host's hook must never undo or lose the payment
+        error = sanitize_text(f"{type(exc).__name__}: {exc}")[:2000]
+        await service.audit_hook_failure(db, record, exc)
+    return AttemptResult(None, round((time.perf_counter() - started) * 1000), error)
 
 
 async def finish_hook(
@@ -141,33 +184,12 @@ async def finish_hook(
     record: PaymentRecord,
     name: str,
     args: tuple[Any, ...],
-    *,
-    created_at: datetime | None = None,
-    report: DispatchReport | None = None,
 ) -> None:
-    """Run one hook call for an event and record it: a hook that raises is audited (as
-    ``hook_failed``) and retried later, and never undoes the payment."""
-    delivery_id, attempt = taken
-    started = time.perf_counter()
-    error: str | None = None
+    """The hook of an event its own process runs right after the commit, and its record."""
+    result = await run_hook(service, db, event_id, record, name, args)
+    done = _Done(taken[0], taken[1], utcnow(), event_id, HOOKS_CONSUMER, result)
     try:
-        await events.call_hook(service, name, args, event_id)
-    except Exception as exc:  # a host's hook must never undo or lose the payment
-        error = sanitize_text(f"{type(exc).__name__}: {exc}")[:2000]
-        await service.audit_hook_failure(db, record, exc)
-    result = AttemptResult(None, round((time.perf_counter() - started) * 1000), error)
-    try:
-        await _record(
-            service,
-            db,
-            delivery_id,
-            attempt,
-            result,
-            created_at=created_at or utcnow(),
-            event_id=event_id,
-            consumer="hooks",
-            report=report,
-        )
+        await _record(service, db, [done])
     except DATABASE_ERRORS:  # the hook ran; at worst it runs once more after the lease
         payment_logger.error("Could not record a hook call", event_id=event_id)
 
@@ -187,11 +209,14 @@ def _hook_records(
 
 async def _run_claimed_hook(
     service: PaymentService, db: DbSession, claimed: Claimed, report: DispatchReport
-) -> None:
+) -> AttemptResult:
     """A hook event whose process did not run it (it died, or had no hooks): run it with the
     payment as it is now."""
     record, original = await run_db(db, lambda s: _hook_records(s, claimed.transaction_id))
     name = events.hook_of(claimed.event_type, claimed.data)
+    report.hooks += 1
+    if name is None:  # nothing to run (no row written here is without a hook): delivered
+        return AttemptResult(None, 0)
     args: tuple[Any, ...]
     if name in ("on_payment_failed", "on_reversal_failed"):
         args = (record, error_for_record(record))
@@ -199,31 +224,7 @@ async def _run_claimed_hook(
         args = (record, original)
     else:
         args = (record,)
-    report.hooks += 1
-    if name is None:  # nothing to run (cannot happen for rows written here): delivered
-        await _record(
-            service,
-            db,
-            claimed.delivery_id,
-            claimed.attempt,
-            AttemptResult(None, 0),
-            created_at=claimed.created_at,
-            event_id=claimed.event_id,
-            consumer="hooks",
-            report=report,
-        )
-        return
-    await finish_hook(
-        service,
-        db,
-        (claimed.delivery_id, claimed.attempt),
-        claimed.event_id,
-        record,
-        name,
-        args,
-        created_at=claimed.created_at,
-        report=report,
-    )
+    return await run_hook(service, db, claimed.event_id, record, name, args)
 
 
 # -- webhooks ------------------------------------------------------------------------------------
@@ -257,37 +258,17 @@ async def post_event(
 
 
 async def _deliver_webhook(
-    service: PaymentService,
-    db: DbSession,
-    claimed: Claimed,
-    http: httpx.AsyncClient,
-    report: DispatchReport,
-) -> None:
+    service: PaymentService, claimed: Claimed, http: httpx.AsyncClient
+) -> AttemptResult:
     settings = service.settings
     secret = settings.webhook_secret
     if secret is None:
-        result = AttemptResult(None, 0, "PAYMENT_WEBHOOK_SECRET is not configured")
-    else:
-        body = events.payload(
-            claimed.event_id, claimed.event_type, claimed.created_at, claimed.data
-        )
-        headers = events.webhook_headers(
-            events.signing_key(secret), claimed.event_id, body, int(time.time())
-        )
-        result = await post_event(
-            http, claimed.consumer, body, headers, settings.payment_webhook_timeout
-        )
-    await _record(
-        service,
-        db,
-        claimed.delivery_id,
-        claimed.attempt,
-        result,
-        created_at=claimed.created_at,
-        event_id=claimed.event_id,
-        consumer=claimed.consumer,
-        report=report,
+        return AttemptResult(None, 0, "PAYMENT_WEBHOOK_SECRET is not configured")
+    body = events.payload(claimed.event_id, claimed.event_type, claimed.created_at, claimed.data)
+    headers = events.webhook_headers(
+        events.signing_key(secret), claimed.event_id, body, int(time.time())
     )
+    return await post_event(http, claimed.consumer, body, headers, settings.payment_webhook_timeout)
 
 
 # -- passes --------------------------------------------------------------------------------------
@@ -325,20 +306,30 @@ async def dispatch_once(
     }
     limit = asyncio.Semaphore(CONCURRENCY)
 
-    async def deliver(claimed: Claimed) -> None:
-        async with limit, sessions() as db:
+    async def deliver(claimed: Claimed) -> _Done | None:
+        async with limit:
             try:
                 if claimed.kind == ConsumerKind.HOOKS:
-                    await _run_claimed_hook(service, db, claimed, report)
-                else:
-                    await _deliver_webhook(service, db, claimed, client, report)
+                    async with sessions() as db:
+                        result = await _run_claimed_hook(service, db, claimed, report)
+                else:  # no database work while the endpoint answers
+                    result = await _deliver_webhook(service, claimed, client)
             except Exception as exc:  # one delivery's trouble must not stop the others
                 payment_logger.error(
-                    "Event delivery could not be recorded; retried after its lease",
+                    "Event delivery failed before it was made; retried after its lease",
                     event_id=claimed.event_id,
                     consumer=claimed.consumer,
                     error=f"{type(exc).__name__}: {exc}",
                 )
+                return None
+        return _Done(
+            claimed.delivery_id,
+            claimed.attempt,
+            claimed.created_at,
+            claimed.event_id,
+            claimed.consumer,
+            result,
+        )
 
     try:
         for _ in range(MAX_BATCHES_PER_PASS):
@@ -361,7 +352,9 @@ async def dispatch_once(
                     claimed += await run_db(db, committing(claim), write=True)
             if not claimed:
                 break
-            await asyncio.gather(*(deliver(item) for item in claimed))
+            done = [item for item in await asyncio.gather(*map(deliver, claimed)) if item]
+            async with sessions() as db:
+                await _record(service, db, done, report)
             if len(claimed) < batch_size:
                 break
         if prune:
