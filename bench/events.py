@@ -51,6 +51,7 @@ from bench.benchmark import (  # noqa: E402  (the shared process and port helper
     next_phone,
     percentile,
     postgres_database,
+    proc_cpu_seconds,
     wait_ready,
 )
 
@@ -81,6 +82,7 @@ class Run:
     seconds: float
     latencies_ms: list[float]
     failures: int
+    cpu_seconds: float = 0.0  # the gateway's, for the payments and their deliveries
 
     @property
     def rate(self) -> float:
@@ -181,12 +183,17 @@ async def measure(args: argparse.Namespace, workdir: Path, processes: Processes)
             processes, workdir, f"gateway-{len(runs)}", gateway_env(url, **extra)
         )
         await pay_all(base, min(50, args.payments), args.concurrency, "warm-up")
-        runs.append(await pay_all(base, args.payments, args.concurrency, label))
+        pid = process.pid  # type: ignore[attr-defined]
+        cpu_before = proc_cpu_seconds(pid)
+        run = await pay_all(base, args.payments, args.concurrency, label)
         if extra:
             expected = args.payments + min(50, args.payments)
             deadline = time.monotonic() + 60
             while len(receiver.arrivals) < expected and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.05)
+        run.cpu_seconds = proc_cpu_seconds(pid) - cpu_before
+        runs.append(run)
+        if extra:
             await asyncio.sleep(1)  # duplicates would arrive now
         processes.stop(process)  # type: ignore[arg-type]
 
@@ -217,6 +224,10 @@ async def measure(args: argparse.Namespace, workdir: Path, processes: Processes)
                 f"{percentile(run.latencies_ms, 0.99):.1f} ms",
             ),
             (f"{run.label}: failed payments", str(run.failures)),
+            (
+                f"{run.label}: gateway CPU per payment",
+                f"{run.cpu_seconds / run.payments * 1000:.2f} ms",
+            ),
         ]
     ratio = delivered.rate / plain.rate
     added = statistics.median(delivered.latencies_ms) - statistics.median(plain.latencies_ms)
