@@ -177,8 +177,10 @@ class PaymentService:
         it run hook events, right after its own commits and in its dispatcher. A plain
         ``PaymentService`` (the ``reconcile`` CLI without ``--service``) leaves them to the
         host's service, in whichever process runs it."""
+        own = getattr(self, "__dict__", {})  # a hook set on the instance counts too
         return any(
-            getattr(type(self), name) is not getattr(PaymentService, name) for name in _HOOKS
+            name in own or getattr(type(self), name) is not getattr(PaymentService, name)
+            for name in _HOOKS
         )
 
     @property
