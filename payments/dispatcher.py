@@ -129,16 +129,14 @@ async def _record(
     decided = [(item, *_outcome_of(service, item, now)) for item in done]
 
     def write(session: Session) -> None:
-        for item, status, due in decided:
-            events.record_attempt(
-                session,
-                item.delivery_id,
-                item.attempt,
-                item.result,
-                status=status,
-                next_attempt_at=due,
-                now=now,
-            )
+        events.record_attempts(
+            session,
+            [
+                events.AttemptRecord(item.delivery_id, item.attempt, item.result, status, due)
+                for item, status, due in decided
+            ],
+            now,
+        )
 
     await run_db(db, committing(write), write=True)
     if report is not None:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from .models import (
@@ -415,47 +415,69 @@ class AttemptResult:
         return self.error is None and (self.status_code is None or 200 <= self.status_code < 300)
 
 
-def record_attempt(
-    session: Session,
-    delivery_id: int,
-    attempt: int,
-    result: AttemptResult,
-    *,
-    status: DeliveryStatus,
-    next_attempt_at: datetime | None,
-    now: datetime,
-) -> bool:
-    """Write one attempt and the delivery's new state. False if the delivery changed meanwhile
-    (a redelivery asked for, or another dispatcher took it after this one's lease ran out)."""
-    d = _DELIVERIES.c
-    updated = session.execute(
-        update(_DELIVERIES)
-        .where(
-            d.id == delivery_id,
-            d.attempts == attempt,
-            d.status == DeliveryStatus.PENDING.value,
-        )
-        .values(
-            status=status.value,
-            next_attempt_at=next_attempt_at,
-            last_attempt_at=now,
-            delivered_at=now if status is DeliveryStatus.DELIVERED else None,
-            last_status_code=result.status_code,
-            last_error=result.error,
-        )
-    ).rowcount
+#: The guard makes a stale attempt (its delivery redelivered, or taken by another dispatcher
+#: after this one's lease ran out) change nothing; its attempt row is still kept.
+_RECORD_STATE = (
+    update(_DELIVERIES)
+    .where(
+        _DELIVERIES.c.id == bindparam("b_id"),
+        _DELIVERIES.c.attempts == bindparam("b_attempt"),
+        _DELIVERIES.c.status == DeliveryStatus.PENDING.value,
+    )
+    .values(
+        status=bindparam("b_status"),
+        next_attempt_at=bindparam("b_next"),
+        last_attempt_at=bindparam("b_now"),
+        delivered_at=bindparam("b_delivered"),
+        last_status_code=bindparam("b_code"),
+        last_error=bindparam("b_error"),
+    )
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    delivery_id: int
+    attempt: int
+    result: AttemptResult
+    status: DeliveryStatus
+    next_attempt_at: datetime | None
+
+
+def record_attempts(session: Session, records: Sequence[AttemptRecord], now: datetime) -> None:
+    """Write attempts and their deliveries' new states: two batched statements for a pass."""
+    if not records:
+        return
+    session.execute(
+        _RECORD_STATE,
+        [
+            {
+                "b_id": item.delivery_id,
+                "b_attempt": item.attempt,
+                "b_status": item.status.value,
+                "b_next": item.next_attempt_at,
+                "b_now": now,
+                "b_delivered": now if item.status is DeliveryStatus.DELIVERED else None,
+                "b_code": item.result.status_code,
+                "b_error": item.result.error,
+            }
+            for item in records
+        ],
+    )
     session.execute(
         _INSERT_ATTEMPT,
-        {
-            "delivery_id": delivery_id,
-            "attempted_at": now,
-            "status_code": result.status_code,
-            "duration_ms": result.duration_ms,
-            "error": result.error,
-            "response_body": result.response_body,
-        },
+        [
+            {
+                "delivery_id": item.delivery_id,
+                "attempted_at": now,
+                "status_code": item.result.status_code,
+                "duration_ms": item.result.duration_ms,
+                "error": item.result.error,
+                "response_body": item.result.response_body,
+            }
+            for item in records
+        ],
     )
-    return bool(updated)
 
 
 def hook_delivery(session: Session, event_id: str) -> tuple[int, int] | None:
