@@ -24,10 +24,8 @@ from pydantic import AfterValidator, BaseModel, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import Message
 
-from . import events as outbox
-from . import repository as repo
 from .config import get_settings
-from .database import DATABASE_ERRORS, DbSession, committing, get_db, run_db
+from .database import DATABASE_ERRORS, DbSession, get_db
 from .exceptions import (
     DuplicateTransactionError,
     IdempotencyConflictError,
@@ -50,7 +48,6 @@ from .logger import payment_logger
 from .models import EventType
 from .mpesa.values import MSISDN_PATTERN, Msisdn
 from .notifications import NotificationProcessor, ProviderAnswer, client_ip, read_capped
-from .redaction import sanitize_text
 from .schemas import (
     ApiDate,
     AuditTrailResponse,
@@ -69,7 +66,6 @@ from .schemas import (
     ResolveRequest,
     ReversalRequest,
     TransferRequest,
-    WebhookEntry,
     WebhookListResponse,
 )
 from .service import PaymentService
@@ -618,6 +614,7 @@ def create_payment_router(
     async def list_events(
         db: Db,
         _: Actor,
+        payments: Service,
         after: Annotated[str | None, Query(max_length=64, description="an event id")] = None,
         event_type: Annotated[EventType | None, Query(alias="type")] = None,
         transaction_id: Annotated[str | None, Query(max_length=64)] = None,
@@ -625,22 +622,19 @@ def create_payment_router(
     ) -> Response:
         """Events oldest first, after the event ``after`` (a cursor: pass the last id seen)."""
         return _json(
-            await run_db(
+            await payments.list_events(
                 db,
-                lambda s: outbox.list_events(
-                    s,
-                    after=after,
-                    event_type=event_type.value if event_type else None,
-                    transaction_id=transaction_id,
-                    limit=limit,
-                ),
+                after=after,
+                event_type=event_type.value if event_type else None,
+                transaction_id=transaction_id,
+                limit=limit,
             )
         )
 
     @router.get("/events/{event_id}", response_model=EventResponse, responses=_responses(404))
-    async def get_event(event_id: str, db: Db, _: Actor) -> Response:
+    async def get_event(event_id: str, db: Db, _: Actor, payments: Service) -> Response:
         """One event with its delivery state per consumer and every attempt."""
-        return _json(await _event_or_404(db, event_id))
+        return _json(await payments.get_event(event_id, db))
 
     @router.post(
         "/events/{event_id}/redeliver",
@@ -649,40 +643,19 @@ def create_payment_router(
     )
     async def redeliver_event(event_id: str, db: Db, _: Actor, payments: Service) -> Response:
         """Deliver the event again to every configured endpoint (the hooks are not run again)."""
-        urls = payments.settings.webhook_urls()
-        found = len(event_id) <= 64 and await run_db(
-            db, committing(lambda s: outbox.redeliver(s, event_id, urls)), write=True
-        )
-        if not found:
-            raise PaymentNotFoundError(f"event {event_id} not found")
-        outbox.notify()
-        return _json(await _event_or_404(db, event_id))
+        return _json(await payments.redeliver_event(event_id, db))
 
     @router.get("/webhooks", responses=_responses())
     async def list_webhooks(
         db: Db,
         _: Actor,
+        payments: Service,
         is_processed: bool | None = None,
         page: Annotated[int, Query(ge=1, le=100_000)] = 1,
         per_page: Annotated[int, Query(ge=1, le=100)] = 20,
     ) -> WebhookListResponse:
-        rows, total = await run_db(
-            db,
-            lambda s: repo.list_notifications(
-                s, is_processed=is_processed, page=page, per_page=per_page
-            ),
-        )
-        return WebhookListResponse(
-            items=[
-                # Forwarders may put phone numbers in the body: masked like every other answer.
-                WebhookEntry.model_validate(row).model_copy(
-                    update={"raw_body": sanitize_text(row.raw_body)}
-                )
-                for row in rows
-            ],
-            total=total,
-            page=page,
-            per_page=per_page,
+        return await NotificationProcessor(payments).listing(
+            db, is_processed=is_processed, page=page, per_page=per_page
         )
 
     @router.post(
@@ -690,31 +663,11 @@ def create_payment_router(
         response_model=ReplayResult,
         responses=_responses(404, 413),
     )
-    async def replay_webhook(
-        webhook_id: int, db: Db, _: Actor, payments: Service
-    ) -> dict[str, Any]:
+    async def replay_webhook(webhook_id: int, db: Db, _: Actor, payments: Service) -> ReplayResult:
         """Process a stored notification again (after fixing whatever made it fail)."""
-        if not 1 <= webhook_id <= MAX_ROW_ID:  # no such row can exist
-            raise PaymentNotFoundError(f"notification {webhook_id} not found")
-        result = await NotificationProcessor(payments).process(db, webhook_id, replay=True)
-        return {
-            "webhook_id": result.notification_id,
-            "processed": result.processed,
-            "transaction_id": result.transaction_id,
-            "status": result.status,
-            "error": result.error,
-        }
+        return await NotificationProcessor(payments).replay(db, webhook_id)
 
     return router
-
-
-async def _event_or_404(db: DbSession, event_id: str) -> EventResponse:
-    event = (
-        await run_db(db, lambda s: outbox.get_event(s, event_id)) if len(event_id) <= 64 else None
-    )
-    if event is None:
-        raise PaymentNotFoundError(f"event {event_id} not found")
-    return event
 
 
 def dispatcher_lifespan(
@@ -782,10 +735,6 @@ def _session_source(get_session: Callable[..., Any]) -> Callable[[], Any]:
 
         return sessions
     return get_database().session
-
-
-#: Row ids are 32-bit integers on every database.
-MAX_ROW_ID = 2**31 - 1
 
 
 def _responses(*codes: int, base: dict[int | str, Any] | None = None) -> dict[int | str, Any]:

@@ -1,14 +1,14 @@
 """The use cases: initiate (C2B), payout (B2C), transfer (B2B), reverse, refresh, and the reads.
 
 ``PaymentService`` composes the provider client and the repository and owns every commit. Its
-money-moving flows keep DESIGN.md's rules:
+money-moving flows keep these rules (comments cite them by number):
 
 1. the intent row is committed (``processing``) before M-Pesa is called;
 2. no database connection or transaction is held while waiting on M-Pesa;
 3. lost or ambiguous answers leave the payment ``unknown``; only a status query settles it;
-5. an idempotency key plus a request fingerprint: one provider call per key, decided by the
+4. an idempotency key plus a request fingerprint: one provider call per key, decided by the
    database's unique constraint; the ``input_ThirdPartyReference`` is derived from the key;
-7. statuses change only along ``lifecycle.ALLOWED_TRANSITIONS``, under an optimistic lock,
+5. statuses change only along ``lifecycle.ALLOWED_TRANSITIONS``, under an optimistic lock,
    and hooks fire once, for the writer that made the transition.
 """
 
@@ -42,7 +42,7 @@ from .exceptions import (
     PaymentStorageError,
     PaymentValidationError,
 )
-from .lifecycle import SUCCEEDED, UNSETTLED, UNSUCCESSFUL
+from .lifecycle import IN_FLIGHT, SUCCEEDED, UNSETTLED, UNSUCCESSFUL
 from .logger import payment_logger
 from .models import (
     AuditAction,
@@ -75,6 +75,8 @@ from .schemas import (
     AuditLogEntry,
     AuditTrailResponse,
     CustomerNameResponse,
+    EventListResponse,
+    EventResponse,
     PaymentFilters,
     PaymentInitiateRequest,
     PaymentListResponse,
@@ -482,7 +484,7 @@ class PaymentService:
                     status=before.value,
                 )
             record = repo.record_of(session, row)
-            stuck = before in (S.PENDING, S.PROCESSING) and now >= self.in_flight_until(record)
+            stuck = before in IN_FLIGHT and now >= self.in_flight_until(record)
             after = before
             if before in SUCCEEDED and not row.provider_transaction_id:
                 if wanted not in (None, S.COMPLETED):
@@ -673,6 +675,53 @@ class PaymentService:
             by_operation=by_operation,
         )
 
+    # -- events --------------------------------------------------------------------------------
+
+    async def list_events(
+        self,
+        db: DbSession,
+        *,
+        after: str | None = None,
+        event_type: str | None = None,
+        transaction_id: str | None = None,
+        limit: int = 50,
+    ) -> EventListResponse:
+        """Payment events oldest first after the event ``after`` (a cursor)."""
+        if not 1 <= limit <= 100:
+            raise PaymentValidationError("limit must be between 1 and 100", field="limit")
+        return await run_db(
+            db,
+            lambda s: events.list_events(
+                s,
+                after=after,
+                event_type=event_type,
+                transaction_id=transaction_id,
+                limit=limit,
+            ),
+        )
+
+    async def get_event(self, event_id: str, db: DbSession) -> EventResponse:
+        """One event with its deliveries (the hooks, each endpoint) and every attempt."""
+        found = (
+            await run_db(db, lambda s: events.get_event(s, event_id))
+            if len(event_id) <= 64
+            else None
+        )
+        if found is None:
+            raise PaymentNotFoundError(f"event {event_id} not found")
+        return found
+
+    async def redeliver_event(self, event_id: str, db: DbSession) -> EventResponse:
+        """Make an event due again at every endpoint configured now; the hooks do not run again."""
+        urls = self.settings.webhook_urls()
+        found = len(event_id) <= 64 and await run_db(
+            db, committing(lambda s: events.redeliver(s, event_id, urls)), write=True
+        )
+        if not found:
+            raise PaymentNotFoundError(f"event {event_id} not found")
+        events.notify()
+        return await self.get_event(event_id, db)
+
     async def audit(self, transaction_id: str, db: DbSession) -> AuditTrailResponse:
         def load(session: Session) -> list[AuditLogEntry]:
             row = repo.get(session, transaction_id)
@@ -773,7 +822,7 @@ class PaymentService:
         work: Callable[[Session], tuple[PaymentRecord, bool]],
         key: str | None,
     ) -> tuple[PaymentRecord, bool]:
-        """Commit the intent (or find the payment this key already made): rule 1 and rule 5."""
+        """Commit the intent (or find the payment this key already made): rules 1 and 4."""
         try:
             return await run_db(db, committing(work), write=True)
         except IntegrityError as exc:
