@@ -150,10 +150,13 @@ def load_service(spec: str | None) -> object:
             target = getattr(target, part)
     except (ImportError, AttributeError) as exc:
         raise SystemExit(f"--service {spec}: {exc}") from None
-    if isinstance(target, type) and issubclass(target, PaymentService):
-        target = target()
-    elif not isinstance(target, PaymentService) and callable(target):
-        target = target()
+    try:
+        if isinstance(target, type) and issubclass(target, PaymentService):
+            target = target()
+        elif not isinstance(target, PaymentService) and callable(target):
+            target = target()
+    except Exception as exc:  # the host's factory failed: say so, without a traceback
+        raise SystemExit(f"--service {spec}: {type(exc).__name__}: {exc}") from None
     if not isinstance(target, PaymentService):
         raise SystemExit(f"--service {spec} is not a PaymentService (got {type(target).__name__})")
     return target

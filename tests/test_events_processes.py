@@ -256,3 +256,17 @@ async def test_two_dispatchers_on_postgresql_deliver_each_of_500_events_exactly_
         for number in range(2)
     ]
     assert sum(delivered) == 500 and min(delivered) > 0, delivered
+
+
+async def test_the_dispatch_command_explains_itself_and_refuses_a_bad_service(
+    tmp_path: Path,
+) -> None:
+    env = _environment(tmp_path, f"sqlite:///{tmp_path}/none.db", "http://127.0.0.1:9/hook")
+    code, output = await _run(env, tmp_path, "-m", "payments", "dispatch", "--help")
+    assert code == 0 and "--loop SECONDS" in output and "--service" in output, output
+    code, output = await _run(env, tmp_path, "-m", "payments", "dispatch", "--service", "nope")
+    assert code != 0 and "module:attribute" in output, output
+    code, output = await _run(
+        env, tmp_path, "-m", "payments", "dispatch", "--service", "json:dumps"
+    )
+    assert code != 0 and "Traceback" not in output, output
