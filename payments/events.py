@@ -375,9 +375,15 @@ def claim_due(
     )
     if not ids:
         return []
+    # Guarded again: where row locks do not exist (SQLite), a dispatcher that read the same rows
+    # first has moved them past ``now`` already, and the rows read back are this pass's only.
     session.execute(
         update(_DELIVERIES)
-        .where(d.id.in_(ids))
+        .where(
+            d.id.in_(ids),
+            d.status == DeliveryStatus.PENDING.value,
+            d.next_attempt_at <= now,
+        )
         .values(next_attempt_at=lease_until, attempts=d.attempts + 1)
     )
     e = _EVENTS.c
@@ -394,7 +400,7 @@ def claim_due(
             e.created_at,
         )
         .join(_EVENTS, e.id == d.event_id)
-        .where(d.id.in_(ids))
+        .where(d.id.in_(ids), d.next_attempt_at == lease_until)
         .order_by(e.id)
     ).all()
     return [
