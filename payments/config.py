@@ -84,6 +84,9 @@ class PaymentSettings(BaseSettings):
     payment_database_url: str = "sqlite:///./payments.db"
     payment_database_pool_size: int = Field(default=10, ge=1, le=1000)
 
+    # The host's PaymentService for the command line (``module:attr``, like ``--service``)
+    payment_service: str | None = None
+
     # Reconciliation of payments whose outcome is still open
     payment_reconcile_min_age: float = Field(default=60.0, ge=0)
     payment_reconcile_attention_after: float = Field(default=3600.0, gt=0)
@@ -120,7 +123,9 @@ class PaymentSettings(BaseSettings):
                 )
         return value
 
-    @field_validator("mpesa_base_url", "mpesa_api_key", "mpesa_public_key", mode="before")
+    @field_validator(
+        "mpesa_base_url", "mpesa_api_key", "mpesa_public_key", "payment_service", mode="before"
+    )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

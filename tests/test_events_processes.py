@@ -265,8 +265,8 @@ async def test_the_dispatch_command_explains_itself_and_refuses_a_bad_service(
     code, output = await _run(env, tmp_path, "-m", "payments", "dispatch", "--help")
     assert code == 0 and "--loop SECONDS" in output and "--service" in output, output
     code, output = await _run(env, tmp_path, "-m", "payments", "dispatch", "--service", "nope")
-    assert code != 0 and "module:attribute" in output, output
+    assert code == 2 and "module:attr" in output, output
     code, output = await _run(
         env, tmp_path, "-m", "payments", "dispatch", "--service", "json:dumps"
     )
-    assert code != 0 and "Traceback" not in output, output
+    assert code == 2 and "Traceback" not in output, output
