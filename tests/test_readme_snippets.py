@@ -42,6 +42,8 @@ import pytest
 from psycopg import sql
 
 from payments import schemas
+from tests.support import libpq_url as _libpq_url
+from tests.support import postgres_admin_url
 
 from .host_project import REPO_ROOT, build_host_project, free_port, host_environment
 from .support import libpq_url as _libpq_url
