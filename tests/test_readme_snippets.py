@@ -46,8 +46,6 @@ from tests.support import libpq_url as _libpq_url
 from tests.support import postgres_admin_url
 
 from .host_project import REPO_ROOT, build_host_project, free_port, host_environment
-from .support import libpq_url as _libpq_url
-from .support import postgres_admin_url
 
 READMES = ("README.md", "payments/README.md")
 RUN_LANGUAGES = {"bash", "python", "json", "sql", "text"}
