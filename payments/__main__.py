@@ -1,4 +1,4 @@
-"""Command line: ``python -m payments serve | simulator | reconcile | prune``.
+"""Command line: ``python -m payments serve | simulator | reconcile | dispatch | prune``.
 
 Commands that settle or deliver payments take ``--service module:attr`` (``add_service_argument``)
 and run through ``run_with_host``, so they use the host's service and database (``payments.host``).
@@ -122,6 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="count what would be deleted, delete nothing"
     )
     add_service_argument(prune)
+
+    dispatch = commands.add_parser(
+        "dispatch",
+        help="deliver payment events: webhooks to PAYMENT_WEBHOOK_URLS, and the host's hooks",
+        description="Deliver every due payment event: POST it, signed (Standard Webhooks), to"
+        " each PAYMENT_WEBHOOK_URLS endpoint, retrying failures with backoff; with --service,"
+        " also run the host service's hooks (on_payment_completed, ...) for events no process"
+        " has run them for. Prunes events older than PAYMENT_EVENT_RETENTION_DAYS. Safe to run"
+        " in several processes at once on PostgreSQL; on SQLite run one.",
+    )
+    dispatch.add_argument(
+        "--loop",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="keep running, polling every SECONDS (default: deliver what is due, then exit)",
+    )
+    add_service_argument(dispatch)
     return parser
 
 
@@ -192,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             limit_concurrency=args.limit_concurrency,
             max_header_bytes=args.max_header_bytes,
         )
+    elif args.command == "dispatch":
+        run_with_host(args.service, lambda host: dispatch(host, args.loop))
     elif args.command == "reconcile":
         run_with_host(
             args.service,
@@ -276,6 +296,18 @@ async def prune(host: Host, *, dry_run: bool) -> None:
 
     report = await prune_once(host.service.settings, host.sessions, dry_run=dry_run)
     print(f"prune{' (dry run: nothing deleted)' if dry_run else ''}: {report}")
+
+
+async def dispatch(host: Host, loop: float | None) -> None:
+    from .dispatcher import dispatch_forever, dispatch_once
+
+    if loop is None:
+        report = await dispatch_once(host.service, host.sessions)
+        print(f"dispatch: {report}")
+    else:
+        print(f"dispatching every {loop:g} s ({host.database_description})", flush=True)
+        await dispatch_forever(host.service, host.sessions, interval=loop)
+
 
 if __name__ == "__main__":
     main()

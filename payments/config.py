@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import json
 from decimal import Decimal
@@ -97,6 +99,18 @@ class PaymentSettings(BaseSettings):
     payment_reconcile_interval: float = Field(default=60.0, gt=0)
     payment_reconcile_in_app: bool = False
 
+    # Events: webhooks to the host and the dispatcher that delivers them (and runs the hooks)
+    payment_webhook_urls: str | None = None
+    payment_webhook_secret: SecretStr | None = None
+    payment_webhook_timeout: float = Field(default=10.0, gt=0, le=60)
+    payment_webhook_retry_base_seconds: float = Field(default=5.0, gt=0)
+    payment_webhook_retry_window_seconds: float = Field(default=3 * 86400, gt=0)
+    payment_hook_lease_seconds: float = Field(default=60.0, gt=0)
+    payment_dispatch_in_app: bool = True
+    payment_dispatch_interval: float = Field(default=1.0, gt=0)
+    payment_dispatch_batch_size: int = Field(default=100, ge=1, le=1000)
+    payment_event_retention_days: int = Field(default=30, ge=30)
+
     # Logging
     payment_log_dir: str = "logs"
     payment_log_format: Literal["text", "json"] = "text"
@@ -177,6 +191,14 @@ class PaymentSettings(BaseSettings):
                 raise ValueError(
                     f"{variable} must be a comma-separated list of IP addresses or networks"
                 ) from None
+        try:
+            self.webhook_urls()
+        except ValueError as exc:
+            raise ValueError(f"PAYMENT_WEBHOOK_URLS is invalid: {exc}") from None
+        if self.webhook_urls() and self.webhook_secret is None:
+            raise ValueError("PAYMENT_WEBHOOK_SECRET is required when PAYMENT_WEBHOOK_URLS is set")
+        if self.payment_webhook_secret is not None and self.webhook_secret is not None:
+            _check_webhook_secret(self.webhook_secret)
         if not self.mpesa_origin.strip():
             raise ValueError("MPESA_ORIGIN must not be empty")
         try:
@@ -218,10 +240,28 @@ class PaymentSettings(BaseSettings):
             self.mpesa_callback_token,
             self.payment_admin_api_key,
             self.payment_metrics_token,
+            self.payment_webhook_secret,
         ):
             if secret is not None:
                 values.append(secret.get_secret_value())
         return [value for value in values if value]
+
+    @property
+    def webhook_secret(self) -> str | None:
+        secret = self.payment_webhook_secret
+        value = secret.get_secret_value().strip() if secret is not None else ""
+        return value or None
+
+    def webhook_urls(self) -> list[str]:
+        """The endpoints every event is POSTed to (``PAYMENT_WEBHOOK_URLS``, comma-separated)."""
+        urls = [url.strip() for url in (self.payment_webhook_urls or "").split(",") if url.strip()]
+        for url in urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{url!r} is not an http(s) URL")
+            if len(url) > 1000:
+                raise ValueError("a URL is longer than 1000 characters")
+        return list(dict.fromkeys(urls))
 
     @property
     def callback_token(self) -> str | None:
@@ -240,6 +280,18 @@ class PaymentSettings(BaseSettings):
     @property
     def trusted_proxy_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return _networks(self.payment_trusted_proxies)
+
+
+def _check_webhook_secret(secret: str) -> None:
+    """``whsec_`` + base64 of the key, as the Standard Webhooks specification defines it."""
+    if not secret.startswith("whsec_"):
+        raise ValueError("PAYMENT_WEBHOOK_SECRET must start with whsec_ (whsec_ + base64)")
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("PAYMENT_WEBHOOK_SECRET must be whsec_ followed by base64") from None
+    if not 24 <= len(key) <= 64:
+        raise ValueError("PAYMENT_WEBHOOK_SECRET's key must be 24 to 64 bytes")
 
 
 def _networks(raw: str | None) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

@@ -1,4 +1,5 @@
-"""Database records: payments, their append-only audit trail, and inbound notifications.
+"""Database records: payments, their append-only audit trail, inbound notifications, and the
+outbox of payment events with their delivery state per consumer.
 
 Constraint and index names are explicit (the migration repeats them), so a host's autogenerate
 finds no difference between the migrated database and these models.
@@ -26,6 +27,7 @@ from sqlalchemy import (
     Numeric,
     String,
     Text,
+    UniqueConstraint,
     event,
     false,
     func,
@@ -291,6 +293,108 @@ class PaymentWebhookLog(Base):
         Index("ix_payment_webhook_logs_is_processed_received_at", "is_processed", "received_at"),
         Index("ix_payment_webhook_logs_transaction_id", "transaction_id"),
     )
+
+
+class EventType(StrEnum):
+    """What a payment event says happened (``payment_events.type``)."""
+
+    PAYMENT_COMPLETED = "payment.completed"
+    PAYMENT_FAILED = "payment.failed"
+    PAYMENT_CANCELLED = "payment.cancelled"
+    PAYMENT_EXPIRED = "payment.expired"
+    PAYMENT_UNKNOWN = "payment.unknown"
+    PAYMENT_ATTENTION_REQUIRED = "payment.attention_required"
+    PAYMENT_RESOLVED = "payment.resolved"
+    REVERSAL_COMPLETED = "reversal.completed"
+    REVERSAL_FAILED = "reversal.failed"
+
+
+class ConsumerKind(StrEnum):
+    HOOKS = "hooks"  # the host's in-process hooks (PaymentService.on_payment_completed, …)
+    WEBHOOK = "webhook"  # one PAYMENT_WEBHOOK_URLS endpoint
+
+
+class DeliveryStatus(StrEnum):
+    PENDING = "pending"  # due at next_attempt_at (or being delivered under a lease until then)
+    DELIVERED = "delivered"
+    FAILED = "failed"  # retried for the whole retry window without success: flagged
+    GONE = "gone"  # the endpoint answered 410 Gone: no more attempts for this event
+
+
+#: ``payment_event_deliveries.consumer`` of the hooks; a webhook's consumer is its URL.
+HOOKS_CONSUMER = "hooks"
+EVENT_ID_LENGTH = 32
+CONSUMER_LENGTH = 1000
+
+
+class PaymentEvent(Base):
+    """One event per transition, written in the transition's own database transaction."""
+
+    __tablename__ = "payment_events"
+
+    #: ``evt_`` + creation time (ms, hex) + a random or monotonic part: unique and sortable.
+    id: Mapped[str] = mapped_column(String(EVENT_ID_LENGTH), primary_key=True)
+    type: Mapped[str] = mapped_column(String(40))
+    #: The payment's public id (``TXN-…``): events outlive nothing, but need no join to list.
+    transaction_id: Mapped[str] = mapped_column(String(64))
+    #: The payment as the API shows it (phone number masked), at the transition.
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        CheckConstraint(f"type IN ({_in(EventType)})", name="type"),
+        Index("ix_payment_events_transaction_id", "transaction_id", "id"),
+        Index("ix_payment_events_type", "type", "id"),
+        Index("ix_payment_events_created_at", "created_at"),
+    )
+
+
+class PaymentEventDelivery(Base):
+    """An event's delivery state for one consumer: the hooks, or one webhook endpoint."""
+
+    __tablename__ = "payment_event_deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(
+        ForeignKey("payment_events.id", ondelete="CASCADE"), nullable=False
+    )
+    kind: Mapped[str] = mapped_column(String(16))
+    consumer: Mapped[str] = mapped_column(String(CONSUMER_LENGTH))
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: When a dispatcher may take it next; while one delivers it, the end of that one's lease.
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("event_id", "consumer", name="uq_payment_event_deliveries_consumer"),
+        CheckConstraint(f"kind IN ({_in(ConsumerKind)})", name="kind"),
+        CheckConstraint(f"status IN ({_in(DeliveryStatus)})", name="status"),
+        Index("ix_payment_event_deliveries_due", "kind", "status", "next_attempt_at"),
+    )
+
+
+class PaymentEventAttempt(Base):
+    """Every delivery attempt: what the endpoint (or hook) answered, and how long it took."""
+
+    __tablename__ = "payment_event_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[int] = mapped_column(
+        ForeignKey("payment_event_deliveries.id", ondelete="CASCADE")
+    )
+    attempted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    duration_ms: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    #: The endpoint's answer, cut to ``events.RESPONSE_BODY_LIMIT`` characters.
+    response_body: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_payment_event_attempts_delivery_id", "delivery_id", "id"),)
 
 
 @event.listens_for(PaymentAuditLog, "before_update")

@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from . import events
 from . import exceptions as errors
 from . import repository as repo
 from .lifecycle import IN_FLIGHT, SUCCEEDED, UNSETTLED, UNSUCCESSFUL, check_transition
@@ -280,8 +281,10 @@ def apply_outcome(
     known: Mapping[str, Any] | None,
     in_flight_until: datetime | None = None,
     check_ids: bool = False,
-) -> tuple[PaymentRecord, str, PaymentRecord | None]:
-    """(updated record, status before, updated original for a completed reversal).
+    sink: events.EventSink | None = None,
+) -> tuple[PaymentRecord, str, PaymentRecord | None, list[events.WrittenEvent]]:
+    """(updated record, status before, updated original for a completed reversal, the events
+    written with the transition: in this same transaction, so neither commits without the other).
 
     The hot path of every payment, so plain statements: the payment's ``known`` values (or a
     locked read), one UPDATE guarded by the row's version (a concurrent writer makes it fail,
@@ -445,7 +448,11 @@ def apply_outcome(
     original_record: PaymentRecord | None = None
     if changed and updated.operation == PaymentOperation.REVERSAL and updated.status == S.COMPLETED:
         original_record = _apply_reversal_to_original(session, updated, actor)
-    return updated, before, original_record
+    types = events.transition_types(
+        updated, status_before=before, attention_before=bool(current["attention_required"])
+    )
+    written = events.add_events(session, updated, types, sink or events.EventSink())
+    return updated, before, original_record, written
 
 
 def _apply_reversal_to_original(

@@ -23,7 +23,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from . import metrics
+from . import events, metrics
 from . import repository as repo
 from .config import PaymentSettings
 from .database import DbSession, SessionSource, as_session_source, committing, run_db
@@ -243,13 +243,14 @@ async def _settle_one(
             age_seconds=round(age.total_seconds()),
         )
 
-    def schedule(session: Session) -> None:
+    def schedule(session: Session) -> bool:
         row = repo.get_by_id(session, updated.id, for_update=True)
         if flag or row.attention_required:
             row.next_reconcile_at = now + flagged_poll_interval(age)
         else:
             row.next_reconcile_at = now + backoff(row.reconcile_attempts)
-        if flag and not row.attention_required:
+        raised = flag and not row.attention_required
+        if raised:
             row.attention_required = True
             repo.add_audit(
                 session,
@@ -261,8 +262,17 @@ async def _settle_one(
                 f" last answer: {outcome.status_description}"[:2000],
                 actor="reconciler",
             )
+            session.flush()
+            events.add_events(
+                session,
+                repo.record_of(session, row),
+                [events.EventType.PAYMENT_ATTENTION_REQUIRED],
+                service.event_sink(),
+            )
+        return raised
 
-    await run_db(db, committing(schedule), write=True)
+    if await run_db(db, committing(schedule), write=True):
+        events.notify()
 
 
 async def reconcile_forever(

@@ -14,10 +14,12 @@ sets both at once. Hosts swap them, the session and the service through
 ``create_payment_router(...)`` or ``app.dependency_overrides``.
 """
 
+import asyncio
 import hmac
 import inspect
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from functools import lru_cache
 from typing import Annotated, Any
 
@@ -54,6 +56,7 @@ from .exceptions import (
 )
 from .health import health_report
 from .logger import payment_logger
+from .models import EventType
 from .mpesa.values import MSISDN_PATTERN, Msisdn
 from .notifications import NotificationProcessor, ProviderAnswer, client_ip, read_capped
 from .paging import MAX_CURSOR_LENGTH
@@ -62,6 +65,8 @@ from .schemas import (
     AuditTrailResponse,
     CustomerNameResponse,
     ErrorResponse,
+    EventListResponse,
+    EventResponse,
     HealthReport,
     PaymentFilters,
     PaymentInitiateRequest,
@@ -483,10 +488,18 @@ def create_payment_router(
     ``HTTPException`` passes through as it is). ``auth`` is the earlier single dependency: it
     sets whichever of the two is not given. Without any, both are ``require_api_key``.
     ``console``: mount the operator console at ``/payments/console/`` (staff, like ``staff_auth``).
-    """
+
+    Its lifespan runs the event dispatcher (``dispatcher.dispatch_forever``) with the app that
+    includes it, on that service and those sessions (or their ``app.dependency_overrides``),
+    unless ``PAYMENT_DISPATCH_IN_APP=false``."""
     staff = staff_auth or auth or require_api_key
     customer = customer_auth or auth or require_api_key
-    router = APIRouter(prefix="/payments", tags=["payments"], route_class=PaymentRoute)
+    router = APIRouter(
+        prefix="/payments",
+        tags=["payments"],
+        route_class=PaymentRoute,
+        lifespan=dispatcher_lifespan(get_session=get_session, service=service),
+    )
     Db = Annotated[DbSession, Depends(get_session)]
     Actor = Annotated[str, Depends(_actor_dependency([(staff, STAFF)]))]
     # A staff member's credentials are tried first, so staff read any payment's status with
@@ -753,6 +766,41 @@ def create_payment_router(
 
     setattr(callback_c2b, _OWN_BODY_MARK, True)
 
+    @router.get("/events", response_model=EventListResponse, responses=_responses())
+    async def list_events(
+        db: Db,
+        _: Actor,
+        payments: Service,
+        after: Annotated[str | None, Query(max_length=64, description="an event id")] = None,
+        event_type: Annotated[EventType | None, Query(alias="type")] = None,
+        transaction_id: Annotated[str | None, Query(max_length=64)] = None,
+        limit: Annotated[int, Query(ge=1, le=100)] = 50,
+    ) -> Response:
+        """Events oldest first, after the event ``after`` (a cursor: pass the last id seen)."""
+        return _json(
+            await payments.list_events(
+                db,
+                after=after,
+                event_type=event_type.value if event_type else None,
+                transaction_id=transaction_id,
+                limit=limit,
+            )
+        )
+
+    @router.get("/events/{event_id}", response_model=EventResponse, responses=_responses(404))
+    async def get_event(event_id: str, db: Db, _: Actor, payments: Service) -> Response:
+        """One event with its delivery state per consumer and every attempt."""
+        return _json(await payments.get_event(event_id, db))
+
+    @router.post(
+        "/events/{event_id}/redeliver",
+        response_model=EventResponse,
+        responses=_responses(404, 413),
+    )
+    async def redeliver_event(event_id: str, db: Db, _: Actor, payments: Service) -> Response:
+        """Deliver the event again to every configured endpoint (the hooks are not run again)."""
+        return _json(await payments.redeliver_event(event_id, db))
+
     @router.get(
         "/metrics",
         response_class=Response,
@@ -804,6 +852,73 @@ def create_payment_router(
         return await NotificationProcessor(payments).replay(db, webhook_id)
 
     return router
+
+
+def dispatcher_lifespan(
+    *, get_session: Callable[..., Any], service: Callable[..., Any]
+) -> Callable[[Any], AbstractAsyncContextManager[None]]:
+    """The router's lifespan: FastAPI merges it into the app's when the app includes the
+    router, so the dispatcher starts and stops with the host's app."""
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        from .dispatcher import dispatch_forever
+
+        overrides = getattr(app, "dependency_overrides", {})
+        try:
+            payments = overrides.get(service, service)()
+            if inspect.isawaitable(payments):
+                payments = await payments
+            enabled = payments.settings.payment_dispatch_in_app
+        except Exception as exc:  # misconfigured: requests say so; the app still starts
+            payment_logger.error("Event dispatcher not started", error=str(exc))
+            enabled = False
+        if not enabled:
+            yield
+            return
+        sessions = _session_source(overrides.get(get_session, get_session))
+        stop = asyncio.Event()
+        task = asyncio.create_task(dispatch_forever(payments, sessions, stop=stop))
+        try:
+            yield
+        finally:
+            stop.set()
+            try:
+                await asyncio.wait_for(task, timeout=15)
+            except TimeoutError:
+                payment_logger.warning("Event dispatcher stopped mid-delivery")
+
+    return lifespan
+
+
+def _session_source(get_session: Callable[..., Any]) -> Callable[[], Any]:
+    """The sessions a dependency gives, as a context manager factory for the dispatcher: an
+    async or sync generator without parameters; anything else gets the module's database."""
+    from .database import get_database
+
+    required = [
+        p
+        for p in inspect.signature(get_session).parameters.values()
+        if p.default is inspect.Parameter.empty
+        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
+    if required:
+        payment_logger.warning(
+            "The session dependency takes parameters; the dispatcher uses PAYMENT_DATABASE_URL"
+        )
+        return get_database().session
+    if inspect.isasyncgenfunction(get_session):
+        return asynccontextmanager(get_session)
+    if inspect.isgeneratorfunction(get_session):
+        sync = contextmanager(get_session)
+
+        @asynccontextmanager
+        async def sessions() -> AsyncIterator[Any]:
+            with sync() as session:
+                yield session
+
+        return sessions
+    return get_database().session
 
 
 def _responses(*codes: int, base: dict[int | str, Any] | None = None) -> dict[int | str, Any]:

@@ -409,3 +409,53 @@ class WebhookListResponse(BaseModel):
     total: int
     page: int
     per_page: int
+
+
+# -- payment events (events.py) ------------------------------------------------------------------
+
+
+class EventAttemptResponse(BaseModel):
+    attempted_at: datetime
+    status_code: int | None = None
+    duration_ms: int | None = None
+    error: str | None = None
+    response_body: str | None = None
+
+
+class EventDeliveryResponse(BaseModel):
+    kind: str
+    consumer: str  # "hooks", or the endpoint's URL
+    status: str
+    attempts: int
+    next_attempt_at: datetime | None = None
+    last_attempt_at: datetime | None = None
+    delivered_at: datetime | None = None
+    last_status_code: int | None = None
+    last_error: str | None = None
+    attempt_log: list[EventAttemptResponse] = []
+
+
+class EventResponse(BaseModel):
+    id: str
+    type: str
+    transaction_id: str
+    created_at: datetime
+    data: dict[str, Any]
+    deliveries: list[EventDeliveryResponse] | None = None
+
+
+class EventListResponse(BaseModel):
+    items: list[EventResponse]
+    #: More events follow the last one: ask again with ``after`` = its id.
+    has_more: bool
+
+
+class EventPayload(BaseModel):
+    """The body POSTed to each ``PAYMENT_WEBHOOK_URLS`` endpoint."""
+
+    id: str
+    type: str
+    created_at: datetime
+    #: The payment as ``GET /payments/status/{id}`` shows it (``payment.resolved`` adds
+    #: ``status_before`` and ``resolution``).
+    data: dict[str, Any]

@@ -28,7 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
-from . import metrics, outcomes
+from . import events, metrics, outcomes
 from . import repository as repo
 from .config import PaymentSettings, get_settings
 from .database import DATABASE_ERRORS, DbSession, committing, run_db
@@ -78,6 +78,8 @@ from .schemas import (
     AuditLogEntry,
     AuditTrailResponse,
     CustomerNameResponse,
+    EventListResponse,
+    EventResponse,
     OperationSummary,
     PaymentFilters,
     PaymentInitiateRequest,
@@ -249,6 +251,32 @@ class PaymentService:
             await self._client.aclose()
 
     # -- hooks ---------------------------------------------------------------------------------
+
+    @property
+    def runs_hooks(self) -> bool:
+        """Whether this service has hooks of its own (a subclass overrides one): only then does
+        it run hook events, right after its own commits and in its dispatcher. A plain
+        ``PaymentService`` (the ``reconcile`` CLI without ``--service``) leaves them to the
+        host's service, in whichever process runs it."""
+        own = getattr(self, "__dict__", {})  # a hook set on the instance counts too
+        return any(
+            name in own or getattr(type(self), name) is not getattr(PaymentService, name)
+            for name in _HOOKS
+        )
+
+    @property
+    def current_event_id(self) -> str | None:
+        """The id of the event whose hook is running (``None`` outside a hook): a hook that
+        keeps the old signature reads it to dedupe; one may declare ``event_id`` instead."""
+        return events.current_event_id.get()
+
+    def event_sink(self) -> events.EventSink:
+        settings = self.settings
+        lease = timedelta(seconds=settings.payment_hook_lease_seconds)
+        return events.EventSink(
+            webhook_urls=tuple(settings.webhook_urls()),
+            hook_lease=lease if self.runs_hooks else None,
+        )
 
     async def on_payment_completed(self, transaction: PaymentRecord) -> None:
         """A payment (C2B, B2C or B2B) completed: money moved."""
@@ -611,10 +639,21 @@ class PaymentService:
                 actor=actor,
             )
             session.flush()
-            return repo.record_of(session, row), before.value
+            record = repo.record_of(session, row)
+            written = events.add_events(
+                session,
+                record,
+                [events.EventType.PAYMENT_RESOLVED],
+                self.event_sink(),
+                extra={
+                    "status_before": before.value,
+                    "resolution": {"reason": reason, "actor": actor},
+                },
+            )
+            return record, before.value, written
 
         try:
-            updated, before = await run_db(db, committing(decide), write=True)
+            updated, before, written = await run_db(db, committing(decide), write=True)
         except IntegrityError as exc:  # a concurrent resolution recorded the same ID elsewhere
             raise InvalidStateTransitionError(
                 f"M-Pesa transaction ID {provider_transaction_id} is already recorded on another"
@@ -632,10 +671,9 @@ class PaymentService:
             mpesa_receipt=updated.provider_transaction_id,
             actor=actor,
         )
-        if updated.status != before:
-            await self._fire_hooks(
-                db, updated, Outcome(PaymentStatus(updated.status), reason), None
-            )
+        await self._after_commit(
+            db, written, updated, Outcome(PaymentStatus(updated.status), reason), None
+        )
         return to_response(updated)
 
     # -- queries -------------------------------------------------------------------------------
@@ -743,6 +781,53 @@ class PaymentService:
         filters = PaymentFilters(from_date=from_date, to_date=to_date)
         rows = await run_db(db, lambda session: repo.summary_rows(session, filters))
         return summarize(rows, from_date, to_date)
+
+    # -- events --------------------------------------------------------------------------------
+
+    async def list_events(
+        self,
+        db: DbSession,
+        *,
+        after: str | None = None,
+        event_type: str | None = None,
+        transaction_id: str | None = None,
+        limit: int = 50,
+    ) -> EventListResponse:
+        """Payment events oldest first after the event ``after`` (a cursor)."""
+        if not 1 <= limit <= 100:
+            raise PaymentValidationError("limit must be between 1 and 100", field="limit")
+        return await run_db(
+            db,
+            lambda s: events.list_events(
+                s,
+                after=after,
+                event_type=event_type,
+                transaction_id=transaction_id,
+                limit=limit,
+            ),
+        )
+
+    async def get_event(self, event_id: str, db: DbSession) -> EventResponse:
+        """One event with its deliveries (the hooks, each endpoint) and every attempt."""
+        found = (
+            await run_db(db, lambda s: events.get_event(s, event_id))
+            if len(event_id) <= 64
+            else None
+        )
+        if found is None:
+            raise PaymentNotFoundError(f"event {event_id} not found")
+        return found
+
+    async def redeliver_event(self, event_id: str, db: DbSession) -> EventResponse:
+        """Make an event due again at every endpoint configured now; the hooks do not run again."""
+        urls = self.settings.webhook_urls()
+        found = len(event_id) <= 64 and await run_db(
+            db, committing(lambda s: events.redeliver(s, event_id, urls)), write=True
+        )
+        if not found:
+            raise PaymentNotFoundError(f"event {event_id} not found")
+        events.notify()
+        return await self.get_event(event_id, db)
 
     async def audit(self, transaction_id: str, db: DbSession) -> AuditTrailResponse:
         def load(session: Session) -> list[AuditLogEntry]:
@@ -1034,6 +1119,7 @@ class PaymentService:
                             known=known,
                             in_flight_until=self.in_flight_until(record),
                             check_ids=check_ids,
+                            sink=self.event_sink(),
                         )
                     ),
                     write=True,
@@ -1072,65 +1158,110 @@ class PaymentService:
                     raise lost from exc
                 await asyncio.sleep(self._db_retry_delays[attempt])
                 attempt += 1
-        updated, before, original = result
+        updated, before, original, written = result
         changed = before != updated.status
-        if changed:
-            await self._fire_hooks(db, updated, outcome, original)
+        await self._after_commit(db, written, updated, outcome, original)
         return updated, changed
 
-    async def _fire_hooks(
+    async def _after_commit(
         self,
         db: DbSession,
+        written: list[events.WrittenEvent],
         record: PaymentRecord,
         outcome: Outcome,
         original: PaymentRecord | None,
     ) -> None:
+        """The transition's events are committed: wake this process's dispatchers (webhooks)
+        and run the hooks now, if this service has any (otherwise the host's dispatcher will)."""
+        if not written:
+            return
+        events.notify()
+        if not self.runs_hooks:
+            return
+        for event in written:
+            if event.has_hook:
+                await self._run_hook_now(db, event.id, record, outcome, original)
+
+    def hook_call(
+        self,
+        record: PaymentRecord,
+        original: PaymentRecord | None,
+        error: PaymentError | None = None,
+    ) -> tuple[str, tuple[Any, ...]] | None:
+        """Which hook a payment in ``record``'s state calls, and with what."""
         status = PaymentStatus(record.status)
         metrics.observe_transition(record.operation, status.value, record.amount)
         is_reversal = record.operation == PaymentOperation.REVERSAL
-        hook: Awaitable[None] | None = None
         if status is S.COMPLETED:
-            if is_reversal and original is not None:
-                hook = self.on_reversal_completed(record, original)
-            elif not is_reversal:
-                hook = self.on_payment_completed(record)
-        elif status in UNSUCCESSFUL:
-            error = outcome.error or error_for_record(record)
-            hook = (
-                self.on_reversal_failed(record, error)
-                if is_reversal
-                else self.on_payment_failed(record, error)
-            )
-        elif status is S.UNKNOWN:
-            hook = self.on_payment_unknown(record)
-        if hook is None:
+            if is_reversal:
+                return ("on_reversal_completed", (record, original)) if original else None
+            return "on_payment_completed", (record,)
+        if status in UNSUCCESSFUL:
+            error = error or error_for_record(record)
+            name = "on_reversal_failed" if is_reversal else "on_payment_failed"
+            return name, (record, error)
+        if status is S.UNKNOWN:
+            return "on_payment_unknown", (record,)
+        return None
+
+    async def _run_hook_now(
+        self,
+        db: DbSession,
+        event_id: str,
+        record: PaymentRecord,
+        outcome: Outcome,
+        original: PaymentRecord | None,
+    ) -> None:
+        call = self.hook_call(record, original, outcome.error)
+        if call is None:
             return
         try:
-            await hook
-        except Exception as exc:  # a host's hook must never undo or lose the payment
-            payment_logger.exception(
-                "Payment hook failed", transaction_id=record.transaction_id, status=status.value
+            taken = await run_db(
+                db, committing(lambda s: events.hook_delivery(s, event_id)), write=True
             )
-            message = sanitize_text(
-                f"{type(exc).__name__} in hook for status {status.value}: {exc}"
+        except DATABASE_ERRORS:  # the dispatcher runs it once the lease is over
+            payment_logger.error("Could not take a hook delivery", event_id=event_id)
+            return
+        if taken is None:
+            return  # a dispatcher ran it already
+        from .dispatcher import finish_hook  # the dispatcher imports this module
+
+        await finish_hook(self, db, taken, event_id, record, *call)
+
+    async def audit_hook_failure(
+        self, db: DbSession, record: PaymentRecord, exc: BaseException
+    ) -> None:
+        payment_logger.exception(
+            "Payment hook failed", transaction_id=record.transaction_id, status=record.status
+        )
+        message = sanitize_text(f"{type(exc).__name__} in hook for status {record.status}: {exc}")
+        try:
+            await run_db(
+                db,
+                committing(
+                    lambda s: repo.add_audit(
+                        s, record.id, AuditAction.HOOK_FAILED, error_message=message[:2000]
+                    )
+                ),
+                write=True,
             )
-            try:
-                await run_db(
-                    db,
-                    committing(
-                        lambda s: repo.add_audit(
-                            s, record.id, AuditAction.HOOK_FAILED, error_message=message[:2000]
-                        )
-                    ),
-                    write=True,
-                )
-            except DATABASE_ERRORS:
-                payment_logger.error(
-                    "Could not audit the failed hook", transaction_id=record.transaction_id
-                )
+        except DATABASE_ERRORS:
+            payment_logger.error(
+                "Could not audit the failed hook", transaction_id=record.transaction_id
+            )
 
     async def _get_record(self, db: DbSession, transaction_id: str) -> PaymentRecord:
         return await run_db(db, _record_loader(transaction_id))
+
+
+#: The hooks a host may override (``runs_hooks``).
+_HOOKS = (
+    "on_payment_completed",
+    "on_payment_failed",
+    "on_payment_unknown",
+    "on_reversal_completed",
+    "on_reversal_failed",
+)
 
 
 def _record_loader(transaction_id: str) -> Callable[[Session], PaymentRecord]:

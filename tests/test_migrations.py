@@ -26,6 +26,8 @@ from sqlalchemy.orm import Session
 from payments.models import (
     Base,
     PaymentAuditLog,
+    PaymentEvent,
+    PaymentEventDelivery,
     PaymentTransaction,
     PaymentWebhookLog,
 )
@@ -34,12 +36,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 MIGRATION_FILE = REPO_ROOT / "payments" / "migrations" / "payment_001_create_tables.py"
 #: Every revision file of the module, in order (what a host copies).
 MIGRATION_FILES = sorted((REPO_ROOT / "payments" / "migrations").glob("payment_*.py"))
+EVENTS_MIGRATION_FILE = REPO_ROOT / "payments" / "migrations" / "payment_002_create_events.py"
+EVENT_TABLES = {"payment_events", "payment_event_deliveries", "payment_event_attempts"}
+#: The tables of payment_003 (the data layer).
+DATA_LAYER_TABLES = {"payment_daily_totals"}
 PAYMENT_TABLES = {
     "payment_transactions",
     "payment_audit_logs",
     "payment_webhook_logs",
     "payment_daily_totals",
-}
+} | EVENT_TABLES
 HEAD = "payment_003"
 
 
@@ -84,6 +90,10 @@ def test_the_repository_applies_the_module_revision_file() -> None:
     assert revision.down_revision is None
     assert revision.branch_labels == {"payments"}
     assert Path(revision.path) == MIGRATION_FILE
+    events = script.get_revision("payment_002")
+    assert events is not None
+    assert events.down_revision == "payment_001"
+    assert Path(events.path) == EVENTS_MIGRATION_FILE
 
 
 def test_upgrade_downgrade_upgrade(database_url: str) -> None:
@@ -92,6 +102,16 @@ def test_upgrade_downgrade_upgrade(database_url: str) -> None:
     command.upgrade(config, "head")
     assert PAYMENT_TABLES <= table_names(database_url)
     assert current_revision(database_url) == HEAD
+
+    command.downgrade(config, "payment_002")  # payment_003 alone comes off
+    assert table_names(database_url) - {"alembic_version"} == PAYMENT_TABLES - DATA_LAYER_TABLES
+    assert current_revision(database_url) == "payment_002"
+
+    command.downgrade(config, "payment_001")  # then payment_002
+    assert table_names(database_url) - {"alembic_version"} == (
+        PAYMENT_TABLES - DATA_LAYER_TABLES - EVENT_TABLES
+    )
+    assert current_revision(database_url) == "payment_001"
 
     command.downgrade(config, "base")
     assert table_names(database_url) - {"alembic_version"} == set()
@@ -175,6 +195,8 @@ def test_constraint_and_index_names_match_the_models(database_url: str) -> None:
         "fk_payment_transactions_original_id_payment_transactions": "RESTRICT",
         "fk_payment_audit_logs_transaction_id_payment_transactions": "RESTRICT",
         "fk_payment_webhook_logs_transaction_id_payment_transactions": "SET NULL",
+        "fk_payment_event_deliveries_event_id_payment_events": "CASCADE",
+        "fk_payment_event_attempts_delivery_id_payment_event_deliveries": "CASCADE",
     }
 
 
@@ -183,16 +205,20 @@ def test_check_constraints_repeat_the_models_on_sqlite(tmp_path: Path) -> None:
     operation added to the models but not to the migration shows up here."""
     url = f"sqlite:///{tmp_path}/checks.db"
     command.upgrade(repo_alembic_config(url), "head")
+    tables = [PaymentTransaction.__table__, PaymentEvent.__table__, PaymentEventDelivery.__table__]
     with sync_engine(url) as engine:
         migrated = {
             check["name"]: check["sqltext"]
-            for check in inspect(engine).get_check_constraints("payment_transactions")
+            for table in tables
+            for check in inspect(engine).get_check_constraints(table.name)
         }
     declared = {
         str(constraint.name): str(constraint.sqltext)  # type: ignore[attr-defined]
-        for constraint in PaymentTransaction.__table__.constraints
+        for table in tables
+        for constraint in table.constraints
         if type(constraint).__name__ == "CheckConstraint"
     }
+    assert "ck_payment_events_type" in declared
     assert migrated == declared
 
 

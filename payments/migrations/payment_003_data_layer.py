@@ -32,8 +32,7 @@ from sqlalchemy.dialects import postgresql
 
 # revision identifiers, used by Alembic.
 revision: str = "payment_003"
-# MERGE NOTE (issue 16): "payment_002" (events, issue 14) once it is on main; "payment_001" until.
-down_revision: str | Sequence[str] | None = "payment_001"
+down_revision: str | Sequence[str] | None = "payment_002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
