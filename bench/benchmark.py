@@ -70,8 +70,8 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "payments"
 sys.path.insert(0, str(REPO))  # the payments package of this checkout, whatever is installed
 
-from payments.signing import derive_bearer_token  # noqa: E402
-from payments.simulator_keys import (  # noqa: E402
+from payments.mpesa.auth import derive_bearer_token  # noqa: E402
+from payments.simulator.keys import (  # noqa: E402
     SIMULATOR_API_KEY,
     SIMULATOR_PUBLIC_KEY,
     SIMULATOR_SERVICE_PROVIDER_CODE,
@@ -810,12 +810,9 @@ import uuid
 import httpx
 from fastapi import FastAPI, Request, Response
 
-try:
-    from payments.mpesa.transport import AiohttpTransport
-except ImportError:
-    from payments.transport import AiohttpTransport
-from payments.signing import derive_bearer_token
-from payments.simulator_keys import SIMULATOR_API_KEY, SIMULATOR_PUBLIC_KEY
+from payments.mpesa.auth import derive_bearer_token
+from payments.mpesa.transport import AiohttpTransport
+from payments.simulator.keys import SIMULATOR_API_KEY, SIMULATOR_PUBLIC_KEY
 
 URL = httpx.URL(os.environ["PASSTHROUGH_C2B_URL"])
 HEADERS = {

@@ -3,7 +3,6 @@
 Copy this folder into your app (``app/payments/``) or install it as a package; see README.md.
 """
 
-from .client import ClientConfig, MpesaClient
 from .config import PaymentSettings, get_settings
 from .database import get_db
 from .exceptions import (
@@ -32,6 +31,8 @@ from .models import (
     PaymentTransaction,
     PaymentWebhookLog,
 )
+from .mpesa.client import ClientConfig, MpesaClient
+from .mpesa.values import Msisdn
 from .repository import PaymentRecord
 from .router import (
     create_payment_router,
@@ -48,7 +49,6 @@ from .schemas import (
     TransferRequest,
 )
 from .service import PaymentService
-from .values import Msisdn
 
 __all__ = [
     "Base",

@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         asyncio.run(reconcile(args.min_age, args.loop, args.batch_size))
     elif args.command == "simulator":
         _refuse_remote(args.host, args.allow_remote, "simulator")
-        from .simulator import SimulatorConfig, run_simulator
+        from .simulator.app import SimulatorConfig, run_simulator
 
         config = SimulatorConfig(
             pin_delay_seconds=args.pin_delay, slow_response_seconds=args.slow_response

@@ -13,10 +13,10 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
-from .codes import ResponseCodeTable
 from .exceptions import PaymentConfigurationError
-from .signing import load_public_key
-from .simulator_keys import (
+from .mpesa.auth import load_public_key
+from .mpesa.codes import ResponseCodeTable
+from .simulator.keys import (
     SIMULATOR_API_KEY,
     SIMULATOR_INITIATOR_IDENTIFIER,
     SIMULATOR_PUBLIC_KEY,

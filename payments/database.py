@@ -274,3 +274,16 @@ def _sqlite_write_lock(db: DbSession) -> asyncio.Lock | None:
     if lock is None:
         lock = locks[engine] = asyncio.Lock()
     return lock
+
+
+def committing(work: Callable[[Session], Any]) -> Callable[[Session], Any]:
+    def run(session: Session) -> Any:
+        try:
+            result = work(session)
+            session.commit()
+            return result
+        except BaseException:
+            session.rollback()
+            raise
+
+    return run

@@ -24,11 +24,12 @@ from sqlalchemy.orm import Session
 
 from . import repository as repo
 from .config import PaymentSettings
-from .database import DbSession, run_db
+from .database import DbSession, committing, run_db
 from .logger import payment_logger
 from .models import AuditAction, PaymentOperation, PaymentStatus, utcnow
+from .outcomes import Outcome
 from .repository import PaymentRecord
-from .service import Outcome, PaymentService, committing
+from .service import PaymentService
 
 #: Opens a session: an ``async_sessionmaker``, or ``get_database().session``.
 SessionSource = Callable[[], AbstractAsyncContextManager[DbSession]]

@@ -6,14 +6,12 @@ against ``PAYMENT_ADMIN_API_KEY``); hosts swap it, the session and the service t
 ``create_payment_router(...)`` or ``app.dependency_overrides``.
 """
 
-import asyncio
 import hmac
 import inspect
 import weakref
 from collections.abc import Awaitable, Callable
 from functools import lru_cache
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
@@ -21,14 +19,11 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
 from pydantic import AfterValidator, BaseModel, TypeAdapter, ValidationError
-from sqlalchemy import text
 from starlette.exceptions import HTTPException
 from starlette.types import Message
 
 from . import repository as repo
-from .callbacks import CallbackProcessor, ProviderAnswer, client_ip, read_capped
-from .client import OPERATIONS
-from .config import PROVIDER_HOSTS, get_settings
+from .config import get_settings
 from .database import DATABASE_ERRORS, DbSession, get_db, run_db
 from .exceptions import (
     DuplicateTransactionError,
@@ -47,24 +42,31 @@ from .exceptions import (
     ProviderUnavailableError,
     UnauthorizedError,
 )
-from .logger import payment_logger, sanitize_text
+from .health import health_report
+from .logger import payment_logger
+from .mpesa.values import MSISDN_PATTERN, Msisdn
+from .notifications import CallbackProcessor, ProviderAnswer, client_ip, read_capped
+from .redaction import sanitize_text
 from .schemas import (
     ApiDate,
     AuditTrailResponse,
     CustomerNameResponse,
     ErrorResponse,
+    HealthReport,
     PaymentFilters,
     PaymentInitiateRequest,
     PaymentListResponse,
     PaymentResponse,
     PaymentSummary,
     PayoutRequest,
+    ReplayResult,
     ResolveRequest,
     ReversalRequest,
     TransferRequest,
+    WebhookEntry,
+    WebhookListResponse,
 )
 from .service import PaymentService
-from .values import MSISDN_PATTERN, Msisdn
 
 #: Exception type → HTTP status; the most specific class listed first wins.
 ERROR_STATUS: tuple[tuple[type[PaymentError], int], ...] = (
@@ -576,7 +578,7 @@ def create_payment_router(
         the key) also opens a TCP connection to each provider port (outbound firewalls are the
         usual production failure) and sends one status query to see that M-Pesa accepts the
         credentials and Origin."""
-        return await _health(db, payments, deep)
+        return await health_report(db, payments, deep=deep)
 
     @router.post("/callback/c2b", response_model=ProviderAnswer, responses=CALLBACK_RESPONSES)
     async def callback_c2b(
@@ -647,25 +649,6 @@ def create_payment_router(
     return router
 
 
-class ReplayResult(BaseModel):
-    webhook_id: int
-    processed: bool
-    transaction_id: str | None
-    status: str | None
-    error: str | None
-
-
-class HealthReport(BaseModel):
-    model_config = {"extra": "allow"}
-
-    status: str
-    database: str
-    provider_configuration: str
-    environment: str | None = None
-    provider_ports: dict[str, str] | None = None
-    provider_access: str | None = None
-
-
 #: Row ids are 32-bit integers on every database.
 MAX_ROW_ID = 2**31 - 1
 
@@ -717,83 +700,6 @@ CALLBACK_RESPONSES: dict[int | str, Any] = {
         503: "Could not be stored or processed now: deliver again",
     }.items()
 } | {422: {"model": ErrorResponse, "description": "Invalid token parameter"}}
-
-
-class WebhookEntry(BaseModel):
-    model_config = {"from_attributes": True}
-
-    id: int
-    source: str
-    raw_body: str
-    remote_ip: str | None
-    received_at: Any
-    is_valid: bool
-    validation_error: str | None
-    is_processed: bool
-    processed_at: Any | None
-    processing_error: str | None
-    attempts: int
-    transaction_id: int | None
-
-
-class WebhookListResponse(BaseModel):
-    items: list[WebhookEntry]
-    total: int
-    page: int
-    per_page: int
-
-
-async def _health(db: DbSession, payments: PaymentService, deep: bool) -> JSONResponse:
-    report: dict[str, Any] = {}
-    healthy = True
-    try:
-        await run_db(db, lambda s: s.execute(text("SELECT 1")))
-        report["database"] = "ok"
-    except Exception as exc:  # any driver error means "unreachable" here
-        report["database"] = f"unreachable ({type(exc).__name__})"
-        healthy = False
-    try:
-        settings = payments.settings
-        report["provider_configuration"] = "ok"
-        report["environment"] = settings.mpesa_environment
-    except PaymentConfigurationError as exc:
-        report["provider_configuration"] = exc.message
-        healthy = False
-    if deep and report.get("provider_configuration") == "ok":
-        report["provider_ports"] = ports = await _probe_ports(payments)
-        healthy = healthy and all(result == "ok" for result in ports.values())
-        # One status query for a made-up reference: does M-Pesa accept the key and Origin?
-        refused = await payments.client.check_access()
-        report["provider_access"] = refused or "ok"
-        healthy = healthy and refused is None
-    report["status"] = "ok" if healthy else "degraded"
-    return JSONResponse(report, status_code=200 if healthy else 503)
-
-
-async def _probe_ports(payments: PaymentService) -> dict[str, str]:
-    config = payments.client.config
-    if config.environment == "simulator" and not config.base_url:
-        return {"simulator": "ok"}  # in-process: nothing to connect to
-    targets: dict[str, tuple[str, int]] = {}
-    for operation in OPERATIONS:
-        url = urlsplit(config.url_for(operation))
-        host = url.hostname or PROVIDER_HOSTS.get(config.environment, "")
-        port = url.port or (443 if url.scheme == "https" else 80)
-        targets[f"{operation.value}:{port}"] = (host, port)
-
-    async def probe(host: str, port: int) -> str:
-        try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout=3)
-        except (OSError, TimeoutError) as exc:
-            return f"unreachable ({type(exc).__name__})"
-        writer.close()
-        return "ok"
-
-    results = await asyncio.gather(*(probe(*target) for target in targets.values()))
-    for name, result in zip(targets, results, strict=True):
-        if result != "ok":
-            payment_logger.warning("Provider port unreachable", target=name, result=result)
-    return dict(zip(targets, results, strict=True))
 
 
 payment_router = create_payment_router()

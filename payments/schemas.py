@@ -22,9 +22,9 @@ from pydantic import (
 )
 
 from .exceptions import PaymentValidationError
-from .logger import sanitize_text
 from .models import as_utc
-from .values import PROVIDER_ID_PATTERN, Msisdn, parse_amount
+from .mpesa.values import PROVIDER_ID_PATTERN, Msisdn, parse_amount
+from .redaction import sanitize_text
 
 
 def _amount(value: Any) -> Decimal:
@@ -313,3 +313,46 @@ class AuditLogEntry(BaseModel):
 class AuditTrailResponse(BaseModel):
     transaction_id: str
     entries: list[AuditLogEntry]
+
+
+class ReplayResult(BaseModel):
+    webhook_id: int
+    processed: bool
+    transaction_id: str | None
+    status: str | None
+    error: str | None
+
+
+class HealthReport(BaseModel):
+    model_config = {"extra": "allow"}
+
+    status: str
+    database: str
+    provider_configuration: str
+    environment: str | None = None
+    provider_ports: dict[str, str] | None = None
+    provider_access: str | None = None
+
+
+class WebhookEntry(BaseModel):
+    model_config = {"from_attributes": True}
+
+    id: int
+    source: str
+    raw_body: str
+    remote_ip: str | None
+    received_at: Any
+    is_valid: bool
+    validation_error: str | None
+    is_processed: bool
+    processed_at: Any | None
+    processing_error: str | None
+    attempts: int
+    transaction_id: int | None
+
+
+class WebhookListResponse(BaseModel):
+    items: list[WebhookEntry]
+    total: int
+    page: int
+    per_page: int

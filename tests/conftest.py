@@ -125,12 +125,13 @@ import httpx  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
-from payments.client import ClientConfig, MpesaClient  # noqa: E402
 from payments.config import load_settings  # noqa: E402
 from payments.models import PaymentTransaction, PaymentWebhookLog  # noqa: E402
+from payments.mpesa.client import ClientConfig, MpesaClient  # noqa: E402
 from payments.router import create_payment_router  # noqa: E402
 from payments.service import PaymentService  # noqa: E402
-from payments.simulator import MpesaSimulator, SimulatorConfig, SimulatorTransport  # noqa: E402
+from payments.simulator.app import MpesaSimulator, SimulatorConfig  # noqa: E402
+from payments.simulator.transport import SimulatorTransport  # noqa: E402
 
 
 async def _no_sleep(_: float) -> None:

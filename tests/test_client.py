@@ -7,15 +7,6 @@ import httpx
 import pytest
 import respx
 
-from payments.client import (
-    ClientConfig,
-    MpesaClient,
-    Operation,
-    RetryPolicy,
-    backoff_delay,
-    should_retry,
-)
-from payments.codes import ResponseCodeTable
 from payments.exceptions import (
     DuplicateTransactionError,
     InsufficientFundsError,
@@ -25,8 +16,17 @@ from payments.exceptions import (
     PaymentOutcomeUnknownError,
     ProviderUnavailableError,
 )
-from payments.signing import decrypt_bearer_token
-from payments.values import Msisdn
+from payments.mpesa.auth import decrypt_bearer_token
+from payments.mpesa.client import (
+    ClientConfig,
+    MpesaClient,
+    Operation,
+    RetryPolicy,
+    backoff_delay,
+    should_retry,
+)
+from payments.mpesa.codes import ResponseCodeTable
+from payments.mpesa.values import Msisdn
 
 from .keys import rsa_key_pair
 
@@ -562,7 +562,7 @@ async def test_ins_23_status_answer_is_not_found_and_is_not_retried() -> None:
     ("status", "found"), [("Completed", True), ("Expired", True), ("N/A", False), (None, False)]
 )
 def test_a_status_answer_is_found_unless_n_a(status: str | None, found: bool) -> None:
-    from payments.client import TransactionStatusResult
+    from payments.mpesa.client import TransactionStatusResult
 
     result = TransactionStatusResult(
         operation=Operation.QUERY_STATUS,

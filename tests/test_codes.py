@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from payments.codes import PORTAL_CODES, Disposition, ResponseCodeTable
+from payments.mpesa.codes import PORTAL_CODES, Disposition, ResponseCodeTable
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared/reference/vodacom-mz-api.md"
 

@@ -4,7 +4,7 @@ import pytest
 
 from payments.config import get_settings, load_settings
 from payments.exceptions import PaymentConfigurationError
-from payments.simulator_keys import SIMULATOR_API_KEY
+from payments.simulator.keys import SIMULATOR_API_KEY
 
 from .keys import rsa_key_pair
 

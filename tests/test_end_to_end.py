@@ -24,13 +24,6 @@ from typing import Any
 import httpx
 import pytest
 
-from payments.client import (
-    CustomerNameResult,
-    MpesaClient,
-    Operation,
-    ProviderResult,
-    TransactionStatusResult,
-)
 from payments.config import get_settings
 from payments.exceptions import (
     PaymentCancelledError,
@@ -38,11 +31,18 @@ from payments.exceptions import (
     ProviderUnavailableError,
 )
 from payments.logger import payment_logger, shutdown_logging
-from payments.signing import MpesaAuth
-from payments.simulator import masked_customer_name
-from payments.simulator_keys import SIMULATOR_API_KEY, SIMULATOR_SECURITY_CREDENTIAL
-from payments.transport import AiohttpTransport
-from payments.values import Msisdn
+from payments.mpesa.auth import MpesaAuth
+from payments.mpesa.client import (
+    CustomerNameResult,
+    MpesaClient,
+    Operation,
+    ProviderResult,
+    TransactionStatusResult,
+)
+from payments.mpesa.transport import AiohttpTransport
+from payments.mpesa.values import Msisdn
+from payments.simulator.app import masked_customer_name
+from payments.simulator.keys import SIMULATOR_API_KEY, SIMULATOR_SECURITY_CREDENTIAL
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 15.0

@@ -43,7 +43,6 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
-from payments.client import MpesaClient
 from payments.config import get_settings
 from payments.database import create_engine_for
 from payments.exceptions import PaymentOutcomeUnknownError, PaymentValidationError
@@ -56,12 +55,15 @@ from payments.models import (
     PaymentTransaction,
     utcnow,
 )
+from payments.mpesa.client import MpesaClient
+from payments.outcomes import Outcome
 from payments.reconciliation import reconcile_once
 from payments.repository import PaymentRecord
 from payments.router import create_payment_router
 from payments.schemas import PaymentInitiateRequest, ReversalRequest
-from payments.service import Outcome, PaymentService
-from payments.simulator import MpesaSimulator, SimulatorConfig, SimulatorTransport
+from payments.service import PaymentService
+from payments.simulator.app import MpesaSimulator, SimulatorConfig
+from payments.simulator.transport import SimulatorTransport
 from tests.conftest import (
     TEST_ADMIN_KEY,
     TEST_CALLBACK_TOKEN,

@@ -137,7 +137,9 @@ from typing import Any  # noqa: E402
 
 import httpx  # noqa: E402
 
-from payments.callbacks import (  # noqa: E402
+from payments.config import get_settings, load_settings  # noqa: E402
+from payments.models import PaymentWebhookLog, as_utc, utcnow  # noqa: E402
+from payments.notifications import (  # noqa: E402
     REJECTED_BODY_BYTES,
     REJECTED_HEADER_BYTES,
     STORED_HEADER_BYTES,
@@ -145,8 +147,6 @@ from payments.callbacks import (  # noqa: E402
     client_ip,
     parse_address,
 )
-from payments.config import get_settings, load_settings  # noqa: E402
-from payments.models import PaymentWebhookLog, as_utc, utcnow  # noqa: E402
 
 from .conftest import TEST_ADMIN_KEY  # noqa: E402
 

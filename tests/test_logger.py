@@ -16,16 +16,10 @@ from pathlib import Path
 import pytest
 
 from payments.config import get_settings
-from payments.logger import (
-    configure_logging,
-    payment_logger,
-    register_secret,
-    sanitize,
-    sanitize_text,
-    shutdown_logging,
-)
-from payments.simulator_keys import SIMULATOR_API_KEY
-from payments.values import Msisdn
+from payments.logger import configure_logging, payment_logger, shutdown_logging
+from payments.mpesa.values import Msisdn
+from payments.redaction import register_secret, sanitize, sanitize_text
+from payments.simulator.keys import SIMULATOR_API_KEY
 
 FULL = "258841234567"
 MASKED = "2588412*****"

@@ -17,8 +17,6 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from payments.callbacks import CallbackProcessor, InboundNotification
-from payments.client import ClientConfig, MpesaClient
 from payments.config import load_settings
 from payments.exceptions import (
     InvalidStateTransitionError,
@@ -27,12 +25,16 @@ from payments.exceptions import (
     PaymentValidationError,
 )
 from payments.models import PaymentAuditLog, PaymentStatus, PaymentTransaction, utcnow
+from payments.mpesa.client import ClientConfig, MpesaClient
+from payments.mpesa.values import Msisdn
+from payments.notifications import CallbackProcessor, InboundNotification
+from payments.outcomes import Outcome
 from payments.reconciliation import lease_for, query_budget, reconcile_once
 from payments.repository import PaymentRecord
 from payments.schemas import PaymentInitiateRequest, ReversalRequest
-from payments.service import Outcome, PaymentService
-from payments.simulator import MpesaSimulator, SimulatorConfig, SimulatorTransport
-from payments.values import Msisdn
+from payments.service import PaymentService
+from payments.simulator.app import MpesaSimulator, SimulatorConfig
+from payments.simulator.transport import SimulatorTransport
 from tests.conftest import TEST_CALLBACK_TOKEN
 
 SUCCESS = "258841234567"

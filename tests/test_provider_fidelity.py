@@ -20,10 +20,10 @@ import uvicorn
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from payments.client import ClientConfig, MpesaClient
 from payments.config import load_settings
 from payments.exceptions import InvalidPaymentRequestError, PaymentOutcomeUnknownError
 from payments.models import PaymentAuditLog, PaymentTransaction
+from payments.mpesa.client import ClientConfig, MpesaClient
 from payments.reconciliation import reconcile_once
 from payments.schemas import (
     PaymentInitiateRequest,
@@ -32,7 +32,8 @@ from payments.schemas import (
     TransferRequest,
 )
 from payments.service import PaymentService
-from payments.simulator import MpesaSimulator, SimulatorConfig, SimulatorTransport
+from payments.simulator.app import MpesaSimulator, SimulatorConfig
+from payments.simulator.transport import SimulatorTransport
 
 from .conftest import PaymentApiFactory
 

@@ -10,14 +10,15 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from payments.client import ClientConfig, MpesaClient
 from payments.config import load_settings
 from payments.exceptions import PaymentOutcomeUnknownError
 from payments.models import PaymentAuditLog, PaymentTransaction, utcnow
+from payments.mpesa.client import ClientConfig, MpesaClient
 from payments.reconciliation import backoff, reconcile_once
 from payments.schemas import PaymentFilters, PaymentInitiateRequest
 from payments.service import PaymentService
-from payments.simulator import MpesaSimulator, SimulatorConfig, SimulatorTransport
+from payments.simulator.app import MpesaSimulator, SimulatorConfig
+from payments.simulator.transport import SimulatorTransport
 
 DROPPED = "258842000001"
 OVERLOADED = "258841000016"  # INS-16: not recorded by the provider

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from payments import get_db, get_payment_service, payment_router, require_api_key
 from payments.config import get_settings
 from payments.exceptions import UnauthorizedError
-from payments.simulator_keys import SIMULATOR_API_KEY, SIMULATOR_PUBLIC_KEY
+from payments.simulator.keys import SIMULATOR_API_KEY, SIMULATOR_PUBLIC_KEY
 from tests.conftest import PaymentApi, PaymentApiFactory, build_payment_api
 from tests.keys import rsa_key_pair
 

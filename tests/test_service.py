@@ -13,7 +13,6 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
-from payments.client import ClientConfig, MpesaClient
 from payments.config import load_settings
 from payments.exceptions import (
     IdempotencyConflictError,
@@ -26,6 +25,7 @@ from payments.exceptions import (
     PaymentValidationError,
 )
 from payments.models import PaymentAuditLog, PaymentTransaction
+from payments.mpesa.client import ClientConfig, MpesaClient
 from payments.repository import PaymentRecord
 from payments.schemas import (
     PaymentFilters,
@@ -35,7 +35,8 @@ from payments.schemas import (
     TransferRequest,
 )
 from payments.service import PaymentService
-from payments.simulator import MpesaSimulator, SimulatorConfig, SimulatorTransport
+from payments.simulator.app import MpesaSimulator, SimulatorConfig
+from payments.simulator.transport import SimulatorTransport
 
 SUCCESS = "258841234567"
 CANCELS = "258841000005"
@@ -334,7 +335,7 @@ async def test_provider_duplicate_answer_is_checked_by_a_status_query_and_flagge
     simulator: MpesaSimulator,
 ) -> None:
     # The key's reference already reached M-Pesa (e.g. the database was restored from a backup).
-    from payments.values import Msisdn
+    from payments.mpesa.values import Msisdn
 
     await service.client.c2b_payment(
         msisdn=Msisdn(SUCCESS),

@@ -2,7 +2,12 @@ import httpx
 import pytest
 
 from payments.exceptions import PaymentConfigurationError
-from payments.signing import MpesaAuth, decrypt_bearer_token, derive_bearer_token, load_public_key
+from payments.mpesa.auth import (
+    MpesaAuth,
+    decrypt_bearer_token,
+    derive_bearer_token,
+    load_public_key,
+)
 
 from .keys import rsa_key_pair
 

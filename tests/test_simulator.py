@@ -17,20 +17,20 @@ import httpx
 import pytest
 import uvicorn
 
-from payments.signing import derive_bearer_token, load_public_key
-from payments.simulator import (
+from payments.mpesa.auth import derive_bearer_token, load_public_key
+from payments.simulator.app import (
     SCRIPTED_OUTCOMES,
     MpesaSimulator,
     SimulatorConfig,
-    SimulatorTransport,
     create_simulator_app,
 )
-from payments.simulator_keys import (
+from payments.simulator.keys import (
     SIMULATOR_API_KEY,
     SIMULATOR_INITIATOR_IDENTIFIER,
     SIMULATOR_PUBLIC_KEY,
     SIMULATOR_SECURITY_CREDENTIAL,
 )
+from payments.simulator.transport import SimulatorTransport
 
 C2B = "/ipg/v1x/c2bPayment/singleStage/"
 B2C = "/ipg/v1x/b2cPayment/"
@@ -457,7 +457,7 @@ async def test_scripted_numbers(
 
 
 def test_docstring_table_matches_the_script() -> None:
-    import payments.simulator as module
+    import payments.simulator.app as module
 
     assert module.__doc__ is not None
     for msisdn in SCRIPTED_OUTCOMES:

@@ -5,7 +5,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from payments.exceptions import PaymentValidationError
-from payments.values import (
+from payments.mpesa.values import (
     MSISDN_PATTERN,
     Msisdn,
     format_amount,

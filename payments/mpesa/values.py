@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import GetCoreSchemaHandler
 from pydantic_core import core_schema
 
-from .exceptions import PaymentValidationError
+from ..exceptions import PaymentValidationError
 
 #: Spaces, dashes, dots and parentheses may separate the digits (``+258 84 123 4567``,
 #: ``(84) 123-4567``); nothing else.

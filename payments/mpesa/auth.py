@@ -15,7 +15,7 @@ import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from .exceptions import PaymentConfigurationError
+from ..exceptions import PaymentConfigurationError
 
 
 def load_public_key(text: str, *, variable: str = "MPESA_PUBLIC_KEY") -> rsa.RSAPublicKey:

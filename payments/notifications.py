@@ -31,15 +31,18 @@ from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
 from . import repository as repo
-from .client import ProviderExchange
 from .config import PaymentSettings
-from .database import DATABASE_ERRORS, DbSession, run_db
+from .database import DATABASE_ERRORS, DbSession, committing, run_db
 from .exceptions import PaymentError, PaymentNotFoundError, PaymentStorageError
 from .lifecycle import SUCCEEDED, UNSETTLED, UNSUCCESSFUL
-from .logger import payment_logger, sanitize
+from .logger import payment_logger
 from .models import AuditAction, PaymentStatus, PaymentWebhookLog, utcnow
-from .service import Outcome, PaymentService, committing, query_reference
-from .values import PROVIDER_ID
+from .mpesa.client import ProviderExchange
+from .mpesa.values import PROVIDER_ID
+from .outcomes import Outcome
+from .redaction import sanitize
+from .references import query_reference
+from .service import PaymentService
 
 _SUCCESS_CODES = {"0", "INS-0"}
 #: A result notification is a few hundred bytes; anything far larger is not one. (The cap is

@@ -24,9 +24,8 @@ from typing import Any, TypeVar
 
 import httpx
 
-from .codes import Disposition, ResponseCode, ResponseCodeTable
-from .config import PROVIDER_HOSTS, PaymentSettings
-from .exceptions import (
+from ..config import PROVIDER_HOSTS, PaymentSettings
+from ..exceptions import (
     DuplicateTransactionError,
     InsufficientFundsError,
     InvalidPaymentRequestError,
@@ -36,8 +35,10 @@ from .exceptions import (
     PaymentProviderError,
     ProviderUnavailableError,
 )
-from .logger import payment_logger, sanitize
-from .signing import MpesaAuth
+from ..logger import payment_logger
+from ..redaction import sanitize
+from .auth import MpesaAuth
+from .codes import Disposition, ResponseCode, ResponseCodeTable
 from .transport import AiohttpTransport
 from .values import (
     PROVIDER_ID,
@@ -287,7 +288,8 @@ class MpesaClient:
     ) -> None:
         self.config = config
         if transport is None and config.environment == "simulator" and not config.base_url:
-            from .simulator import SimulatorTransport, create_simulator_app
+            from ..simulator.app import create_simulator_app
+            from ..simulator.transport import SimulatorTransport
 
             transport = SimulatorTransport(create_simulator_app())
         if transport is None:

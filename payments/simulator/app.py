@@ -7,7 +7,7 @@ portal's response codes with their HTTP statuses, duplicate detection on
 "customer's PIN" (``pin_delay_seconds``) with ``asyncio.sleep``, so thousands of payments can wait
 at once.
 
-Use it in-process through :class:`SimulatorTransport` (tests, demo) or as a real server with
+Use it in-process through ``transport.SimulatorTransport`` (tests, demo) or as a real server with
 :func:`run_simulator` / ``python -m payments.simulator --port 8001``.
 
 Scripted outcomes by MSISDN (C2B and B2C; any amount):
@@ -73,7 +73,6 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
-import httpx
 import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -81,16 +80,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .codes import ResponseCodeTable
-from .signing import decrypt_bearer_token
-from .simulator_keys import (
+from ..mpesa.auth import decrypt_bearer_token
+from ..mpesa.codes import ResponseCodeTable
+from ..mpesa.values import mask_msisdn
+from .keys import (
     SIMULATOR_API_KEY,
     SIMULATOR_INITIATOR_IDENTIFIER,
     SIMULATOR_PRIVATE_KEY_PEM,
     SIMULATOR_SECURITY_CREDENTIAL,
     SIMULATOR_SERVICE_PROVIDER_CODE,
 )
-from .values import mask_msisdn
 
 __all__ = [
     "OPERATIONS",
@@ -100,7 +99,6 @@ __all__ = [
     "SimulatedDisconnect",
     "SimulatedTransaction",
     "SimulatorConfig",
-    "SimulatorTransport",
     "create_simulator_app",
     "run_simulator",
 ]
@@ -1015,53 +1013,6 @@ _SETTABLE: dict[str, str] = {
 def create_simulator_app(config: SimulatorConfig | None = None) -> FastAPI:
     """A new simulator app; ``app.state.simulator`` is its :class:`MpesaSimulator`."""
     return MpesaSimulator(config).app()
-
-
-class SimulatorTransport(httpx.AsyncBaseTransport):
-    """In-process transport to the simulator (tests and the demo).
-
-    It wraps ``httpx.ASGITransport`` and adds what a network would do: the request's read timeout
-    is enforced (``httpx.ReadTimeout``), the simulator's connection drop becomes
-    ``httpx.RemoteProtocolError``, and ``refuse_connections`` makes every request fail with
-    ``httpx.ConnectError`` before the simulator sees it (an unreachable provider).
-    """
-
-    def __init__(
-        self,
-        app_or_simulator: MpesaSimulator | FastAPI | ASGIApp,
-        *,
-        refuse_connections: bool = False,
-    ) -> None:
-        if isinstance(app_or_simulator, MpesaSimulator):
-            self.simulator: MpesaSimulator | None = app_or_simulator
-            app: ASGIApp = app_or_simulator.app()
-        else:
-            app = app_or_simulator
-            state = getattr(app_or_simulator, "state", None)
-            found = getattr(state, "simulator", None) if state is not None else None
-            self.simulator = found if isinstance(found, MpesaSimulator) else None
-        self.refuse_connections = refuse_connections
-        self._transport = httpx.ASGITransport(app=app)
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if self.refuse_connections:
-            raise httpx.ConnectError("[Errno 111] Connection refused (simulated)", request=request)
-        timeouts = request.extensions.get("timeout") or {}
-        read_timeout = timeouts.get("read")
-        try:
-            async with asyncio.timeout(read_timeout):
-                return await self._transport.handle_async_request(request)
-        except TimeoutError:
-            raise httpx.ReadTimeout(
-                f"no response within the read timeout ({read_timeout} s)", request=request
-            ) from None
-        except SimulatedDisconnect:
-            raise httpx.RemoteProtocolError(
-                "Server disconnected without sending a response.", request=request
-            ) from None
-
-    async def aclose(self) -> None:
-        await self._transport.aclose()
 
 
 def run_simulator(
