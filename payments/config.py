@@ -99,7 +99,8 @@ class PaymentSettings(BaseSettings):
     payment_log_dir: str = "logs"
     payment_log_format: Literal["text", "json"] = "text"
     payment_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
-    payment_log_background: bool = False
+    # Lines are formatted and written by a writer thread, off the event loop (see logger.py).
+    payment_log_background: bool = True
 
     @field_validator("mpesa_environment", mode="before")
     @classmethod
