@@ -243,7 +243,16 @@ class PaymentRoute(APIRoute):
                     return  # the endpoint's own parameter check answers 422
                 if not wanted:
                     return
-            await probe_for(request.scope.get("app") or _NO_APP)(request)
+            app = request.scope.get("app") or _NO_APP
+            if auth is require_api_key and require_api_key not in getattr(
+                app, "dependency_overrides", {}
+            ):
+                # The default key check, not overridden: called as FastAPI would call it (the
+                # header's first value), without a probe route's dependency solving per request.
+                actor = await require_api_key(request.headers.get("x-api-key"))
+                request.state.payments_actor = actor
+                return
+            await probe_for(app)(request)
 
         return authenticate
 
