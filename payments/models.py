@@ -190,8 +190,9 @@ class PaymentAuditLog(Base):
     __tablename__ = "payment_audit_logs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    transaction_id: Mapped[int] = mapped_column(
-        ForeignKey("payment_transactions.id", ondelete="RESTRICT")
+    #: The payment's row id (``payment_transactions.id``); the column keeps its shipped name.
+    payment_id: Mapped[int] = mapped_column(
+        "transaction_id", ForeignKey("payment_transactions.id", ondelete="RESTRICT")
     )
     action: Mapped[str] = mapped_column(String(32))
     status_before: Mapped[str | None] = mapped_column(String(24))
@@ -228,8 +229,9 @@ class PaymentWebhookLog(Base):
     processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     processing_error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    transaction_id: Mapped[int | None] = mapped_column(
-        ForeignKey("payment_transactions.id", ondelete="SET NULL")
+    #: The payment's row id (``payment_transactions.id``); the column keeps its shipped name.
+    payment_id: Mapped[int | None] = mapped_column(
+        "transaction_id", ForeignKey("payment_transactions.id", ondelete="SET NULL")
     )
 
     __table_args__ = (

@@ -96,7 +96,7 @@ class _Stored:
 
 @dataclass(frozen=True, slots=True)
 class ProcessingResult:
-    webhook_id: int
+    notification_id: int
     processed: bool
     transaction_id: str | None
     status: str | None
@@ -191,7 +191,7 @@ def provider_answer(body: Mapping[str, Any], code: str, description: str) -> dic
     }
 
 
-class CallbackProcessor:
+class NotificationProcessor:
     def __init__(self, service: PaymentService) -> None:
         self.service = service
 
@@ -250,7 +250,7 @@ class CallbackProcessor:
             rejection = "body is not a JSON object"
         elif rejection is not None and not complete:
             rejection = f"{rejection} (stored cut at {limit} bytes)"
-        webhook = PaymentWebhookLog(
+        notification = PaymentWebhookLog(
             source=source,
             raw_body=text,
             headers=_stored_headers(
@@ -265,14 +265,14 @@ class CallbackProcessor:
             attempts=0,
         )
         try:
-            webhook_id = await run_db(
-                db, committing(lambda s: repo.add_webhook(s, webhook)), write=True
+            notification_id = await run_db(
+                db, committing(lambda s: repo.add_notification(s, notification)), write=True
             )
         except DATABASE_ERRORS as exc:
             payment_logger.error("Callback could not be stored", error=type(exc).__name__)
             return 503, provider_answer(parsed or {}, "INS-1", "Could not store the notification")
         payment_logger.info(
-            "Callback received", webhook_id=webhook_id, valid=rejection is None, ip=caller_ip
+            "Callback received", webhook_id=notification_id, valid=rejection is None, ip=caller_ip
         )
         if rejection is not None:
             await guard.prune(db, settings)
@@ -284,14 +284,14 @@ class CallbackProcessor:
             return 401, provider_answer(parsed or {}, "INS-2", "Not authorized")
         assert parsed is not None
         try:
-            result = await self.process(db, webhook_id)
+            result = await self.process(db, notification_id)
         except PaymentStorageError:
             return 503, provider_answer(parsed, "INS-1", "Stored, but could not be processed yet")
         if result.error == NO_MATCHING_PAYMENT:
             # Delivering it again cannot make it match: accepted (so the sender stops), kept
             # unprocessed with its error for an operator (GET /webhooks?is_processed=false).
             payment_logger.warning(
-                "Callback matches no payment; kept for an operator", webhook_id=webhook_id
+                "Callback matches no payment; kept for an operator", webhook_id=notification_id
             )
             return 200, provider_answer(
                 parsed, "0", "Accepted; no payment matches it, kept for an operator"
@@ -302,31 +302,31 @@ class CallbackProcessor:
         return 200, provider_answer(parsed, "0", "Successfully Accepted Result")
 
     async def process(
-        self, db: DbSession, webhook_id: int, *, replay: bool = False
+        self, db: DbSession, notification_id: int, *, replay: bool = False
     ) -> ProcessingResult:
         """Apply a stored notification. Safe to repeat: settled payments are never changed.
         ``replay`` processes it again even if it was processed before; a notification that
         failed authentication is never applied."""
         try:
-            return await self._process(db, webhook_id, replay)
+            return await self._process(db, notification_id, replay)
         except DATABASE_ERRORS as exc:
             raise PaymentStorageError(
                 "the notification could not be processed: database unavailable"
             ) from exc
 
-    async def _process(self, db: DbSession, webhook_id: int, replay: bool) -> ProcessingResult:
+    async def _process(self, db: DbSession, notification_id: int, replay: bool) -> ProcessingResult:
 
         def load(session: Session) -> tuple[_Stored, repo.PaymentRecord | None]:
             """The notification and its payment; the payment's audit trail notes the callback.
             One unit that ends its transaction, so no connection is held after it."""
-            webhook = repo.get_webhook(session, webhook_id)
-            if webhook is None:
-                raise PaymentNotFoundError(f"notification {webhook_id} not found")
+            notification = repo.get_notification(session, notification_id)
+            if notification is None:
+                raise PaymentNotFoundError(f"notification {notification_id} not found")
             stored = _Stored(
-                webhook.is_processed,
-                webhook.is_valid,
-                webhook.validation_error,
-                _parse(webhook.raw_body) or {},
+                notification.is_processed,
+                notification.is_valid,
+                notification.validation_error,
+                _parse(notification.raw_body) or {},
             )
             if (stored.is_processed and not replay) or not stored.is_valid:
                 return stored, None
@@ -348,11 +348,11 @@ class CallbackProcessor:
 
         stored, record = await run_db(db, committing(load), write=True)
         if stored.is_processed and not replay:
-            return ProcessingResult(webhook_id, True, None, None, None)
+            return ProcessingResult(notification_id, True, None, None, None)
         if not stored.is_valid:
-            return ProcessingResult(webhook_id, False, None, None, stored.validation_error)
+            return ProcessingResult(notification_id, False, None, None, stored.validation_error)
         if record is None:
-            return await self._finish(db, webhook_id, None, NO_MATCHING_PAYMENT)
+            return await self._finish(db, notification_id, None, NO_MATCHING_PAYMENT)
 
         code = str(stored.body.get("input_ResultCode") or "").strip().upper()
         error: str | None = None
@@ -366,7 +366,7 @@ class CallbackProcessor:
                     # E.g. the payment's own call may still be answered: the sender delivers
                     # again (or the stored copy is replayed) once M-Pesa's answer can settle it.
                     error = "not settled by M-Pesa's status answer yet"
-        return await self._finish(db, webhook_id, record, error)
+        return await self._finish(db, notification_id, record, error)
 
     @staticmethod
     def _needs_query(record: repo.PaymentRecord, code: str, body: Mapping[str, Any]) -> bool:
@@ -380,8 +380,12 @@ class CallbackProcessor:
             return False
         if status in UNSUCCESSFUL:
             return True
-        notice_id = _reference(body.get("input_TransactionID"))
-        return status in SUCCEEDED and not record.provider_transaction_id and notice_id is not None
+        claimed_provider_id = _reference(body.get("input_TransactionID"))
+        return (
+            status in SUCCEEDED
+            and not record.provider_transaction_id
+            and claimed_provider_id is not None
+        )
 
     async def _outcome(
         self, record: repo.PaymentRecord, code: str, body: Mapping[str, Any]
@@ -412,13 +416,13 @@ class CallbackProcessor:
         # code is definite, with the notice's code, which a status answer does not carry.
         agreed = definite and (confirmed.status is PaymentStatus.COMPLETED) == success
         if agreed and confirmed.status is PaymentStatus.COMPLETED:
-            notice_id, exchanges, attention = await self._proven_transaction_id(
+            claimed_provider_id, exchanges, attention = await self._proven_transaction_id(
                 record, body, confirmed
             )
             return replace(
                 confirmed,
                 action=None,
-                provider_transaction_id=notice_id,
+                provider_transaction_id=claimed_provider_id,
                 exchanges=confirmed.exchanges + exchanges,
                 attention=attention,
             )
@@ -445,51 +449,51 @@ class CallbackProcessor:
         supply it. The proof: a status query *by that ID* answers with this payment's
         ConversationID (the one M-Pesa gave our own call, or the one the query by our own
         third-party reference just returned) and reports it completed."""
-        notice_id = _reference(body.get("input_TransactionID"))
-        if notice_id is None or record.provider_transaction_id:
+        claimed_provider_id = _reference(body.get("input_TransactionID"))
+        if claimed_provider_id is None or record.provider_transaction_id:
             return None, (), None
         ours = record.conversation_id or confirmed.answered_conversation_id
         try:
             result = await self.service.client.query_transaction_status(
-                query_reference=notice_id, third_party_reference=query_reference()
+                query_reference=claimed_provider_id, third_party_reference=query_reference()
             )
         except PaymentError as exc:
             return (
                 None,
                 tuple(getattr(exc, "exchanges", ())),
-                f"the notice's M-Pesa transaction ID {notice_id} could not be checked"
+                f"the notice's M-Pesa transaction ID {claimed_provider_id} could not be checked"
                 f" ({exc.message}); it was not recorded",
             )
         completed = (result.transaction_status or "").strip().lower() == "completed"
         if ours is not None and completed and result.conversation_id == ours:
-            return notice_id, result.exchanges, None
+            return claimed_provider_id, result.exchanges, None
         return (
             None,
             result.exchanges,
-            f"M-Pesa does not confirm the notice's transaction ID {notice_id} as this payment's;"
-            " it was not recorded",
+            f"M-Pesa does not confirm the notice's transaction ID {claimed_provider_id} as this"
+            " payment's; it was not recorded",
         )
 
     async def _finish(
         self,
         db: DbSession,
-        webhook_id: int,
+        notification_id: int,
         record: repo.PaymentRecord | None,
         error: str | None,
     ) -> ProcessingResult:
         def mark(session: Session) -> None:
-            webhook = repo.get_webhook(session, webhook_id, for_update=True)
-            assert webhook is not None
-            webhook.attempts += 1
-            webhook.transaction_id = record.id if record is not None else webhook.transaction_id
-            webhook.processing_error = error
+            notification = repo.get_notification(session, notification_id, for_update=True)
+            assert notification is not None
+            notification.attempts += 1
+            notification.payment_id = record.id if record is not None else notification.payment_id
+            notification.processing_error = error
             if error is None:
-                webhook.is_processed = True
-                webhook.processed_at = utcnow()
+                notification.is_processed = True
+                notification.processed_at = utcnow()
 
         await run_db(db, committing(mark), write=True)
         return ProcessingResult(
-            webhook_id,
+            notification_id,
             error is None,
             record.transaction_id if record is not None else None,
             record.status if record is not None else None,
@@ -587,7 +591,7 @@ class _Bucket:
 
 
 @dataclass
-class _NoticeGuard:
+class _NotificationGuard:
     """Per-process bounds on rejected notices: a token bucket per source and one in total (each
     refilled at its per-minute rate, holding at most one minute's worth), and the time of the
     last prune."""
@@ -623,7 +627,7 @@ class _NoticeGuard:
         cutoff = utcnow() - timedelta(seconds=settings.payment_rejected_notice_retention)
         try:
             removed = await run_db(
-                db, committing(lambda s: prune_rejected_notices(s, cutoff)), write=True
+                db, committing(lambda s: prune_rejected_notifications(s, cutoff)), write=True
             )
         except DATABASE_ERRORS as exc:
             payment_logger.warning("Rejected callbacks not pruned", error=type(exc).__name__)
@@ -632,7 +636,7 @@ class _NoticeGuard:
             payment_logger.info("Pruned rejected callbacks", removed=removed)
 
 
-def prune_rejected_notices(session: Session, older_than: Any) -> int:
+def prune_rejected_notifications(session: Session, older_than: Any) -> int:
     """Delete rejected notices received before ``older_than``; the number deleted."""
     result = session.execute(
         delete(PaymentWebhookLog).where(
@@ -647,14 +651,14 @@ def _refill(bucket: _Bucket, per_minute: float, now: float) -> None:
     bucket.updated = now
 
 
-_guards: weakref.WeakKeyDictionary[PaymentService, _NoticeGuard] = weakref.WeakKeyDictionary()
+_guards: weakref.WeakKeyDictionary[PaymentService, _NotificationGuard] = weakref.WeakKeyDictionary()
 
 
-def _guard_for(service: PaymentService) -> _NoticeGuard:
+def _guard_for(service: PaymentService) -> _NotificationGuard:
     """One guard per service (so per process in an app; per app in tests)."""
     guard = _guards.get(service)
     if guard is None:
-        guard = _guards[service] = _NoticeGuard()
+        guard = _guards[service] = _NotificationGuard()
     return guard
 
 

@@ -195,7 +195,7 @@ def outcome_of_success(result: ProviderResult) -> Outcome:
         exchanges=result.exchanges,
         response_code=result.response_code,
         response_description=result.response_description,
-        provider_transaction_id=result.transaction_id,
+        provider_transaction_id=result.provider_transaction_id,
         conversation_id=result.conversation_id,
     )
 

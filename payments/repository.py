@@ -161,7 +161,7 @@ def record_of(session: Session, row: PaymentTransaction) -> PaymentRecord:
 
 
 def audit_entry(
-    transaction_pk: int,
+    payment_id: int,
     action: AuditAction,
     *,
     status_before: str | None = None,
@@ -176,7 +176,7 @@ def audit_entry(
 ) -> dict[str, Any]:
     """One audit row's values (every column, so a batch of them is one INSERT)."""
     return {
-        "transaction_id": transaction_pk,
+        "transaction_id": payment_id,  # the column of PaymentAuditLog.payment_id
         "action": action.value,
         "status_before": status_before,
         "status_after": status_after,
@@ -197,8 +197,8 @@ def add_audits(session: Session, entries: Sequence[dict[str, Any]]) -> None:
         session.execute(_INSERT_AUDIT, list(entries))
 
 
-def add_audit(session: Session, transaction_pk: int, action: AuditAction, **fields: Any) -> None:
-    add_audits(session, [audit_entry(transaction_pk, action, **fields)])
+def add_audit(session: Session, payment_id: int, action: AuditAction, **fields: Any) -> None:
+    add_audits(session, [audit_entry(payment_id, action, **fields)])
 
 
 def insert_payment(session: Session, values: Mapping[str, Any]) -> PaymentRecord:
@@ -316,11 +316,11 @@ def summary_rows(
     ]
 
 
-def audit_trail(session: Session, transaction_pk: int) -> list[PaymentAuditLog]:
+def audit_trail(session: Session, payment_id: int) -> list[PaymentAuditLog]:
     return list(
         session.scalars(
             select(PaymentAuditLog)
-            .where(PaymentAuditLog.transaction_id == transaction_pk)
+            .where(PaymentAuditLog.payment_id == payment_id)
             .order_by(PaymentAuditLog.id)
         )
     )
@@ -329,16 +329,16 @@ def audit_trail(session: Session, transaction_pk: int) -> list[PaymentAuditLog]:
 # -- inbound notifications ----------------------------------------------------------------------
 
 
-def add_webhook(session: Session, webhook: PaymentWebhookLog) -> int:
-    session.add(webhook)
+def add_notification(session: Session, row: PaymentWebhookLog) -> int:
+    session.add(row)
     session.flush()
-    return webhook.id
+    return row.id
 
 
-def get_webhook(
-    session: Session, webhook_id: int, *, for_update: bool = False
+def get_notification(
+    session: Session, notification_id: int, *, for_update: bool = False
 ) -> PaymentWebhookLog | None:
-    query = select(PaymentWebhookLog).where(PaymentWebhookLog.id == webhook_id)
+    query = select(PaymentWebhookLog).where(PaymentWebhookLog.id == notification_id)
     if for_update:
         query = query.with_for_update()
     return session.scalars(query.execution_options(populate_existing=True)).one_or_none()
@@ -365,7 +365,7 @@ def find_by_provider_reference(
     return None
 
 
-def list_webhooks(
+def list_notifications(
     session: Session, *, is_processed: bool | None, page: int, per_page: int
 ) -> tuple[list[PaymentWebhookLog], int]:
     query = select(PaymentWebhookLog)

@@ -45,7 +45,7 @@ from .exceptions import (
 from .health import health_report
 from .logger import payment_logger
 from .mpesa.values import MSISDN_PATTERN, Msisdn
-from .notifications import CallbackProcessor, ProviderAnswer, client_ip, read_capped
+from .notifications import NotificationProcessor, ProviderAnswer, client_ip, read_capped
 from .redaction import sanitize_text
 from .schemas import (
     ApiDate,
@@ -418,7 +418,7 @@ def create_payment_router(
             await payments.initiate_payment(
                 request=body,
                 db=db,
-                user_id=actor,
+                actor=actor,
                 idempotency_key=idempotency_key,
                 client_ip=_client_ip(request, payments),
             )
@@ -597,7 +597,7 @@ def create_payment_router(
         token: Annotated[str | None, Query(max_length=512)] = None,
     ) -> JSONResponse:
         """Result notifications: authenticated, stored (bounded) first, processed once."""
-        status_code, answer = await CallbackProcessor(payments).receive_stream(
+        status_code, answer = await NotificationProcessor(payments).receive_stream(
             db,
             headers=[(k.lower(), v) for k, v in request.headers.items()],
             peer_ip=request.client.host if request.client else None,
@@ -618,7 +618,7 @@ def create_payment_router(
     ) -> WebhookListResponse:
         rows, total = await run_db(
             db,
-            lambda s: repo.list_webhooks(
+            lambda s: repo.list_notifications(
                 s, is_processed=is_processed, page=page, per_page=per_page
             ),
         )
@@ -646,9 +646,9 @@ def create_payment_router(
         """Process a stored notification again (after fixing whatever made it fail)."""
         if not 1 <= webhook_id <= MAX_ROW_ID:  # no such row can exist
             raise PaymentNotFoundError(f"notification {webhook_id} not found")
-        result = await CallbackProcessor(payments).process(db, webhook_id, replay=True)
+        result = await NotificationProcessor(payments).process(db, webhook_id, replay=True)
         return {
-            "webhook_id": result.webhook_id,
+            "webhook_id": result.notification_id,
             "processed": result.processed,
             "transaction_id": result.transaction_id,
             "status": result.status,

@@ -348,7 +348,8 @@ class WebhookEntry(BaseModel):
     processed_at: Any | None
     processing_error: str | None
     attempts: int
-    transaction_id: int | None
+    #: The payment's row id (JSON ``transaction_id``, as shipped).
+    payment_id: int | None = Field(serialization_alias="transaction_id")
 
 
 class WebhookListResponse(BaseModel):

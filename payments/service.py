@@ -194,10 +194,11 @@ class PaymentService:
         self,
         request: PaymentInitiateRequest,
         db: DbSession,
-        user_id: str | None = None,
+        actor: str | None = None,
         *,
         idempotency_key: str | None = None,
         client_ip: str | None = None,
+        user_id: str | None = None,
     ) -> PaymentResponse:
         """C2B: push a PIN prompt to the customer and wait for the answer (up to ~90 s).
 
@@ -217,16 +218,19 @@ class PaymentService:
                 third_party_reference=record.third_party_reference,
             )
 
-        return await self._move_money(db, new, send, user_id=user_id, client_ip=client_ip)
+        return await self._move_money(
+            db, new, send, actor=_actor(actor, user_id), client_ip=client_ip
+        )
 
     async def payout(
         self,
         request: PayoutRequest,
         db: DbSession,
-        user_id: str | None = None,
+        actor: str | None = None,
         *,
         idempotency_key: str | None = None,
         client_ip: str | None = None,
+        user_id: str | None = None,
     ) -> PaymentResponse:
         """B2C: pay a customer's wallet from the business's shortcode."""
         new = self._new_payment(PaymentOperation.B2C, request, idempotency_key)
@@ -239,16 +243,19 @@ class PaymentService:
                 third_party_reference=record.third_party_reference,
             )
 
-        return await self._move_money(db, new, send, user_id=user_id, client_ip=client_ip)
+        return await self._move_money(
+            db, new, send, actor=_actor(actor, user_id), client_ip=client_ip
+        )
 
     async def transfer(
         self,
         request: TransferRequest,
         db: DbSession,
-        user_id: str | None = None,
+        actor: str | None = None,
         *,
         idempotency_key: str | None = None,
         client_ip: str | None = None,
+        user_id: str | None = None,
     ) -> PaymentResponse:
         """B2B: pay another business's shortcode."""
         new = self._new_payment(PaymentOperation.B2B, request, idempotency_key)
@@ -261,7 +268,9 @@ class PaymentService:
                 third_party_reference=record.third_party_reference,
             )
 
-        return await self._move_money(db, new, send, user_id=user_id, client_ip=client_ip)
+        return await self._move_money(
+            db, new, send, actor=_actor(actor, user_id), client_ip=client_ip
+        )
 
     def _new_payment(
         self,
@@ -293,16 +302,18 @@ class PaymentService:
         transaction_id: str,
         request: ReversalRequest,
         db: DbSession,
-        user_id: str | None = None,
+        actor: str | None = None,
         *,
         idempotency_key: str | None = None,
         client_ip: str | None = None,
+        user_id: str | None = None,
     ) -> PaymentResponse:
         """Reverse a completed payment, fully or partially. Returns the reversal transaction.
 
         A reversal is never sent twice automatically: a lost answer leaves it ``unknown`` and a
         status query (``refresh``/reconciliation) settles it.
         """
+        actor = _actor(actor, user_id)
         key = self._key(request.idempotency_key, idempotency_key)
         _warn_without_key(PaymentOperation.REVERSAL, key)
         body = _request_body(request) | {"original_transaction_id": transaction_id}
@@ -368,8 +379,8 @@ class PaymentService:
                 request_body=body,
                 original_id=original.id,
             )
-            values = self._intent_values(new, user_id) | {"phone_number": original.phone_number}
-            return self._insert_intent(session, values, new, user_id, client_ip), True
+            values = self._intent_values(new, actor) | {"phone_number": original.phone_number}
+            return self._insert_intent(session, values, new, actor, client_ip), True
 
         record, created = await self._record_intent(db, reserve, key)
         if not created:
@@ -378,7 +389,7 @@ class PaymentService:
         # connection is held while M-Pesa answers.
         try:
             result = await self.client.reversal(
-                transaction_id=original_provider_id or "",
+                provider_transaction_id=original_provider_id or "",
                 third_party_reference=record.third_party_reference,
                 amount=record.amount,
             )
@@ -389,11 +400,11 @@ class PaymentService:
             outcome = outcome_of_error(error)
         except (PaymentValidationError, PaymentConfigurationError) as error:
             # Refused before sending: nothing was reversed, and nothing stays reserved.
-            raise await self._refused_before_sending(db, record, error, actor=user_id) from None
+            raise await self._refused_before_sending(db, record, error, actor=actor) from None
         except Exception as error:
-            await self.apply_outcome(db, record, outcome_of_unexpected(error), actor=user_id)
+            await self.apply_outcome(db, record, outcome_of_unexpected(error), actor=actor)
             raise
-        return await self._finish(db, record, outcome, actor=user_id)
+        return await self._finish(db, record, outcome, actor=actor)
 
     # -- operators -----------------------------------------------------------------------------
 
@@ -655,7 +666,7 @@ class PaymentService:
             )
         return body_key or header_key
 
-    def _intent_values(self, new: _NewPayment, user_id: str | None) -> dict[str, Any]:
+    def _intent_values(self, new: _NewPayment, actor: str | None) -> dict[str, Any]:
         """Every column of the new payment's row, as it is committed before M-Pesa is called."""
         now = utcnow()
         transaction_id = new_transaction_id(now)
@@ -681,7 +692,7 @@ class PaymentService:
             "entity_id": new.entity_id,
             "customer_name": new.customer_name,
             "customer_email": new.customer_email,
-            "user_id": user_id,
+            "user_id": actor,
             "idempotency_key": new.idempotency_key,
             "request_fingerprint": fingerprint(new.operation, new.request_body),
             "response_code": None,
@@ -705,7 +716,7 @@ class PaymentService:
         session: Session,
         values: dict[str, Any],
         new: _NewPayment,
-        user_id: str | None,
+        actor: str | None,
         client_ip: str | None,
     ) -> PaymentRecord:
         record = repo.insert_payment(session, values)
@@ -715,7 +726,7 @@ class PaymentService:
             AuditAction.INITIATED,
             status_after=record.status,
             request_body=sanitize(new.request_body),
-            actor=user_id,
+            actor=actor,
             client_ip=client_ip,
         )
         return record
@@ -749,14 +760,14 @@ class PaymentService:
         new: _NewPayment,
         send: Callable[[PaymentRecord], Awaitable[ProviderResult]],
         *,
-        user_id: str | None,
+        actor: str | None,
         client_ip: str | None,
     ) -> PaymentResponse:
         def create(session: Session) -> tuple[PaymentRecord, bool]:
             # A key seen before fails the insert on its unique constraint; _record_intent then
             # returns the payment that key made. No lookup first: a new key is the common case.
-            values = self._intent_values(new, user_id)
-            return self._insert_intent(session, values, new, user_id, client_ip), True
+            values = self._intent_values(new, actor)
+            return self._insert_intent(session, values, new, actor, client_ip), True
 
         record, created = await self._record_intent(db, create, new.idempotency_key)
         if not created:
@@ -777,11 +788,11 @@ class PaymentService:
         except PaymentProviderError as error:
             outcome = outcome_of_error(error)
         except PaymentValidationError as error:  # refused before sending: nothing moved
-            raise await self._refused_before_sending(db, record, error, actor=user_id) from None
+            raise await self._refused_before_sending(db, record, error, actor=actor) from None
         except Exception as error:
-            await self.apply_outcome(db, record, outcome_of_unexpected(error), actor=user_id)
+            await self.apply_outcome(db, record, outcome_of_unexpected(error), actor=actor)
             raise
-        return await self._finish(db, record, outcome, actor=user_id)
+        return await self._finish(db, record, outcome, actor=actor)
 
     async def _refused_before_sending(
         self, db: DbSession, record: PaymentRecord, error: PaymentError, *, actor: str | None
@@ -1042,3 +1053,9 @@ def _warn_without_key(operation: PaymentOperation, key: str | None) -> None:
 def _record_by_key(session: Session, key: str) -> PaymentRecord | None:
     row = repo.get_by_idempotency_key(session, key)
     return repo.record_of(session, row) if row is not None else None
+
+
+def _actor(actor: str | None, user_id: str | None) -> str | None:
+    """Who asks: recorded as the payment's ``user_id`` column and as the audit trail's ``actor``.
+    ``user_id=`` is the keyword's earlier name, still accepted from hosts."""
+    return actor if actor is not None else user_id

@@ -131,7 +131,7 @@ async def audit_actions(api: PaymentApi, transaction_id: str) -> list[str]:
         ).one()
         entries = await session.scalars(
             select(PaymentAuditLog.action)
-            .where(PaymentAuditLog.transaction_id == row.id)
+            .where(PaymentAuditLog.payment_id == row.id)
             .order_by(PaymentAuditLog.id)
         )
         return list(entries)

@@ -94,7 +94,7 @@ async def test_c2b_request_shape() -> None:
         "input_ThirdPartyReference": "TPR1",
         "input_ServiceProviderCode": "171717",
     }
-    assert result.transaction_id == "3cr8whltpb6m"
+    assert result.provider_transaction_id == "3cr8whltpb6m"
     assert result.conversation_id == "25230e0e20514ba790c1273b866e98d1"
     assert result.response_code == "INS-0"
     assert result.http_status == 201
@@ -158,9 +158,9 @@ async def test_reversal_request_shape_full_and_partial() -> None:
     )
     client, _ = make_client()
     async with client:
-        await client.reversal(transaction_id="49XCDF6", third_party_reference="REV1")
+        await client.reversal(provider_transaction_id="49XCDF6", third_party_reference="REV1")
         await client.reversal(
-            transaction_id="49XCDF6", third_party_reference="REV2", amount=Decimal("5")
+            provider_transaction_id="49XCDF6", third_party_reference="REV2", amount=Decimal("5")
         )
     full, partial = (json.loads(call.request.content) for call in route.calls)
     assert full == {
@@ -179,11 +179,11 @@ async def test_reversal_requires_initiator_and_credential() -> None:
     client, _ = make_client(initiator_identifier=None)
     async with client:
         with pytest.raises(PaymentConfigurationError, match="MPESA_INITIATOR_IDENTIFIER"):
-            await client.reversal(transaction_id="X1", third_party_reference="R1")
+            await client.reversal(provider_transaction_id="X1", third_party_reference="R1")
     client, _ = make_client(security_credential=None)
     async with client:
         with pytest.raises(PaymentConfigurationError, match="MPESA_SECURITY_CREDENTIAL"):
-            await client.reversal(transaction_id="X1", third_party_reference="R1")
+            await client.reversal(provider_transaction_id="X1", third_party_reference="R1")
 
 
 @respx.mock
@@ -215,7 +215,7 @@ async def test_query_status_sends_parameters_in_the_query_string() -> None:
         "input_ServiceProviderCode": ["171717"],
     }
     assert result.transaction_status == "Completed"
-    assert result.transaction_id is None
+    assert result.provider_transaction_id is None
 
 
 @respx.mock
@@ -400,7 +400,7 @@ async def test_reversal_never_retries() -> None:
     client, _ = make_client()
     async with client:
         with pytest.raises(ProviderUnavailableError):
-            await client.reversal(transaction_id="X1", third_party_reference="R1")
+            await client.reversal(provider_transaction_id="X1", third_party_reference="R1")
     assert route.call_count == 1
 
 
@@ -569,7 +569,7 @@ def test_a_status_answer_is_found_unless_n_a(status: str | None, found: bool) ->
         response_code="INS-0",
         response_description="",
         http_status=200,
-        transaction_id=None,
+        provider_transaction_id=None,
         conversation_id=None,
         third_party_reference=None,
         raw={},
@@ -595,7 +595,7 @@ async def test_m_pesa_ids_with_underscores_are_valid_query_and_reversal_referenc
         await client.query_transaction_status(
             query_reference="AG_20180206_00005e7dccc6da08efa8", third_party_reference="Q1"
         )
-        await client.reversal(transaction_id="49X_CDF6", third_party_reference="R1")
+        await client.reversal(provider_transaction_id="49X_CDF6", third_party_reference="R1")
         with pytest.raises(ValueError, match="query_reference"):
             await client.query_transaction_status(
                 query_reference="AG 2018&x=1", third_party_reference="Q2"
@@ -662,7 +662,9 @@ async def test_every_money_moving_request_leaves_at_most_once(operation: str) ->
             transaction_reference="T1",
             third_party_reference="TPR1",
         ),
-        "reversal": lambda: client.reversal(transaction_id="49XCDF6", third_party_reference="R1"),
+        "reversal": lambda: client.reversal(
+            provider_transaction_id="49XCDF6", third_party_reference="R1"
+        ),
     }
     try:
         async with client:

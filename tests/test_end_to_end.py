@@ -202,11 +202,11 @@ def assert_money_moved(
     assert result.operation is operation
     assert result.response_code == "INS-0"
     assert result.http_status == status
-    assert result.transaction_id
+    assert result.provider_transaction_id
     assert result.conversation_id
     assert result.third_party_reference == third_party_reference
     assert len(result.exchanges) == 1
-    return result.transaction_id
+    return result.provider_transaction_id
 
 
 async def complete_six_operations(
@@ -261,13 +261,15 @@ async def complete_six_operations(
 
         partial_reference = reference("RP")
         partial = await client.reversal(
-            transaction_id=c2b_id,
+            provider_transaction_id=c2b_id,
             third_party_reference=partial_reference,
             amount=Decimal("50.00"),
         )
         partial_id = assert_money_moved(partial, Operation.REVERSAL, partial_reference, 200)
         rest_reference = reference("RR")
-        rest = await client.reversal(transaction_id=c2b_id, third_party_reference=rest_reference)
+        rest = await client.reversal(
+            provider_transaction_id=c2b_id, third_party_reference=rest_reference
+        )
         rest_id = assert_money_moved(rest, Operation.REVERSAL, rest_reference, 200)
         assert len({c2b_id, partial_id, rest_id}) == 3
 

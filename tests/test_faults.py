@@ -368,7 +368,7 @@ async def audit_entries(
     async with sessions() as session:
         rows = await session.scalars(
             select(PaymentAuditLog)
-            .where(PaymentAuditLog.transaction_id == record.id)
+            .where(PaymentAuditLog.payment_id == record.id)
             .order_by(PaymentAuditLog.id)
         )
         return list(rows)

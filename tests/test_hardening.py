@@ -83,7 +83,7 @@ async def test_a_failing_hooks_message_is_masked_in_the_audit_trail(
         [message] = (
             await session.scalars(
                 select(PaymentAuditLog.error_message).where(
-                    PaymentAuditLog.transaction_id == row.id,
+                    PaymentAuditLog.payment_id == row.id,
                     PaymentAuditLog.action == "hook_failed",
                 )
             )

@@ -325,18 +325,18 @@ def test_readme_monitoring_queries_run_on_the_migrated_schema(database_url: str)
             session.add_all(
                 [
                     PaymentAuditLog(
-                        transaction_id=payment.id,
+                        payment_id=payment.id,
                         action="api_response",
                         response_time_ms=100,
                         created_at=now,
                     ),
                     PaymentAuditLog(
-                        transaction_id=payment.id,
+                        payment_id=payment.id,
                         action="api_response",
                         response_time_ms=300,
                         created_at=now,
                     ),
-                    PaymentWebhookLog(raw_body="{}", received_at=now, transaction_id=payment.id),
+                    PaymentWebhookLog(raw_body="{}", received_at=now, payment_id=payment.id),
                 ]
             )
 

@@ -27,7 +27,7 @@ from payments.exceptions import (
 from payments.models import PaymentAuditLog, PaymentStatus, PaymentTransaction, utcnow
 from payments.mpesa.client import ClientConfig, MpesaClient
 from payments.mpesa.values import Msisdn
-from payments.notifications import CallbackProcessor, InboundNotification
+from payments.notifications import InboundNotification, NotificationProcessor
 from payments.outcomes import Outcome
 from payments.reconciliation import lease_for, query_budget, reconcile_once
 from payments.repository import PaymentRecord
@@ -120,7 +120,7 @@ async def audit_of(sessions: Sessions, transaction_id: str) -> list[PaymentAudit
         return list(
             await session.scalars(
                 select(PaymentAuditLog)
-                .where(PaymentAuditLog.transaction_id == row.id)
+                .where(PaymentAuditLog.payment_id == row.id)
                 .order_by(PaymentAuditLog.id)
             )
         )
@@ -128,7 +128,7 @@ async def audit_of(sessions: Sessions, transaction_id: str) -> list[PaymentAudit
 
 async def notify(service: PaymentService, sessions: Sessions, body: dict[str, Any]) -> int:
     async with sessions() as db:
-        status, _ = await CallbackProcessor(service).receive(
+        status, _ = await NotificationProcessor(service).receive(
             db,
             InboundNotification(
                 body=json.dumps(body).encode(),

@@ -100,7 +100,7 @@ async def query_exchanges(
         entries = (
             await session.scalars(
                 select(PaymentAuditLog)
-                .where(PaymentAuditLog.transaction_id == row.id)
+                .where(PaymentAuditLog.payment_id == row.id)
                 .order_by(PaymentAuditLog.id)
             )
         ).all()

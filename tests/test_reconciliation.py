@@ -113,7 +113,7 @@ async def test_no_evidence_never_fails_it_backs_off_then_flags_an_operator(
     async with session_factory() as session:
         actions = (
             await session.scalars(
-                select(PaymentAuditLog.action).where(PaymentAuditLog.transaction_id == row.id)
+                select(PaymentAuditLog.action).where(PaymentAuditLog.payment_id == row.id)
             )
         ).all()
     assert actions.count("attention_required") == 1

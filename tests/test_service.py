@@ -120,7 +120,7 @@ async def audit_actions(
     async with factory() as session:
         entries = await session.scalars(
             select(PaymentAuditLog)
-            .where(PaymentAuditLog.transaction_id == row.id)
+            .where(PaymentAuditLog.payment_id == row.id)
             .order_by(PaymentAuditLog.id)
         )
         return [entry.action for entry in entries]
@@ -165,7 +165,7 @@ async def test_successful_c2b_writes_intent_exchange_and_outcome(
         api_response = (
             await session.scalars(
                 select(PaymentAuditLog).where(
-                    PaymentAuditLog.transaction_id == row.id,
+                    PaymentAuditLog.payment_id == row.id,
                     PaymentAuditLog.action == "api_response",
                 )
             )
@@ -173,7 +173,7 @@ async def test_successful_c2b_writes_intent_exchange_and_outcome(
         api_request = (
             await session.scalars(
                 select(PaymentAuditLog).where(
-                    PaymentAuditLog.transaction_id == row.id,
+                    PaymentAuditLog.payment_id == row.id,
                     PaymentAuditLog.action == "api_request",
                 )
             )

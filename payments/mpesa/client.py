@@ -136,7 +136,8 @@ class ProviderResult:
     response_code: str
     response_description: str
     http_status: int
-    transaction_id: str | None
+    #: M-Pesa's ``output_TransactionID``.
+    provider_transaction_id: str | None
     conversation_id: str | None
     third_party_reference: str | None
     raw: dict[str, Any]
@@ -395,14 +396,16 @@ class MpesaClient:
     async def reversal(
         self,
         *,
-        transaction_id: str,
+        provider_transaction_id: str,
         third_party_reference: str,
         amount: Decimal | None = None,
     ) -> ProviderResult:
         """Reverse a completed transaction, fully or (with ``amount``) partially. Never retried."""
         self.check_reversal_configured()
         fields = {
-            "input_TransactionID": validate_provider_id(transaction_id, field="transaction_id"),
+            "input_TransactionID": validate_provider_id(
+                provider_transaction_id, field="transaction_id"
+            ),
             "input_SecurityCredential": self.config.security_credential,
             "input_InitiatorIdentifier": self.config.initiator_identifier,
             "input_ThirdPartyReference": validate_reference(
@@ -704,7 +707,7 @@ def _build_result(
         response_code=str(body.get("output_ResponseCode")),
         response_description=text("output_ResponseDesc") or "",
         http_status=http_status,
-        transaction_id=text("output_TransactionID"),
+        provider_transaction_id=text("output_TransactionID"),
         conversation_id=text("output_ConversationID"),
         third_party_reference=text("output_ThirdPartyReference"),
         raw=body,

@@ -81,6 +81,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..mpesa.auth import decrypt_bearer_token
+from ..mpesa.client import Operation
 from ..mpesa.codes import ResponseCodeTable
 from ..mpesa.values import mask_msisdn
 from .keys import (
@@ -105,19 +106,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Operation = Literal["c2b", "b2c", "b2b", "reversal", "query_status", "query_customer_name"]
-MoneyOperation = Literal["c2b", "b2c", "b2b", "reversal"]
 TransactionStatus = Literal["Completed", "Cancelled", "Expired"]
 Fault = Literal["drop", "slow", "html_502", "malformed_json", "html_500"]
 
-OPERATIONS: tuple[Operation, ...] = (
-    "c2b",
-    "b2c",
-    "b2b",
-    "reversal",
-    "query_status",
-    "query_customer_name",
-)
+#: The provider operations (the SDK's list), in the order ``stats`` reports them.
+OPERATIONS: tuple[Operation, ...] = tuple(Operation)
 
 ALLOWED_ORIGINS = frozenset({"developer.mpesa.vm.co.mz", "*"})
 
@@ -200,7 +193,7 @@ SCRIPTED_OUTCOMES: Mapping[str, ScriptedOutcome] = {
 
 @dataclass
 class SimulatedTransaction:
-    operation: MoneyOperation
+    operation: Operation
     transaction_id: str
     conversation_id: str
     third_party_reference: str
@@ -584,7 +577,7 @@ class MpesaSimulator:
     async def _money_call(
         self,
         request: Request,
-        operation: MoneyOperation,
+        operation: Operation,
         handle: Callable[[dict[str, object]], Awaitable[Response]],
     ) -> Response:
         self._calls[operation] += 1
@@ -643,17 +636,15 @@ class MpesaSimulator:
 
     async def _c2b(self, request: Request) -> Response:
         return await self._money_call(
-            request, "c2b", lambda payload: self._customer_payment(payload, "c2b")
+            request, Operation.C2B, lambda payload: self._customer_payment(payload, Operation.C2B)
         )
 
     async def _b2c(self, request: Request) -> Response:
         return await self._money_call(
-            request, "b2c", lambda payload: self._customer_payment(payload, "b2c")
+            request, Operation.B2C, lambda payload: self._customer_payment(payload, Operation.B2C)
         )
 
-    async def _customer_payment(
-        self, payload: dict[str, object], operation: Literal["c2b", "b2c"]
-    ) -> Response:
+    async def _customer_payment(self, payload: dict[str, object], operation: Operation) -> Response:
         _require(
             payload,
             "input_TransactionReference",
@@ -673,9 +664,9 @@ class MpesaSimulator:
         self._claim_reference(reference, transaction_reference)
 
         script = SCRIPTED_OUTCOMES.get(msisdn, _SUCCESS)
-        delay = self.config.pin_delay_seconds if operation == "c2b" else 0.0
+        delay = self.config.pin_delay_seconds if operation is Operation.C2B else 0.0
         server_timeout = self.config.c2b_server_timeout_seconds
-        if operation == "c2b" and server_timeout is not None and script.after_pin:
+        if operation is Operation.C2B and server_timeout is not None and script.after_pin:
             if script.code == "INS-9" or delay > server_timeout:
                 # The customer did not answer in time: the gateway gives up and says so.
                 script, delay = _SERVER_TIMEOUT, server_timeout
@@ -741,7 +732,7 @@ class MpesaSimulator:
 
     async def _b2b(self, request: Request) -> Response:
         return await self._money_call(
-            request, "b2b", lambda payload: self._business_payment(payload)
+            request, Operation.B2B, lambda payload: self._business_payment(payload)
         )
 
     async def _business_payment(self, payload: dict[str, object]) -> Response:
@@ -766,7 +757,7 @@ class MpesaSimulator:
         self._claim_reference(reference, transaction_reference)
         transaction = self._record(
             SimulatedTransaction(
-                operation="b2b",
+                operation=Operation.B2B,
                 transaction_id=_new_transaction_id(),
                 conversation_id=self._conversation_id(),
                 third_party_reference=reference,
@@ -786,7 +777,9 @@ class MpesaSimulator:
         )
 
     async def _reversal(self, request: Request) -> Response:
-        return await self._money_call(request, "reversal", lambda payload: self._reverse(payload))
+        return await self._money_call(
+            request, Operation.REVERSAL, lambda payload: self._reverse(payload)
+        )
 
     async def _reverse(self, payload: dict[str, object]) -> Response:
         _require(
@@ -814,7 +807,11 @@ class MpesaSimulator:
         requested = None if raw_amount in (None, "") else _parse_amount(raw_amount)
         self._claim_reference(reference)
         original = self._by_transaction_id.get(_text(payload["input_TransactionID"]))
-        if original is None or original.operation == "reversal" or original.status != "Completed":
+        if (
+            original is None
+            or original.operation == Operation.REVERSAL
+            or original.status != "Completed"
+        ):
             raise _ProviderError("INS-18")
         amount = original.remaining_amount if requested is None else requested
         if amount <= 0 or amount > original.remaining_amount:
@@ -822,7 +819,7 @@ class MpesaSimulator:
         original.reversed_amount += amount
         reversal = self._record(
             SimulatedTransaction(
-                operation="reversal",
+                operation=Operation.REVERSAL,
                 transaction_id=_new_transaction_id(),
                 conversation_id=self._conversation_id(),
                 third_party_reference=reference,
@@ -842,7 +839,7 @@ class MpesaSimulator:
     # -------------------------------------------------------------------------------- queries
 
     async def _query_status(self, request: Request) -> Response:
-        self._calls["query_status"] += 1
+        self._calls[Operation.QUERY_STATUS] += 1
         denied = self._auth_error(request)
         if denied is not None:
             return denied
@@ -886,7 +883,7 @@ class MpesaSimulator:
         return JSONResponse(body, status_code=200)
 
     async def _query_customer_name(self, request: Request) -> Response:
-        self._calls["query_customer_name"] += 1
+        self._calls[Operation.QUERY_CUSTOMER_NAME] += 1
         denied = self._auth_error(request)
         if denied is not None:
             return denied
