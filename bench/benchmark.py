@@ -44,7 +44,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import itertools
+import json
 import os
 import platform
 import random
@@ -625,7 +627,11 @@ async def phase_burst(
                     async with session.post(
                         base + "/api/payments/initiate", json=body, headers=headers
                     ) as response:
-                        answer = await response.json(content_type=None)
+                        text = await response.text()
+                        try:
+                            answer = json.loads(text)
+                        except ValueError:
+                            answer = text
                         ok = server.paid(response.status, answer)
                         if not ok:
                             failures.append(f"{response.status} {str(answer)[:200]}")
@@ -1072,7 +1078,10 @@ async def bench_demo(context: Context) -> Result:
             "PAYMENT_RECONCILE_IN_APP": "false",
             "PAYMENT_LOG_DIR": str(context.workdir / "demo-logs"),
         }
+        # serve answers 503 beyond --limit-concurrency (1000 by default): above the burst.
+        limit = str(context.settings.concurrency + 200)
         args = [sys.executable, "-m", "payments", "serve", "--port", "{port}"]
+        args += ["--limit-concurrency", limit]
         async with running(context, "demo", [(args, env, context.workdir)]) as server:
             server.connections, server.pool_size = counter(server), POOL_SIZE
             await measure(server, context, result)
@@ -1354,22 +1363,43 @@ async def run(settings: Settings, context: Context) -> tuple[dict[str, Result], 
     results: dict[str, Result] = {}
     multi: list[Result] = []
     sections = settings.sections
+
+    async def section(name: str, label: str, measure: Callable[[], Awaitable[Result]]) -> None:
+        """One section; a setup error there is reported as a missed target, the rest still run."""
+        try:
+            result = await measure()
+        except Exception as exc:
+            log(f"{label} failed: {type(exc).__name__}: {exc}")
+            result = Result(label)
+            result.failures.append(f"did not run: {type(exc).__name__}: {str(exc)[:200]}")
+        if name.startswith("multi"):
+            multi.append(result)
+        else:
+            results[name] = result
+
     if "bare" in sections:
         log(f"bare client: burst of {settings.concurrency}")
-        results["bare"] = await phase_bare(context.simulator, settings)
+        await section("bare", "Bare client", lambda: phase_bare(context.simulator, settings))
     if "passthrough" in sections:
-        results["passthrough"] = await bench_passthrough(context)
+        await section("passthrough", "Pass-through", lambda: bench_passthrough(context))
     if "host-sqlite" in sections:
-        results["host-sqlite"] = await bench_host(context, "sqlite")
+        await section("host-sqlite", "Host app, SQLite", lambda: bench_host(context, "sqlite"))
     if "host-postgres" in sections and settings.postgres_url:
-        results["host-postgres"] = await bench_host(context, "postgres")
+        await section(
+            "host-postgres", "Host app, PostgreSQL", lambda: bench_host(context, "postgres")
+        )
     if "demo" in sections:
-        results["demo"] = await bench_demo(context)
+        await section("demo", "Demo gateway", lambda: bench_demo(context))
     if "multi" in sections:
-        multi.append(await bench_multi(context, "sqlite", "workers"))
+        runs = [("sqlite", "workers")]
         if settings.postgres_url:
-            multi.append(await bench_multi(context, "postgres", "workers"))
-            multi.append(await bench_multi(context, "postgres", "processes"))
+            runs += [("postgres", "workers"), ("postgres", "processes")]
+        for kind, layout in runs:
+            await section(
+                f"multi-{layout}-{kind}",
+                f"{layout}, {kind}",
+                functools.partial(bench_multi, context, kind, layout),
+            )
     return results, multi
 
 
