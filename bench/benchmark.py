@@ -1327,11 +1327,11 @@ def report(
 ) -> tuple[str, list[str]]:
     ratio_lines, ratio_failures = ratios(results)
     header = [
-        f"Command: `{command}`",
-        f"Load average (1/5/15 min) at start: {load_at_start}; at end: {load_average()}",
-        f"Machine: {os.cpu_count()} cores, Python {platform.python_version()} (servers,"
+        f"- Command: `{command}`",
+        f"- Load average (1/5/15 min) at start: {load_at_start}; at end: {load_average()}",
+        f"- Machine: {os.cpu_count()} cores, Python {platform.python_version()} (servers,"
         " simulator, load generator and PostgreSQL share the cores)",
-        f"Targets: server CPU per payment ≤ {TARGET_CPU_RATIO:g}× the pass-through's; burst"
+        f"- Targets: server CPU per payment ≤ {TARGET_CPU_RATIO:g}× the pass-through's; burst"
         f" wall ≤ {TARGET_WALL_RATIO:g}× the bare client's; added median ≤"
         f" {TARGET_OVERHEAD_MEDIAN_MS:g} ms; no payment failed or lost; peak RSS <"
         f" {TARGET_PEAK_RSS_MB:g} MB; DB connections ≤ pool; several processes correct",
