@@ -87,6 +87,9 @@ class PaymentSettings(BaseSettings):
     # Database (the module's own engine; hosts may pass their own sessions instead)
     payment_database_url: str = "sqlite:///./payments.db"
     payment_database_pool_size: int = Field(default=10, ge=1, le=1000)
+    # PostgreSQL: test each pooled connection with a round trip before use (see README
+    # Performance: about 0.5 ms of CPU per payment, against errors after a server restart).
+    payment_database_pre_ping: bool = True
 
     # Reconciliation of payments whose outcome is still open
     payment_reconcile_min_age: float = Field(default=60.0, ge=0)

@@ -89,9 +89,12 @@ def normalize_database_url(url: str) -> str:
     return parsed.set(drivername=drivername).render_as_string(hide_password=False)
 
 
-def create_engine_for(url: str, *, pool_size: int = 10, echo: bool = False) -> AsyncEngine:
+def create_engine_for(
+    url: str, *, pool_size: int = 10, echo: bool = False, pre_ping: bool = True
+) -> AsyncEngine:
     """An async engine for ``url`` with at most ``pool_size`` connections; SQLite gets WAL and a
-    busy timeout so writers wait."""
+    busy timeout so writers wait. ``pre_ping`` (PostgreSQL): a round trip tests each pooled
+    connection before use, so one a server restart killed is replaced instead of failing."""
     async_url = normalize_database_url(url)
     if async_url.startswith("sqlite"):
         engine = create_async_engine(
@@ -105,7 +108,7 @@ def create_engine_for(url: str, *, pool_size: int = 10, echo: bool = False) -> A
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     return create_async_engine(
-        async_url, echo=echo, pool_size=pool_size, max_overflow=0, pool_pre_ping=True
+        async_url, echo=echo, pool_size=pool_size, max_overflow=0, pool_pre_ping=pre_ping
     )
 
 
@@ -141,7 +144,7 @@ class ModuleDatabase:
     ``sqlite+aiosqlite://`` URL keeps aiosqlite.
     """
 
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, pre_ping: bool = True) -> None:
         async_url = normalize_database_url(url)
         self.threaded = async_url.startswith("sqlite") and "+aiosqlite" not in url
         self.sync_engine: Engine | None = None
@@ -150,7 +153,7 @@ class ModuleDatabase:
             self.sync_engine = create_sync_sqlite_engine(url, pool_size=pool_size)
             self._sync_sessions = sessionmaker(self.sync_engine, expire_on_commit=False)
         else:
-            self.async_engine = create_engine_for(url, pool_size=pool_size)
+            self.async_engine = create_engine_for(url, pool_size=pool_size, pre_ping=pre_ping)
             self._async_sessions = async_sessionmaker(self.async_engine, expire_on_commit=False)
 
     @asynccontextmanager
@@ -194,7 +197,9 @@ def get_database() -> ModuleDatabase:
 
     settings = get_settings()
     return ModuleDatabase(
-        settings.payment_database_url, pool_size=settings.payment_database_pool_size
+        settings.payment_database_url,
+        pool_size=settings.payment_database_pool_size,
+        pre_ping=settings.payment_database_pre_ping,
     )
 
 
@@ -205,7 +210,9 @@ def get_engine() -> AsyncEngine:
 
     settings = get_settings()
     return create_engine_for(
-        settings.payment_database_url, pool_size=settings.payment_database_pool_size
+        settings.payment_database_url,
+        pool_size=settings.payment_database_pool_size,
+        pre_ping=settings.payment_database_pre_ping,
     )
 
 
