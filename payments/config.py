@@ -16,12 +16,6 @@ from sqlalchemy.engine import make_url
 from .exceptions import PaymentConfigurationError
 from .mpesa.auth import load_public_key
 from .mpesa.codes import ResponseCodeTable
-from .simulator.keys import (
-    SIMULATOR_API_KEY,
-    SIMULATOR_INITIATOR_IDENTIFIER,
-    SIMULATOR_PUBLIC_KEY,
-    SIMULATOR_SECURITY_CREDENTIAL,
-)
 
 Environment = Literal["sandbox", "production", "simulator"]
 
@@ -124,6 +118,19 @@ class PaymentSettings(BaseSettings):
     @model_validator(mode="after")
     def _check_consistency(self) -> PaymentSettings:
         if self.mpesa_environment == "simulator":
+            # The development tool's demo credentials, read only when it is asked for: a host
+            # that deleted ``simulator/`` never imports it.
+            try:
+                from .simulator.keys import (
+                    SIMULATOR_API_KEY,
+                    SIMULATOR_INITIATOR_IDENTIFIER,
+                    SIMULATOR_PUBLIC_KEY,
+                    SIMULATOR_SECURITY_CREDENTIAL,
+                )
+            except ImportError:
+                raise ValueError(
+                    "MPESA_ENVIRONMENT=simulator needs the module's simulator/ folder"
+                ) from None
             if self.mpesa_api_key is None:
                 self.mpesa_api_key = SecretStr(SIMULATOR_API_KEY)
             if self.mpesa_public_key is None:

@@ -27,8 +27,10 @@ ALLOWED_TRANSITIONS: dict[PaymentStatus, frozenset[PaymentStatus]] = {
     S.REVERSED: frozenset(),
 }
 
+#: Sent (or about to be) and not answered yet: the payment's own call may still settle it.
+IN_FLIGHT = frozenset({S.PENDING, S.PROCESSING})
 #: Statuses whose outcome is still open: the reconciler looks at these.
-UNSETTLED = frozenset({S.PENDING, S.PROCESSING, S.UNKNOWN})
+UNSETTLED = IN_FLIGHT | {S.UNKNOWN}
 #: Money moved to the business (reversals may follow).
 SUCCEEDED = frozenset({S.COMPLETED, S.PARTIALLY_REVERSED, S.REVERSED})
 #: Settled without money moving.

@@ -38,6 +38,8 @@ NAMING_CONVENTION = {
 
 #: Length of ``response_code``; ``ID_LENGTH`` of the provider's IDs.
 RESPONSE_CODE_LENGTH = 64
+#: Row ids are 32-bit integers on every database.
+MAX_ROW_ID = 2**31 - 1
 ID_LENGTH = 100
 
 
@@ -89,7 +91,6 @@ class AuditAction(StrEnum):
     RECONCILED = "reconciled"
     ATTENTION_REQUIRED = "attention_required"
     HOOK_FAILED = "hook_failed"
-    IDEMPOTENT_REPLAY = "idempotent_replay"
     OPERATOR_RESOLVED = "operator_resolved"
 
 

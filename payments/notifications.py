@@ -36,15 +36,16 @@ from .database import DATABASE_ERRORS, DbSession, committing, run_db
 from .exceptions import PaymentError, PaymentNotFoundError, PaymentStorageError
 from .lifecycle import SUCCEEDED, UNSETTLED, UNSUCCESSFUL
 from .logger import payment_logger
-from .models import AuditAction, PaymentStatus, PaymentWebhookLog, utcnow
+from .models import MAX_ROW_ID, AuditAction, PaymentStatus, PaymentWebhookLog, utcnow
 from .mpesa.client import ProviderExchange
+from .mpesa.codes import CANCELLED_BY_CUSTOMER, SUCCESS_CODES
 from .mpesa.values import PROVIDER_ID
 from .outcomes import Outcome
-from .redaction import sanitize
+from .redaction import sanitize, sanitize_text
 from .references import query_reference
+from .schemas import ReplayResult, WebhookEntry, WebhookListResponse
 from .service import PaymentService
 
-_SUCCESS_CODES = {"0", "INS-0"}
 #: A result notification is a few hundred bytes; anything far larger is not one. (The cap is
 #: ``PAYMENT_MAX_BODY_BYTES``; this is its default.)
 MAX_NOTIFICATION_BYTES = 64 * 1024
@@ -314,6 +315,42 @@ class NotificationProcessor:
                 "the notification could not be processed: database unavailable"
             ) from exc
 
+    async def replay(self, db: DbSession, notification_id: int) -> ReplayResult:
+        """Process a stored notification again (after fixing whatever made it fail)."""
+        if not 1 <= notification_id <= MAX_ROW_ID:  # no such row can exist
+            raise PaymentNotFoundError(f"notification {notification_id} not found")
+        result = await self.process(db, notification_id, replay=True)
+        return ReplayResult(
+            webhook_id=result.notification_id,
+            processed=result.processed,
+            transaction_id=result.transaction_id,
+            status=result.status,
+            error=result.error,
+        )
+
+    async def listing(
+        self, db: DbSession, *, is_processed: bool | None, page: int, per_page: int
+    ) -> WebhookListResponse:
+        """Stored notifications, newest first, their bodies masked."""
+        rows, total = await run_db(
+            db,
+            lambda s: repo.list_notifications(
+                s, is_processed=is_processed, page=page, per_page=per_page
+            ),
+        )
+        return WebhookListResponse(
+            items=[
+                # Forwarders may put phone numbers in the body: masked like every other answer.
+                WebhookEntry.model_validate(row).model_copy(
+                    update={"raw_body": sanitize_text(row.raw_body)}
+                )
+                for row in rows
+            ],
+            total=total,
+            page=page,
+            per_page=per_page,
+        )
+
     async def _process(self, db: DbSession, notification_id: int, replay: bool) -> ProcessingResult:
 
         def load(session: Session) -> tuple[_Stored, repo.PaymentRecord | None]:
@@ -376,7 +413,7 @@ class NotificationProcessor:
         status = PaymentStatus(record.status)
         if status in UNSETTLED:
             return True
-        if code not in _SUCCESS_CODES:
+        if code not in SUCCESS_CODES:
             return False
         if status in UNSUCCESSFUL:
             return True
@@ -398,7 +435,7 @@ class NotificationProcessor:
         confirmed = await self.service.query_outcome(record)
         if confirmed.status is None:
             return None
-        success = code in _SUCCESS_CODES
+        success = code in SUCCESS_CODES
         status = PaymentStatus(record.status)
         if status in UNSUCCESSFUL:
             if confirmed.status is PaymentStatus.COMPLETED:
@@ -428,7 +465,7 @@ class NotificationProcessor:
             )
         if agreed and not success:
             status_after = confirmed.status
-            if status_after is PaymentStatus.CANCELLED and code != "INS-5":
+            if status_after is PaymentStatus.CANCELLED and code != CANCELLED_BY_CUSTOMER:
                 status_after = PaymentStatus.FAILED  # "not completed" per M-Pesa; notice says why
             return replace(
                 confirmed,

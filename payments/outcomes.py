@@ -28,7 +28,7 @@ from .exceptions import (
     PaymentValidationError,
     ProviderUnavailableError,
 )
-from .lifecycle import SUCCEEDED, UNSETTLED, UNSUCCESSFUL, check_transition
+from .lifecycle import IN_FLIGHT, SUCCEEDED, UNSETTLED, UNSUCCESSFUL, check_transition
 from .logger import payment_logger
 from .models import (
     ID_LENGTH,
@@ -39,6 +39,12 @@ from .models import (
     utcnow,
 )
 from .mpesa.client import MpesaClient, ProviderExchange, ProviderResult
+from .mpesa.codes import (
+    CANCELLED_BY_CUSTOMER,
+    CUSTOMER_REFUSALS,
+    INSUFFICIENT_BALANCE,
+    KEY_REFUSED_CODES,
+)
 from .mpesa.values import mask_msisdn
 from .references import query_reference
 from .repository import PaymentRecord
@@ -54,11 +60,6 @@ _NOT_SENT_ERRORS: dict[str, type[PaymentError]] = {
 
 #: ``output_ResponseTransactionStatus`` → our status. ``N/A`` (or anything else) is no evidence.
 _PROVIDER_STATUS = {"completed": S.COMPLETED, "cancelled": S.CANCELLED, "expired": S.EXPIRED}
-
-
-#: Status-query refusals of the key itself ("Invalid Reference/TransactionID Used", "Parameter
-#: validations failed"): the gateway would not look that key up, so the next one is tried.
-_KEY_REFUSED_CODES = frozenset({"INS-14", "INS-18", "INS-21"})
 
 
 STATUS_MESSAGES = {
@@ -155,7 +156,7 @@ async def query_outcome(
         except PaymentProviderError as error:
             exchanges += error.exchanges
             answers.append(f"status query failed: {error.message}")
-            if error.provider_code in _KEY_REFUSED_CODES:
+            if error.provider_code in KEY_REFUSED_CODES:
                 continue  # M-Pesa will not look this key up; another may do
             break
         exchanges += result.exchanges
@@ -203,7 +204,7 @@ def outcome_of_success(result: ProviderResult) -> Outcome:
 def outcome_of_error(error: PaymentProviderError) -> Outcome:
     """Only provider evidence fails a payment; everything ambiguous leaves it unknown."""
     status: PaymentStatus
-    if isinstance(error, PaymentCancelledError) and error.provider_code == "INS-5":
+    if isinstance(error, PaymentCancelledError) and error.provider_code == CANCELLED_BY_CUSTOMER:
         status = S.CANCELLED
     elif isinstance(error, PaymentInitiationError):
         status = S.FAILED
@@ -235,7 +236,7 @@ def error_for_record(record: PaymentRecord) -> PaymentError | None:
         "provider_description": record.response_description,
     }
     message = record.status_description or STATUS_MESSAGES[status]
-    if status is S.UNKNOWN or status in (S.PENDING, S.PROCESSING):
+    if status in UNSETTLED:
         return PaymentOutcomeUnknownError(message, **common)
     if status is S.CANCELLED:
         return PaymentCancelledError(message, **common)
@@ -245,9 +246,9 @@ def error_for_record(record: PaymentRecord) -> PaymentError | None:
             error = not_sent(message, **common)
             error.details["sent"] = False
             return error
-        if record.response_code == "INS-2006":
+        if record.response_code == INSUFFICIENT_BALANCE:
             return InsufficientFundsError(message, **common)
-        if status is S.EXPIRED or record.response_code in ("INS-4", "INS-6", "INS-995", "INS-996"):
+        if status is S.EXPIRED or record.response_code in CUSTOMER_REFUSALS:
             return PaymentCancelledError(message, **common)
         if record.response_code:
             return InvalidPaymentRequestError(message, **common)
@@ -343,7 +344,7 @@ def apply_outcome(
     elif (
         status is not None
         and not outcome.live
-        and before in (S.PENDING, S.PROCESSING)
+        and before in IN_FLIGHT
         and in_flight_until is not None
         and now < in_flight_until
     ):
@@ -475,6 +476,6 @@ def _apply_reversal_to_original(
 def _audit_action_for(status: PaymentStatus) -> AuditAction:
     if status is S.COMPLETED:
         return AuditAction.COMPLETED
-    if status in (S.FAILED, S.CANCELLED, S.EXPIRED):
+    if status in UNSUCCESSFUL:
         return AuditAction.FAILED
     return AuditAction.STATUS_CHANGED

@@ -17,10 +17,10 @@ from sqlalchemy import Select, and_, bindparam, func, insert, or_, select, true,
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.exc import StaleDataError
 
+from .lifecycle import IN_FLIGHT, UNSETTLED
 from .models import (
     AuditAction,
     PaymentAuditLog,
-    PaymentStatus,
     PaymentTransaction,
     PaymentWebhookLog,
     as_utc,
@@ -243,9 +243,7 @@ def reversals_in_flight_amount(session: Session, original_pk: int) -> Decimal:
     total = session.scalar(
         select(func.coalesce(func.sum(PaymentTransaction.amount), 0)).where(
             PaymentTransaction.original_id == original_pk,
-            PaymentTransaction.status.in_(
-                [PaymentStatus.PENDING, PaymentStatus.PROCESSING, PaymentStatus.UNKNOWN]
-            ),
+            PaymentTransaction.status.in_(sorted(UNSETTLED)),
         )
     )
     return Decimal(total or 0)
@@ -399,7 +397,7 @@ def claim_due_for_reconciliation(
     Skipped: payments held for an operator (no answer of M-Pesa's can settle them), and
     ``pending``/``processing`` ones not created before ``open_calls_created_before[operation]``
     (their own call may still be answered)."""
-    in_flight = PaymentTransaction.status.in_([PaymentStatus.PENDING, PaymentStatus.PROCESSING])
+    in_flight = PaymentTransaction.status.in_(sorted(IN_FLIGHT))
     call_over = (
         or_(
             *(
@@ -416,9 +414,7 @@ def claim_due_for_reconciliation(
     rows = session.scalars(
         select(PaymentTransaction)
         .where(
-            PaymentTransaction.status.in_(
-                [PaymentStatus.PENDING, PaymentStatus.PROCESSING, PaymentStatus.UNKNOWN]
-            ),
+            PaymentTransaction.status.in_(sorted(UNSETTLED)),
             PaymentTransaction.operator_hold.is_(False),
             PaymentTransaction.created_at <= created_before,
             or_(~in_flight, call_over),

@@ -22,9 +22,8 @@ from pydantic import AfterValidator, BaseModel, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import Message
 
-from . import repository as repo
 from .config import get_settings
-from .database import DATABASE_ERRORS, DbSession, get_db, run_db
+from .database import DATABASE_ERRORS, DbSession, get_db
 from .exceptions import (
     DuplicateTransactionError,
     IdempotencyConflictError,
@@ -46,7 +45,6 @@ from .health import health_report
 from .logger import payment_logger
 from .mpesa.values import MSISDN_PATTERN, Msisdn
 from .notifications import NotificationProcessor, ProviderAnswer, client_ip, read_capped
-from .redaction import sanitize_text
 from .schemas import (
     ApiDate,
     AuditTrailResponse,
@@ -63,7 +61,6 @@ from .schemas import (
     ResolveRequest,
     ReversalRequest,
     TransferRequest,
-    WebhookEntry,
     WebhookListResponse,
 )
 from .service import PaymentService
@@ -612,27 +609,13 @@ def create_payment_router(
     async def list_webhooks(
         db: Db,
         _: Actor,
+        payments: Service,
         is_processed: bool | None = None,
         page: Annotated[int, Query(ge=1, le=100_000)] = 1,
         per_page: Annotated[int, Query(ge=1, le=100)] = 20,
     ) -> WebhookListResponse:
-        rows, total = await run_db(
-            db,
-            lambda s: repo.list_notifications(
-                s, is_processed=is_processed, page=page, per_page=per_page
-            ),
-        )
-        return WebhookListResponse(
-            items=[
-                # Forwarders may put phone numbers in the body: masked like every other answer.
-                WebhookEntry.model_validate(row).model_copy(
-                    update={"raw_body": sanitize_text(row.raw_body)}
-                )
-                for row in rows
-            ],
-            total=total,
-            page=page,
-            per_page=per_page,
+        return await NotificationProcessor(payments).listing(
+            db, is_processed=is_processed, page=page, per_page=per_page
         )
 
     @router.post(
@@ -640,26 +623,11 @@ def create_payment_router(
         response_model=ReplayResult,
         responses=_responses(404, 413),
     )
-    async def replay_webhook(
-        webhook_id: int, db: Db, _: Actor, payments: Service
-    ) -> dict[str, Any]:
+    async def replay_webhook(webhook_id: int, db: Db, _: Actor, payments: Service) -> ReplayResult:
         """Process a stored notification again (after fixing whatever made it fail)."""
-        if not 1 <= webhook_id <= MAX_ROW_ID:  # no such row can exist
-            raise PaymentNotFoundError(f"notification {webhook_id} not found")
-        result = await NotificationProcessor(payments).process(db, webhook_id, replay=True)
-        return {
-            "webhook_id": result.notification_id,
-            "processed": result.processed,
-            "transaction_id": result.transaction_id,
-            "status": result.status,
-            "error": result.error,
-        }
+        return await NotificationProcessor(payments).replay(db, webhook_id)
 
     return router
-
-
-#: Row ids are 32-bit integers on every database.
-MAX_ROW_ID = 2**31 - 1
 
 
 def _responses(*codes: int, base: dict[int | str, Any] | None = None) -> dict[int | str, Any]:

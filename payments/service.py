@@ -1,14 +1,14 @@
 """The use cases: initiate (C2B), payout (B2C), transfer (B2B), reverse, refresh, and the reads.
 
 ``PaymentService`` composes the provider client and the repository and owns every commit. Its
-money-moving flows keep DESIGN.md's rules:
+money-moving flows keep these rules (comments cite them by number):
 
 1. the intent row is committed (``processing``) before M-Pesa is called;
 2. no database connection or transaction is held while waiting on M-Pesa;
 3. lost or ambiguous answers leave the payment ``unknown``; only a status query settles it;
-5. an idempotency key plus a request fingerprint: one provider call per key, decided by the
+4. an idempotency key plus a request fingerprint: one provider call per key, decided by the
    database's unique constraint; the ``input_ThirdPartyReference`` is derived from the key;
-7. statuses change only along ``lifecycle.ALLOWED_TRANSITIONS``, under an optimistic lock,
+5. statuses change only along ``lifecycle.ALLOWED_TRANSITIONS``, under an optimistic lock,
    and hooks fire once, for the writer that made the transition.
 """
 
@@ -42,7 +42,7 @@ from .exceptions import (
     PaymentStorageError,
     PaymentValidationError,
 )
-from .lifecycle import SUCCEEDED, UNSETTLED, UNSUCCESSFUL
+from .lifecycle import IN_FLIGHT, SUCCEEDED, UNSETTLED, UNSUCCESSFUL
 from .logger import payment_logger
 from .models import (
     AuditAction,
@@ -456,7 +456,7 @@ class PaymentService:
                     status=before.value,
                 )
             record = repo.record_of(session, row)
-            stuck = before in (S.PENDING, S.PROCESSING) and now >= self.in_flight_until(record)
+            stuck = before in IN_FLIGHT and now >= self.in_flight_until(record)
             after = before
             if before in SUCCEEDED and not row.provider_transaction_id:
                 if wanted not in (None, S.COMPLETED):
@@ -737,7 +737,7 @@ class PaymentService:
         work: Callable[[Session], tuple[PaymentRecord, bool]],
         key: str | None,
     ) -> tuple[PaymentRecord, bool]:
-        """Commit the intent (or find the payment this key already made): rule 1 and rule 5."""
+        """Commit the intent (or find the payment this key already made): rules 1 and 4."""
         try:
             return await run_db(db, committing(work), write=True)
         except IntegrityError as exc:
@@ -980,7 +980,7 @@ class PaymentService:
                 hook = self.on_reversal_completed(record, original)
             elif not is_reversal:
                 hook = self.on_payment_completed(record)
-        elif status in (S.FAILED, S.CANCELLED, S.EXPIRED):
+        elif status in UNSUCCESSFUL:
             error = outcome.error or error_for_record(record)
             hook = (
                 self.on_reversal_failed(record, error)

@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from payments.database import create_engine_for
 from payments.models import Base
-from tests.conftest import PaymentApi, build_payment_api
+from tests.support import PaymentApi, build_payment_api
 
 EXAMPLES = 150
 fuzz_settings = settings(

@@ -16,11 +16,15 @@ from payments.exceptions import PaymentError
 from payments.models import PaymentAuditLog, PaymentTransaction, PaymentWebhookLog
 from payments.repository import PaymentRecord
 from payments.service import PaymentService
-from tests.conftest import PaymentApi, PaymentApiFactory, build_payment_api
+from tests.support import (
+    CANCELS,
+    DROPPED,
+    SUCCESS,
+    PaymentApi,
+    PaymentApiFactory,
+    build_payment_api,
+)
 
-SUCCESS = "258841234567"
-CANCELS = "258841000005"
-DROPPED = "258842000001"  # the simulator records it Completed, then drops the connection
 TOKEN = "cb-token-5d1e"
 CALLBACK = "/api/payments/callback/c2b"
 OUTPUT_KEYS = {

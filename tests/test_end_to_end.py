@@ -43,18 +43,17 @@ from payments.mpesa.transport import AiohttpTransport
 from payments.mpesa.values import Msisdn
 from payments.simulator.app import masked_customer_name
 from payments.simulator.keys import SIMULATOR_API_KEY, SIMULATOR_SECURITY_CREDENTIAL
+from tests.support import CANCELS as CANCEL
+from tests.support import DROPPED as DROP
+from tests.support import PAYEE, SLOW
+from tests.support import SUCCESS as CUSTOMER
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 15.0
 SLOW_RESPONSE_SECONDS = 2.0  # the simulator's delay for the slow number
 C2B_TIMEOUT = "0.5"  # the client's read timeout for C2B in the fault scenario
 
-CUSTOMER = "258841234567"  # pays by C2B; its name is queried
-PAYEE = "258851234567"  # receives a B2C payout
 RECEIVER_SHORTCODE = "979797"
-DROP = "258842000001"  # recorded Completed, then the connection is dropped
-SLOW = "258842000002"  # recorded Completed, answered after SLOW_RESPONSE_SECONDS
-CANCEL = "258841000005"  # INS-5, cancelled by the customer
 USED_MSISDNS = (CUSTOMER, PAYEE, DROP, SLOW, CANCEL)
 
 LOG_FILE_NAME = re.compile(r"payment_\d{4}-\d{2}-\d{2}\.log")

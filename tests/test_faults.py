@@ -9,7 +9,7 @@ explicit environment, every wait is bounded, and every process is terminated (th
 ``finally`` or fixture teardown. Only the hook and ordering tests use an in-process simulator,
 where the test has to hold an answer in transit or count hook calls.
 
-What is asserted throughout is DESIGN.md's money-safety contract: the intent row exists before
+What is asserted throughout is the module's money-safety contract: the intent row exists before
 the provider is called, ambiguous answers leave payments ``unknown`` (never ``failed``), only a
 status query settles them, nothing is sent twice, and a settled payment is never demoted.
 """
@@ -64,12 +64,18 @@ from payments.schemas import PaymentInitiateRequest, ReversalRequest
 from payments.service import PaymentService
 from payments.simulator.app import MpesaSimulator, SimulatorConfig
 from payments.simulator.transport import SimulatorTransport
-from tests.conftest import (
+from tests.support import DROPPED as DROP
+from tests.support import INTERNAL_ERROR as INS_1
+from tests.support import (
+    MALFORMED,
+    SLOW,
     TEST_ADMIN_KEY,
     TEST_CALLBACK_TOKEN,
     PaymentApiFactory,
     postgres_admin_url,
 )
+from tests.support import OVERLOADED as INS_16
+from tests.support import SUCCESS as CUSTOMER
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 30.0  # seconds for a subprocess to answer HTTP
@@ -78,13 +84,7 @@ C2B_TIMEOUT = "0.5"  # the client's C2B read timeout in the read-timeout scenari
 ADMIN_KEY = "faults-admin-key-0123456789"
 CALLBACK_TOKEN = "faults-callback-token-0123456789"
 
-CUSTOMER = "258841234567"  # any other valid MSISDN: success, recorded Completed
-DROP = "258842000001"  # recorded Completed, then the connection is dropped
-SLOW = "258842000002"  # recorded Completed, answered after SLOW_RESPONSE_SECONDS
 HTML_502 = "258842000003"  # recorded Completed, answered with an HTML 502
-MALFORMED = "258842000004"  # recorded Completed, answered 200 with truncated JSON
-INS_1 = "258841000001"  # INS-1 internal error, but recorded Completed
-INS_16 = "258841000016"  # INS-16 overloaded: NOT recorded
 
 T = TypeVar("T")
 

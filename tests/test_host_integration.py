@@ -21,9 +21,10 @@ from typing import Any
 
 import pytest
 
+from tests.support import SUCCESS as FULL_MSISDN
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODULE_DIR = REPO_ROOT / "payments"
-FULL_MSISDN = "258841234567"
 
 #: Prepended to every host script: importing the repository's top-level ``payments`` package
 #: (installed in the venv in editable mode) would hide a non-relative import, so it is refused.

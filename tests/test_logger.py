@@ -21,8 +21,8 @@ from payments.logger import configure_logging, payment_logger, shutdown_logging
 from payments.mpesa.values import Msisdn
 from payments.redaction import register_secret, sanitize, sanitize_text
 from payments.simulator.keys import SIMULATOR_API_KEY
+from tests.support import SUCCESS as FULL
 
-FULL = "258841234567"
 MASKED = "2588412*****"
 DAY = datetime(2025, 1, 15, 12, 34, 56)
 LINE = re.compile(

@@ -35,12 +35,7 @@ from payments.schemas import PaymentInitiateRequest, ReversalRequest
 from payments.service import PaymentService
 from payments.simulator.app import MpesaSimulator, SimulatorConfig
 from payments.simulator.transport import SimulatorTransport
-from tests.conftest import TEST_CALLBACK_TOKEN
-
-SUCCESS = "258841234567"
-OTHER = "258847654321"
-CANCELS = "258841000005"
-DROPPED = "258842000001"  # recorded Completed by the simulator, then the connection drops
+from tests.support import CANCELS, DROPPED, OTHER, SUCCESS, TEST_CALLBACK_TOKEN
 
 
 class RecordingService(PaymentService):

@@ -34,14 +34,7 @@ from payments.schemas import (
 from payments.service import PaymentService
 from payments.simulator.app import MpesaSimulator, SimulatorConfig
 from payments.simulator.transport import SimulatorTransport
-
-from .conftest import PaymentApiFactory
-
-SUCCESS = "258841234567"
-PIN_TIMEOUT = "258841000009"  # INS-9 after the PIN delay; the answer carries a ConversationID
-INTERNAL_ERROR = "258841000001"  # INS-1, yet the payment went through
-DROPPED = "258842000001"  # recorded, then the connection drops: no ID reaches the module
-SLOW = "258842000002"
+from tests.support import DROPPED, INTERNAL_ERROR, PIN_TIMEOUT, SLOW, SUCCESS, PaymentApiFactory
 
 
 async def _no_sleep(_: float) -> None:

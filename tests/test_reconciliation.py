@@ -19,9 +19,7 @@ from payments.schemas import PaymentFilters, PaymentInitiateRequest
 from payments.service import PaymentService
 from payments.simulator.app import MpesaSimulator, SimulatorConfig
 from payments.simulator.transport import SimulatorTransport
-
-DROPPED = "258842000001"
-OVERLOADED = "258841000016"  # INS-16: not recorded by the provider
+from tests.support import DROPPED, OVERLOADED
 
 
 async def _no_sleep(_: float) -> None:

@@ -23,14 +23,18 @@ from payments import get_db, get_payment_service, payment_router, require_api_ke
 from payments.config import get_settings
 from payments.exceptions import UnauthorizedError
 from payments.simulator.keys import SIMULATOR_API_KEY, SIMULATOR_PUBLIC_KEY
-from tests.conftest import PaymentApi, PaymentApiFactory, build_payment_api
 from tests.keys import rsa_key_pair
+from tests.support import (
+    CANCELS,
+    DROPPED,
+    INSUFFICIENT,
+    PAYEE,
+    SUCCESS,
+    PaymentApi,
+    PaymentApiFactory,
+    build_payment_api,
+)
 
-SUCCESS = "258841234567"  # the number whose full digits must never appear in a response
-PAYEE = "258851234567"
-CANCELS = "258841000005"
-INSUFFICIENT = "258841002006"
-DROPPED = "258842000001"  # recorded Completed by the simulator, then the connection drops
 RECEIVER = "979797"
 
 TRANSACTION_ID = re.compile(r"^TXN-\d{14}-[A-Z0-9]{8}$")

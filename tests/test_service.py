@@ -37,13 +37,8 @@ from payments.schemas import (
 from payments.service import PaymentService
 from payments.simulator.app import MpesaSimulator, SimulatorConfig
 from payments.simulator.transport import SimulatorTransport
+from tests.support import CANCELS, DROPPED, INSUFFICIENT, PIN_TIMEOUT, SLOW, SUCCESS
 
-SUCCESS = "258841234567"
-CANCELS = "258841000005"
-INSUFFICIENT = "258841002006"
-PIN_TIMEOUT = "258841000009"
-SLOW = "258842000002"
-DROPPED = "258842000001"
 HTML_502 = "258842000003"
 
 

@@ -31,6 +31,7 @@ from payments.simulator.keys import (
     SIMULATOR_SECURITY_CREDENTIAL,
 )
 from payments.simulator.transport import SimulatorTransport
+from tests.support import SUCCESS as GOOD_MSISDN
 
 C2B = "/ipg/v1x/c2bPayment/singleStage/"
 B2C = "/ipg/v1x/b2cPayment/"
@@ -45,7 +46,6 @@ HEADERS = {
     "Content-Type": "application/json",
     "Origin": "developer.mpesa.vm.co.mz",
 }
-GOOD_MSISDN = "258841234567"
 TRANSACTION_ID = re.compile(r"[a-z0-9]{12}")
 CONVERSATION_ID = re.compile(r"[0-9a-f]{32}")
 

@@ -4,7 +4,7 @@ The only module that knows hosts, ports, paths and ``input_*``/``output_*`` name
 of the database or FastAPI. Every HTTP exchange is described by a ``ProviderExchange`` (sanitised),
 attached to the result or the error, so callers can audit it.
 
-Retries follow business semantics (DESIGN.md rule 4): queries retry with capped, jittered backoff;
+Retries follow business semantics: queries retry with capped, jittered backoff;
 C2B/B2C/B2B retry only when the request provably never left (connect failure); a reversal never
 retries. A timeout or dropped connection on a money-moving call is ``PaymentOutcomeUnknownError``.
 """
@@ -38,7 +38,7 @@ from ..exceptions import (
 from ..logger import payment_logger
 from ..redaction import sanitize
 from .auth import MpesaAuth
-from .codes import Disposition, ResponseCode, ResponseCodeTable
+from .codes import AUTH_CODES, NOT_FOUND_CODES, Disposition, ResponseCode, ResponseCodeTable
 from .transport import AiohttpTransport
 from .values import (
     PROVIDER_ID,
@@ -98,13 +98,6 @@ OPERATIONS: dict[Operation, OperationSpec] = {
 # Errors raised before a single byte of the request could reach the provider.
 _NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
-#: Codes of a status answer that mean "M-Pesa cannot find what was asked for": INS-23 ("Unknown
-#: Status", the OpenAPI's "Transaction not found"). A not-found answer is not retried; the caller
-#: may ask by another of the payment's IDs.
-NOT_FOUND_CODES = frozenset({"INS-23"})
-
-#: Refusals of the deployment's credentials or permissions (not of one request's fields).
-_AUTH_CODES = frozenset({"INS-2", "INS-13", "INS-26"})
 
 #: What to check when the gateway refuses a request in its own words (``output_error``, no code).
 _REFUSAL_ACTION = (
@@ -452,7 +445,7 @@ class MpesaClient:
                 query_reference="HEALTHCHECK", third_party_reference="H" + secrets.token_hex(9)
             )
         except InvalidPaymentRequestError as error:
-            if error.error_code == "configuration_refused" or error.provider_code in _AUTH_CODES:
+            if error.error_code == "configuration_refused" or error.provider_code in AUTH_CODES:
                 return error.message
         except PaymentProviderError as error:
             return error.message

@@ -121,6 +121,28 @@ _PORTAL_ROWS: tuple[tuple[str, int, str, str, Disposition], ...] = (
 
 PORTAL_CODES: tuple[ResponseCode, ...] = tuple(ResponseCode(*row) for row in _PORTAL_ROWS)
 
+# The codes the module decides on by name (everything else goes by disposition).
+#: Success: ``INS-0``, and plain ``0`` as result notifications send it.
+SUCCESS_CODES = frozenset({"INS-0", "0"})
+#: The customer cancelled: the payment ends ``cancelled`` (other refusals end ``failed``).
+CANCELLED_BY_CUSTOMER = "INS-5"
+#: The wallet's balance is too low.
+INSUFFICIENT_BALANCE = "INS-2006"
+#: The customer's side refused (inactive, wrong PIN, profile problems), besides cancelling.
+CUSTOMER_REFUSALS = frozenset(
+    entry.code
+    for entry in PORTAL_CODES
+    if entry.disposition is Disposition.CUSTOMER_DECLINED and entry.code != CANCELLED_BY_CUSTOMER
+)
+#: Status-query refusals of the key itself ("Invalid Reference/TransactionID Used", "Parameter
+#: validations failed"): the gateway would not look that key up, so the next one is tried.
+KEY_REFUSED_CODES = frozenset({"INS-14", "INS-18", "INS-21"})
+#: A status answer meaning "M-Pesa cannot find what was asked for": INS-23 ("Unknown Status",
+#: the OpenAPI's "Transaction not found").
+NOT_FOUND_CODES = frozenset({"INS-23"})
+#: Refusals of the deployment's credentials or permissions (not of one request's fields).
+AUTH_CODES = frozenset({"INS-2", "INS-13", "INS-26"})
+
 
 def unknown_code(code: str, http_status: int) -> ResponseCode:
     """The entry for a code missing from the table: never trusted as an outcome."""

@@ -1,6 +1,7 @@
-"""``python -m payments.simulator``: the simulator on a port."""
+"""``python -m payments.simulator``: the same command as ``python -m payments simulator``."""
 
-from .app import main
+import sys
 
-if __name__ == "__main__":
-    main()
+from ..__main__ import main
+
+main(["simulator", *sys.argv[1:]])

@@ -8,7 +8,7 @@ portal's response codes with their HTTP statuses, duplicate detection on
 at once.
 
 Use it in-process through ``transport.SimulatorTransport`` (tests, demo) or as a real server with
-:func:`run_simulator` / ``python -m payments.simulator --port 8001``.
+:func:`run_simulator` / ``python -m payments simulator --port 8001``.
 
 Scripted outcomes by MSISDN (C2B and B2C; any amount):
 
@@ -55,7 +55,6 @@ Control endpoints (not M-Pesa, no auth) live under ``/simulator/``: ``GET public
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import hashlib
@@ -1019,16 +1018,3 @@ def run_simulator(
     _install_quiet_disconnect_filter()
     # No access log: GET query strings carry full MSISDNs.
     uvicorn.run(create_simulator_app(config), host=host, port=port, access_log=False)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Run the M-Pesa Mozambique simulator.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8001)
-    parser.add_argument("--pin-delay", type=float, default=0.0, help="seconds (C2B PIN wait)")
-    args = parser.parse_args(argv)
-    run_simulator(args.host, args.port, SimulatorConfig(pin_delay_seconds=args.pin_delay))
-
-
-if __name__ == "__main__":
-    main()
