@@ -1,4 +1,8 @@
-"""Command line: ``python -m payments serve | simulator | reconcile``."""
+"""Command line: ``python -m payments serve | simulator | reconcile``.
+
+Commands that settle or deliver payments take ``--service module:attr`` (``add_service_argument``)
+and run through ``run_with_host``, so they use the host's service and database (``payments.host``).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,12 @@ import argparse
 import asyncio
 import os
 import secrets
-from collections.abc import Sequence
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .host import Host
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,7 +108,43 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument(
         "--batch-size", type=int, default=None, help="payments per pass (default 50)"
     )
+    add_service_argument(reconcile)
     return parser
+
+
+def add_service_argument(parser: argparse.ArgumentParser) -> None:
+    """``--service module:attr``: every command that settles or delivers payments runs the
+    host's service (its hooks) on the host's database (see ``payments.host``)."""
+    parser.add_argument(
+        "--service",
+        default=None,
+        metavar="MODULE:ATTR",
+        help="your PaymentService (an instance, a subclass or a factory), e.g."
+        " app.payments_hooks:shop_payments, so settled payments reach your hooks; default"
+        " PAYMENT_SERVICE. Its sessions (PaymentService(sessions=SessionLocal)) are used, else"
+        " PAYMENT_DATABASE_URL; with neither the command refuses to run.",
+    )
+
+
+def run_with_host(spec: str | None, work: Callable[[Host], Awaitable[None]]) -> None:
+    """Run ``work`` with the host's service and sessions; a setup or database problem ends
+    the command with its message and exit status 2 (no traceback)."""
+    from .host import describe_failure, open_host
+
+    async def main() -> None:
+        async with open_host(spec) as host:
+            await work(host)
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except Exception as error:
+        message = describe_failure(error)
+        if message is None:
+            raise
+        print(f"python -m payments: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _add_exposure_flag(parser: argparse.ArgumentParser, what: str) -> None:
@@ -135,7 +180,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             max_header_bytes=args.max_header_bytes,
         )
     elif args.command == "reconcile":
-        asyncio.run(reconcile(args.min_age, args.loop, args.batch_size))
+        run_with_host(
+            args.service,
+            lambda host: reconcile(host, args.min_age, args.loop, args.batch_size),
+        )
     elif args.command == "simulator":
         _refuse_remote(args.host, args.allow_remote, "simulator")
         from .simulator.app import SimulatorConfig, run_simulator
@@ -188,29 +236,21 @@ def serve(
     )
 
 
-async def reconcile(min_age: float | None, loop: float | None, batch_size: int | None) -> None:
-    from .database import get_database
+async def reconcile(
+    host: Host, min_age: float | None, loop: float | None, batch_size: int | None
+) -> None:
     from .reconciliation import reconcile_forever, reconcile_once
-    from .service import PaymentService
 
-    service = PaymentService()
-    try:
-        if loop is None:
-            report = await reconcile_once(
-                service, get_database().session, min_age=min_age, batch_size=batch_size
-            )
-            print(f"reconciliation: {report}")
-        else:
-            await reconcile_forever(
-                service,
-                get_database().session,
-                interval=loop,
-                min_age=min_age,
-                batch_size=batch_size,
-            )
-    finally:
-        await service.aclose()
-        await get_database().dispose()
+    if loop is None:
+        report = await reconcile_once(
+            host.service, host.sessions, min_age=min_age, batch_size=batch_size
+        )
+        print(f"reconciliation: {report}")
+    else:
+        print(f"reconciling every {loop:g} s ({host.database_description})", flush=True)
+        await reconcile_forever(
+            host.service, host.sessions, interval=loop, min_age=min_age, batch_size=batch_size
+        )
 
 
 if __name__ == "__main__":

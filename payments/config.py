@@ -85,6 +85,9 @@ class PaymentSettings(BaseSettings):
     # Performance: about 0.3-0.5 ms of CPU per payment, against errors after a server restart).
     payment_database_pre_ping: bool = True
 
+    # The host's PaymentService for the command line (``module:attr``, like ``--service``)
+    payment_service: str | None = None
+
     # Reconciliation of payments whose outcome is still open
     payment_reconcile_min_age: float = Field(default=60.0, ge=0)
     payment_reconcile_attention_after: float = Field(default=3600.0, gt=0)
@@ -110,7 +113,9 @@ class PaymentSettings(BaseSettings):
                 )
         return value
 
-    @field_validator("mpesa_base_url", "mpesa_api_key", "mpesa_public_key", mode="before")
+    @field_validator(
+        "mpesa_base_url", "mpesa_api_key", "mpesa_public_key", "payment_service", mode="before"
+    )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

@@ -24,7 +24,7 @@ import importlib.util
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import lru_cache
 from typing import Any, TypeVar
 
@@ -53,8 +53,8 @@ _ASYNC_DRIVERS = {"aiosqlite", "asyncpg", "psycopg", "psycopg_async"}
 
 def normalize_database_url(url: str) -> str:
     """Turn the URLs people paste into async ones: ``sqlite:///x.db`` → ``sqlite+aiosqlite``,
-    ``postgres://`` / ``postgresql://`` → ``postgresql+asyncpg`` (or ``+psycopg`` when only
-    psycopg is installed). Explicit async drivers are kept as they are."""
+    ``postgres://`` / ``postgresql://`` → ``postgresql+asyncpg`` (refused, naming the
+    ``[postgres]`` extra, when asyncpg is not installed). Explicit async drivers are kept."""
     raw = url.strip()
     if raw.startswith("postgres://"):
         raw = "postgresql://" + raw.removeprefix("postgres://")
@@ -71,16 +71,16 @@ def normalize_database_url(url: str) -> str:
     if backend == "sqlite":
         drivername = "sqlite+aiosqlite"
     elif backend == "postgresql":
-        if importlib.util.find_spec("asyncpg") is not None:
-            drivername = "postgresql+asyncpg"
-        elif importlib.util.find_spec("psycopg") is not None:
-            drivername = "postgresql+psycopg"
-        else:
+        # No silent fallback to another driver: postgresql:// means asyncpg, the driver the
+        # module is measured and tested with; psycopg only when the URL says +psycopg.
+        if importlib.util.find_spec("asyncpg") is None:
             raise PaymentConfigurationError(
-                "PAYMENT_DATABASE_URL points at PostgreSQL but neither asyncpg nor psycopg is"
-                " installed (pip install asyncpg)",
+                "PAYMENT_DATABASE_URL points at PostgreSQL (postgresql://), which needs asyncpg:"
+                " install the [postgres] extra (pip install 'payments[postgres]', or pip install"
+                " asyncpg), or name another async driver explicitly (postgresql+psycopg://)",
                 details={"variable": "PAYMENT_DATABASE_URL"},
             )
+        drivername = "postgresql+asyncpg"
     else:
         raise PaymentConfigurationError(
             f"PAYMENT_DATABASE_URL: unsupported database {backend!r} (use sqlite or postgresql)",
@@ -222,6 +222,47 @@ async def get_db() -> AsyncIterator[DbSession]:
     Hosts replace it with ``app.dependency_overrides[get_db] = host_get_db`` (sync or async)."""
     async with get_database().session() as session:
         yield session
+
+
+#: Opens a session for one unit of the module's own background work (a reconciliation pass):
+#: ``async with sessions() as db``.
+SessionSource = Callable[[], AbstractAsyncContextManager[DbSession]]
+
+
+def as_session_source(factory: Callable[[], Any]) -> SessionSource:
+    """Whatever a host opens sessions with, as a ``SessionSource``: an ``async_sessionmaker``,
+    a synchronous ``sessionmaker`` (its sessions work in worker threads, as on the router), a
+    callable returning an ``async with`` context (``ModuleDatabase.session``), or one returning a
+    ``Session``/``AsyncSession``. Sessions it opened are closed after use."""
+
+    @asynccontextmanager
+    async def open_session() -> AsyncIterator[DbSession]:
+        opened = await asyncio.to_thread(factory) if _blocking(factory) else factory()
+        if isinstance(opened, AsyncSession):
+            async with opened:
+                yield opened
+            return
+        if isinstance(opened, Session):
+            try:
+                yield opened
+            finally:
+                await asyncio.to_thread(opened.close)
+            return
+        if hasattr(opened, "__aenter__"):
+            async with opened as session:
+                yield session
+            return
+        raise TypeError(
+            "a session factory must return a Session, an AsyncSession or an async context"
+            f" manager of one, not {type(opened).__name__}"
+        )
+
+    return open_session
+
+
+def _blocking(factory: Callable[[], Any]) -> bool:
+    """A synchronous ``sessionmaker`` may connect (or run hooks) when called: off the loop."""
+    return isinstance(factory, sessionmaker)
 
 
 async def run_db(db: DbSession, work: Callable[[Session], T], *, write: bool = False) -> T:

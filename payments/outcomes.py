@@ -189,10 +189,21 @@ async def query_outcome(
     )
 
 
-def outcome_of_success(result: ProviderResult) -> Outcome:
+#: The message of a completed answer, per operation (a reversal is not a "payment completed").
+SUCCESS_MESSAGES = {
+    PaymentOperation.C2B: "Payment completed successfully",
+    PaymentOperation.B2C: "Payout completed successfully",
+    PaymentOperation.B2B: "Transfer completed successfully",
+    PaymentOperation.REVERSAL: "Reversal completed successfully",
+}
+
+
+def outcome_of_success(
+    result: ProviderResult, operation: PaymentOperation = PaymentOperation.C2B
+) -> Outcome:
     return Outcome(
         status=S.COMPLETED,
-        status_description="Payment completed successfully",
+        status_description=SUCCESS_MESSAGES[operation],
         exchanges=result.exchanges,
         response_code=result.response_code,
         response_description=result.response_description,

@@ -16,23 +16,25 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy.orm import Session
 
 from . import repository as repo
 from .config import PaymentSettings
-from .database import DbSession, committing, run_db
+from .database import DbSession, SessionSource, as_session_source, committing, run_db
 from .logger import payment_logger
 from .models import AuditAction, PaymentOperation, PaymentStatus, utcnow
 from .outcomes import Outcome
 from .repository import PaymentRecord
 from .service import PaymentService
 
-#: Opens a session: an ``async_sessionmaker``, or ``get_database().session``.
-SessionSource = Callable[[], AbstractAsyncContextManager[DbSession]]
+#: Opens a session: an ``async_sessionmaker``, a synchronous ``sessionmaker``, or
+#: ``get_database().session`` (see ``database.as_session_source``).
+Sessions = Callable[[], Any]
+__all__ = ["ReconcileReport", "SessionSource", "reconcile_forever", "reconcile_once"]
 
 #: Time a payment's database work may take after its query (retries on conflicts included).
 DATABASE_MARGIN = timedelta(seconds=30)
@@ -81,7 +83,7 @@ def backoff(attempts: int) -> timedelta:
 
 async def reconcile_once(
     service: PaymentService,
-    sessions: SessionSource,
+    sessions: Sessions,
     *,
     min_age: float | None = None,
     attention_after: float | None = None,
@@ -89,7 +91,10 @@ async def reconcile_once(
     concurrency: int = 10,
     now: Callable[[], datetime] = utcnow,
 ) -> ReconcileReport:
-    """One pass over the due payments at least ``min_age`` seconds old."""
+    """One pass over the due payments at least ``min_age`` seconds old. ``sessions`` opens a
+    session: an ``async_sessionmaker``, a synchronous ``sessionmaker`` or
+    ``get_database().session``."""
+    sessions = as_session_source(sessions)
     settings = service.settings
     min_age = settings.payment_reconcile_min_age if min_age is None else min_age
     attention_after = (
@@ -223,7 +228,7 @@ async def _settle_one(
 
 async def reconcile_forever(
     service: PaymentService,
-    sessions: SessionSource,
+    sessions: Sessions,
     *,
     interval: float | None = None,
     min_age: float | None = None,

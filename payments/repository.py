@@ -295,8 +295,9 @@ def list_page(
 
 def summary_rows(
     session: Session, filters: PaymentFilters
-) -> list[tuple[str, str, int, Decimal, int]]:
-    """(status, operation, count, amount, attention count) per status and operation."""
+) -> list[tuple[str, str, int, Decimal, int, Decimal]]:
+    """(status, operation, count, amount, attention count, reversed amount) per status and
+    operation."""
     table = PaymentTransaction
     query = _filtered(
         select(
@@ -305,12 +306,15 @@ def summary_rows(
             func.count(table.id),
             func.coalesce(func.sum(table.amount), 0),
             func.coalesce(func.sum(func.cast(table.attention_required, type_=table.id.type)), 0),
+            func.coalesce(func.sum(table.reversed_amount), 0),
         ),
         filters,
     ).group_by(table.status, table.operation)
     return [
-        (status, operation, int(count), Decimal(amount), int(attention))
-        for status, operation, count, amount, attention in session.execute(query).all()
+        (status, operation, int(count), Decimal(amount), int(attention), Decimal(reversed_amount))
+        for status, operation, count, amount, attention, reversed_amount in session.execute(
+            query
+        ).all()
     ]
 
 

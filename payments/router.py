@@ -1,8 +1,16 @@
 """HTTP in and out: parse, authorize, call one service method, map errors to HTTP in one place.
 
 Mount it with ``app.include_router(payment_router, prefix="/api")``. Every endpoint except
-``/payments/health`` and ``/payments/callback/c2b`` requires ``require_api_key`` (``X-API-Key``
-against ``PAYMENT_ADMIN_API_KEY``); hosts swap it, the session and the service through
+``/payments/health`` and ``/payments/callback/c2b`` is authenticated. Two roles:
+
+- *customer* (``customer_auth``): ``POST /payments/initiate`` (C2B) and
+  ``GET /payments/status/{id}`` of a payment this customer started;
+- *staff* (``staff_auth``): everything else (payouts, transfers, reversals, refresh, resolution,
+  lists, summary, audit, customer names, webhooks, ``health?deep=true``) and the status of any
+  payment.
+
+Both default to ``require_api_key`` (``X-API-Key`` against ``PAYMENT_ADMIN_API_KEY``); ``auth``
+sets both at once. Hosts swap them, the session and the service through
 ``create_payment_router(...)`` or ``app.dependency_overrides``.
 """
 
@@ -154,6 +162,18 @@ class _NoApp:
 _NO_APP = _NoApp()
 
 
+class _AuthRule:
+    """Who may call a route: ``roles`` tried in order (dependency, role name)."""
+
+    __slots__ = ("only_with_flag", "roles")
+
+    def __init__(
+        self, roles: list[tuple[Callable[..., Any], str]], only_with_flag: str | None
+    ) -> None:
+        self.roles = roles
+        self.only_with_flag = only_with_flag
+
+
 class PaymentRoute(APIRoute):
     """Maps errors inside the router itself, so hosts need no exception handlers of their own.
 
@@ -164,7 +184,7 @@ class PaymentRoute(APIRoute):
 
     def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
         handler = super().get_route_handler()
-        auth_rule: tuple[Callable[..., Any], str | None] | None = next(
+        auth_rule: _AuthRule | None = next(
             (
                 getattr(dependency.call, _AUTH_MARK)
                 for dependency in self.dependant.dependencies
@@ -172,7 +192,7 @@ class PaymentRoute(APIRoute):
             ),
             None,
         )
-        authenticate = self._authenticator(*auth_rule) if auth_rule is not None else None
+        authenticate = self._authenticator(auth_rule) if auth_rule is not None else None
         reads_own_body = getattr(self.endpoint, _OWN_BODY_MARK, False)
 
         async def route(request: Request) -> Response:
@@ -197,7 +217,11 @@ class PaymentRoute(APIRoute):
                 return validation_response(error)
             except PaymentError as error:
                 return error_response(error)
-            except HTTPException as error:  # e.g. a body FastAPI could not decode
+            except HTTPException as error:
+                if not _is_body_parse_error(error):
+                    # The host's own (its auth answering 401/403, its session dependency): its
+                    # status, detail and headers, rendered by the host app's handlers.
+                    raise
                 return _error(error.status_code, "bad_request", str(error.detail))
             except DATABASE_ERRORS as error:
                 payment_logger.error(
@@ -207,51 +231,102 @@ class PaymentRoute(APIRoute):
 
         return route
 
-    def _authenticator(
-        self, auth: Callable[..., Any], only_with_flag: str | None
-    ) -> Callable[[Request], Awaitable[None]]:
-        """Runs ``auth`` (or its override) through FastAPI's own dependency machinery, on a probe
-        route without a body, and leaves the caller's name in ``request.state`` for the real
-        endpoint. ``only_with_flag``: authenticate only when that query flag is true."""
-
-        async def probe(request: Request, actor: Annotated[str, Depends(auth)]) -> Response:
-            request.state.payments_actor = actor
-            return Response(status_code=204)
-
-        # One probe per app: its dependency overrides (the app serving the request) apply.
-        probes: weakref.WeakKeyDictionary[Any, Callable[[Request], Awaitable[Response]]]
-        probes = weakref.WeakKeyDictionary()
+    def _authenticator(self, rule: _AuthRule) -> Callable[[Request], Awaitable[None]]:
+        """Runs the rule's dependencies (or their overrides) through FastAPI's own dependency
+        machinery, on probe routes without a body, and leaves the caller's identity and role in
+        ``request.state`` for the real endpoint. The first role whose dependency accepts the
+        caller wins; when none does, the last one's error is the answer."""
         methods = list(self.methods or ["GET"])
+        # One probe per app and role: its dependency overrides (the app serving the request).
+        probes: weakref.WeakKeyDictionary[Any, list[Callable[[Request], Awaitable[Response]]]]
+        probes = weakref.WeakKeyDictionary()
 
-        def probe_for(app: Any) -> Callable[[Request], Awaitable[Response]]:
-            handler = probes.get(app)
-            if handler is None:
-                route = APIRoute(
-                    self.path, probe, methods=methods, dependency_overrides_provider=app
-                )
-                handler = probes[app] = route.get_route_handler()
-            return handler
+        def probe_route(auth: Callable[..., Any], role: str) -> Callable[..., Any]:
+            async def probe(request: Request, identity: Annotated[Any, Depends(auth)]) -> Response:
+                request.state.payments_actor = identity_of(identity)
+                request.state.payments_role = role
+                return Response(status_code=204)
+
+            return probe
+
+        def probes_for(app: Any) -> list[Callable[[Request], Awaitable[Response]]]:
+            handlers = probes.get(app)
+            if handlers is None:
+                handlers = probes[app] = [
+                    APIRoute(
+                        self.path,
+                        probe_route(auth, role),
+                        methods=methods,
+                        dependency_overrides_provider=app,
+                    ).get_route_handler()
+                    for auth, role in rule.roles
+                ]
+            return handlers
 
         async def authenticate(request: Request) -> None:
-            if only_with_flag is not None:
+            if rule.only_with_flag is not None:
                 try:
-                    wanted = _FLAG.validate_python(request.query_params.get(only_with_flag, "0"))
+                    flag = request.query_params.get(rule.only_with_flag, "0")
+                    wanted = _FLAG.validate_python(flag)
                 except ValidationError:
                     return  # the endpoint's own parameter check answers 422
                 if not wanted:
                     return
             app = request.scope.get("app") or _NO_APP
-            if auth is require_api_key and require_api_key not in getattr(
-                app, "dependency_overrides", {}
-            ):
-                # The default key check, not overridden: called as FastAPI would call it (the
-                # header's first value), without a probe route's dependency solving per request.
-                actor = await require_api_key(request.headers.get("x-api-key"))
-                request.state.payments_actor = actor
-                return
-            await probe_for(app)(request)
+            overrides = getattr(app, "dependency_overrides", {})
+            handlers: list[Callable[[Request], Awaitable[Response]]] | None = None
+            for index, (auth, role) in enumerate(rule.roles):
+                try:
+                    if auth is require_api_key and require_api_key not in overrides:
+                        # The default key check, not overridden: called as FastAPI would call
+                        # it (the header's first value), without a probe route's dependency
+                        # solving on every request.
+                        identity = await require_api_key(request.headers.get("x-api-key"))
+                        request.state.payments_actor = identity_of(identity)
+                        request.state.payments_role = role
+                        return
+                    if handlers is None:
+                        handlers = probes_for(app)
+                    await handlers[index](request)
+                    return
+                except (UnauthorizedError, HTTPException):
+                    if index == len(rule.roles) - 1:
+                        raise
 
         return authenticate
+
+
+#: The longest identity that fits ``user_id`` and the audit trail's ``actor``.
+IDENTITY_MAX_LENGTH = 100
+
+
+def identity_of(value: Any) -> str:
+    """What an auth dependency returned, as the identity recorded on payments (``user_id``) and
+    audit entries (``actor``): a non-empty ``str`` of at most 100 characters (an ``int`` is
+    taken as its digits). ``None`` means "not authenticated"; anything else is the host's
+    mistake, answered 500 with a message saying so rather than guessed at."""
+    if value is None:
+        raise UnauthorizedError("not authenticated")
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip() or len(value) > IDENTITY_MAX_LENGTH:
+        raise PaymentConfigurationError(
+            "the payments auth dependency must return the caller's identity as a non-empty str"
+            f" of at most {IDENTITY_MAX_LENGTH} characters (e.g. str(user.id)), not"
+            f" {type(value).__name__}",
+            details={"variable": "customer_auth/staff_auth"},
+        )
+    return value
+
+
+def _is_body_parse_error(error: HTTPException) -> bool:
+    """FastAPI's own answer to a body it could not read (``fastapi.routing`` raises it from the
+    parse error); every other ``HTTPException`` came from the host and passes through."""
+    return (
+        error.status_code == 400
+        and error.detail == "There was an error parsing the body"
+        and error.__cause__ is not None
+    )
 
 
 def _nul_in_request(request: Request) -> JSONResponse | None:
@@ -334,12 +409,17 @@ def _client_ip(request: Request, payments: PaymentService) -> str | None:
     )
 
 
+CUSTOMER = "customer"
+STAFF = "staff"
+
+
 def _actor_dependency(
-    auth: Callable[..., Any], *, only_with_flag: str | None = None
+    roles: list[tuple[Callable[..., Any], str]], *, only_with_flag: str | None = None
 ) -> Callable[..., Awaitable[str | None]]:
-    """The caller's name, as ``PaymentRoute`` found it with ``auth`` before the body was read.
-    Every route that declares this dependency is authenticated first; ``only_with_flag``: only
-    when that query flag is true (``/health?deep=true``)."""
+    """The caller's identity, as ``PaymentRoute`` found it with the first of ``roles`` that
+    accepted the caller, before the body was read. Every route that declares this dependency is
+    authenticated first; ``only_with_flag``: only when that query flag is true
+    (``/health?deep=true``)."""
 
     async def actor(request: Request) -> str | None:
         found = getattr(request.state, "payments_actor", None)
@@ -356,9 +436,14 @@ def _actor_dependency(
 
     # The default key is declared as a security scheme in the OpenAPI document; a host's own
     # auth documents itself.
-    dependency = actor_with_key if auth is require_api_key else actor
-    setattr(dependency, _AUTH_MARK, (auth, only_with_flag))
+    uses_key = any(auth is require_api_key for auth, _ in roles)
+    dependency = actor_with_key if uses_key else actor
+    setattr(dependency, _AUTH_MARK, _AuthRule(roles, only_with_flag))
     return dependency
+
+
+def _role(request: Request) -> str | None:
+    return getattr(request.state, "payments_role", None)
 
 
 def _not_blank(value: str | None) -> str | None:
@@ -388,14 +473,36 @@ def _json(model: BaseModel) -> Response:
 def create_payment_router(
     *,
     get_session: Callable[..., Any] = get_db,
-    auth: Callable[..., Any] = require_api_key,
+    customer_auth: Callable[..., Any] | None = None,
+    staff_auth: Callable[..., Any] | None = None,
+    auth: Callable[..., Any] | None = None,
     service: Callable[[], PaymentService] = get_payment_service,
 ) -> APIRouter:
-    """Build the router. ``get_session`` yields a ``Session`` or an ``AsyncSession``; ``auth``
-    returns the caller's name (or raises); ``service`` returns the ``PaymentService`` to use."""
+    """Build the router.
+
+    ``get_session`` yields a ``Session`` or an ``AsyncSession``; ``service`` returns the
+    ``PaymentService`` to use. ``customer_auth`` guards ``initiate`` and the status of the
+    caller's own payments; ``staff_auth`` guards everything else (and the status of any payment).
+    Each is a FastAPI dependency that returns the caller's identity, a non-empty ``str`` of at
+    most 100 characters (a customer's is recorded as the payment's ``user_id`` and compared on
+    ``status``; every identity is the ``actor`` of audit entries), or raises (an
+    ``HTTPException`` passes through as it is). ``auth`` is the earlier single dependency: it
+    sets whichever of the two is not given. Without any, both are ``require_api_key``."""
+    staff = staff_auth or auth or require_api_key
+    customer = customer_auth or auth or require_api_key
     router = APIRouter(prefix="/payments", tags=["payments"], route_class=PaymentRoute)
     Db = Annotated[DbSession, Depends(get_session)]
-    Actor = Annotated[str, Depends(_actor_dependency(auth))]
+    Actor = Annotated[str, Depends(_actor_dependency([(staff, STAFF)]))]
+    # A staff member's credentials are tried first, so staff read any payment's status with
+    # their own; the same dependency for both roles means one call, as staff.
+    either: list[tuple[Callable[..., Any], str]] = (
+        [(staff, STAFF)] if customer is staff else [(staff, STAFF), (customer, CUSTOMER)]
+    )
+    # One dependency for both roles (the admin key, or ``auth=``): its callers are staff, as
+    # before the roles were split (replays and status reads are not limited to their own).
+    customer_role = STAFF if customer is staff else CUSTOMER
+    CustomerActor = Annotated[str, Depends(_actor_dependency([(customer, customer_role)]))]
+    AnyActor = Annotated[str, Depends(_actor_dependency(either))]
     Service = Annotated[PaymentService, Depends(_awaitable(service))]
     IdempotencyHeader = Annotated[
         str | None, Header(alias="Idempotency-Key", max_length=255), AfterValidator(_not_blank)
@@ -406,7 +513,7 @@ def create_payment_router(
         body: PaymentInitiateRequest,
         request: Request,
         db: Db,
-        actor: Actor,
+        actor: CustomerActor,
         payments: Service,
         idempotency_key: IdempotencyHeader = None,
     ) -> Response:
@@ -418,6 +525,7 @@ def create_payment_router(
                 actor=actor,
                 idempotency_key=idempotency_key,
                 client_ip=_client_ip(request, payments),
+                owner=actor if _role(request) == CUSTOMER else None,
             )
         )
 
@@ -520,8 +628,12 @@ def create_payment_router(
     @router.get(
         "/status/{transaction_id}", response_model=PaymentResponse, responses=_responses(404)
     )
-    async def status(transaction_id: str, db: Db, _: Actor, payments: Service) -> Response:
-        return _json(await payments.get(transaction_id, db))
+    async def status(
+        transaction_id: str, request: Request, db: Db, actor: AnyActor, payments: Service
+    ) -> Response:
+        """One payment. A customer sees only a payment they started (anyone else's is 404)."""
+        owner = actor if _role(request) == CUSTOMER else None
+        return _json(await payments.get(transaction_id, db, owner=owner))
 
     @router.get("/", response_model=PaymentListResponse, responses=_responses())
     async def list_payments(
@@ -567,7 +679,9 @@ def create_payment_router(
         "/health",
         response_model=HealthReport,
         # Public, except ``deep=true``.
-        openapi_extra={"security": [{}, {"APIKeyHeader": []}]} if auth is require_api_key else None,
+        openapi_extra={"security": [{}, {"APIKeyHeader": []}]}
+        if staff is require_api_key
+        else None,
         responses={
             401: {"model": ErrorResponse, "description": "``deep=true`` without a valid key"},
             422: {"model": ErrorResponse, "description": "Invalid parameters"},
@@ -577,7 +691,9 @@ def create_payment_router(
     async def health(
         db: Db,
         payments: Service,
-        _: Annotated[str | None, Depends(_actor_dependency(auth, only_with_flag="deep"))],
+        _: Annotated[
+            str | None, Depends(_actor_dependency([(staff, STAFF)], only_with_flag="deep"))
+        ],
         deep: bool = False,
     ) -> JSONResponse:
         """Database reachable, provider configuration valid; ``deep=true`` (staff only: it needs

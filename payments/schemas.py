@@ -23,7 +23,13 @@ from pydantic import (
 
 from .exceptions import PaymentValidationError
 from .models import as_utc
-from .mpesa.values import PROVIDER_ID_PATTERN, Msisdn, parse_amount
+from .mpesa.values import (
+    MONEY_TEXT_PATTERN,
+    PROVIDER_ID_PATTERN,
+    Msisdn,
+    money_text,
+    parse_amount,
+)
 from .redaction import sanitize_text
 
 
@@ -43,15 +49,31 @@ AMOUNT_JSON_SCHEMA: dict[str, Any] = {
     ]
 }
 
-#: Exact cents in, a JSON number out (as the original README's examples show).
+#: How money looks in every answer: the exact decimal with two places, as a string.
+MONEY_JSON_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "pattern": MONEY_TEXT_PATTERN,
+    "examples": ["100.00"],
+    "description": 'Exact amount with two decimals (never a float), e.g. "100.00"',
+}
+
+_money_out = PlainSerializer(money_text, return_type=str, when_used="json")
+
+#: Exact cents in (a number or a string, as ``parse_amount`` takes), ``"100.00"`` out.
 Amount = Annotated[
     Decimal,
     BeforeValidator(_amount),
-    PlainSerializer(lambda value: float(value), return_type=float, when_used="json"),
+    _money_out,
     WithJsonSchema(AMOUNT_JSON_SCHEMA, mode="validation"),
+    WithJsonSchema(MONEY_JSON_SCHEMA, mode="serialization"),
 ]
+#: Money in answers: serialised by ``values.money_text`` (``"100.00"``). Reuse it in any model
+#: that carries money (event payloads, reports).
 Money = Annotated[
-    Decimal, PlainSerializer(lambda value: float(value), return_type=float, when_used="json")
+    Decimal,
+    _money_out,
+    WithJsonSchema(MONEY_JSON_SCHEMA, mode="serialization"),
+    WithJsonSchema(MONEY_JSON_SCHEMA, mode="validation"),
 ]
 ShortText = Annotated[str, Field(min_length=1, max_length=100)]
 Email = Annotated[str, Field(max_length=255, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")]
@@ -258,16 +280,43 @@ class SummaryBucket(BaseModel):
     amount: Money
 
 
+class OperationSummary(SummaryBucket):
+    """One operation: every payment (``count``/``amount``, whatever its status), the completed
+    ones, and the success rate among the settled ones (``None`` when none is settled yet)."""
+
+    completed_count: int = 0
+    completed_amount: Money = Decimal("0")
+    success_rate: float | None = None
+
+
 class PaymentSummary(BaseModel):
+    """Money in and money out are reported apart (``received``: C2B completed, ``paid_out``:
+    B2C, ``transferred``: B2B, ``reversed``: completed reversals); ``total_amount`` is only the
+    sum of every amount asked for, in any direction and status."""
+
     from_date: date | None
     to_date: date | None
     total_count: int
     total_amount: Money
-    completed_amount: Money
-    success_rate: float | None
+    received: SummaryBucket
+    paid_out: SummaryBucket
+    transferred: SummaryBucket
+    reversed: SummaryBucket
+    #: Customer payments completed in the period, less what completed reversals gave back.
+    net_received: Money
+    #: Completed among settled payments, per operation (``None``: nothing settled yet).
+    success_rate_by_operation: dict[str, float | None]
+    #: Kept for earlier readers: the same as ``received.amount``.
+    completed_amount: Money = Field(
+        description="Deprecated: the same as received.amount (customer payments only)"
+    )
+    #: Kept for earlier readers: the C2B success rate (``success_rate_by_operation["c2b"]``).
+    success_rate: float | None = Field(
+        description='Deprecated: the same as success_rate_by_operation["c2b"]'
+    )
     attention_required: int
     by_status: dict[str, SummaryBucket]
-    by_operation: dict[str, SummaryBucket]
+    by_operation: dict[str, OperationSummary]
 
 
 class ErrorItem(BaseModel):

@@ -75,6 +75,7 @@ from .schemas import (
     AuditLogEntry,
     AuditTrailResponse,
     CustomerNameResponse,
+    OperationSummary,
     PaymentFilters,
     PaymentInitiateRequest,
     PaymentListResponse,
@@ -107,6 +108,76 @@ class _NewPayment:
     original_id: int | None = None
 
 
+#: Which way the money of a completed payment of each operation went.
+_DIRECTIONS = {
+    PaymentOperation.C2B: "received",
+    PaymentOperation.B2C: "paid_out",
+    PaymentOperation.B2B: "transferred",
+    PaymentOperation.REVERSAL: "reversed",
+}
+
+
+def summarize(
+    rows: list[tuple[str, str, int, Decimal, int, Decimal]],
+    from_date: date | None,
+    to_date: date | None,
+) -> PaymentSummary:
+    """The summary of ``repository.summary_rows``. Money in and money out are never added
+    together: each operation has its own direction, and the success rate is per operation."""
+    zero = Decimal("0")
+    by_status: dict[str, SummaryBucket] = {}
+    by_operation: dict[str, OperationSummary] = {}
+    directions = {name: SummaryBucket(count=0, amount=zero) for name in _DIRECTIONS.values()}
+    settled: dict[str, int] = {}
+    net_received = zero
+    for status_text, operation, count, amount, _, reversed_amount in rows:
+        status = PaymentStatus(status_text)
+        succeeded = status in SUCCEEDED
+        bucket = by_status.get(status_text) or SummaryBucket(count=0, amount=zero)
+        by_status[status_text] = SummaryBucket(
+            count=bucket.count + count, amount=bucket.amount + amount
+        )
+        entry = by_operation.get(operation) or OperationSummary(count=0, amount=zero)
+        entry.count += count
+        entry.amount += amount
+        if succeeded:
+            entry.completed_count += count
+            entry.completed_amount += amount
+            direction = _DIRECTIONS.get(PaymentOperation(operation))
+            if direction is not None:
+                moved = directions[direction]
+                directions[direction] = SummaryBucket(
+                    count=moved.count + count, amount=moved.amount + amount
+                )
+            if operation == PaymentOperation.C2B:
+                # What the shop kept of it: completed reversals refunded the rest.
+                net_received += amount - reversed_amount
+        if status not in UNSETTLED:
+            settled[operation] = settled.get(operation, 0) + count
+        by_operation[operation] = entry
+    for operation, entry in by_operation.items():
+        done = settled.get(operation, 0)
+        entry.success_rate = round(entry.completed_count / done, 4) if done else None
+    c2b = by_operation.get(PaymentOperation.C2B.value)
+    return PaymentSummary(
+        from_date=from_date,
+        to_date=to_date,
+        total_count=sum(row[2] for row in rows),
+        total_amount=sum((row[3] for row in rows), zero),
+        received=directions["received"],
+        paid_out=directions["paid_out"],
+        transferred=directions["transferred"],
+        reversed=directions["reversed"],
+        net_received=net_received,
+        success_rate_by_operation={op: entry.success_rate for op, entry in by_operation.items()},
+        completed_amount=directions["received"].amount,
+        success_rate=c2b.success_rate if c2b is not None else None,
+        attention_required=sum(row[4] for row in rows),
+        by_status=by_status,
+        by_operation=by_operation,
+    )
+
+
 class PaymentService:
     """M-Pesa payments with a durable record of everything. Subclass it to react to outcomes:
 
@@ -125,10 +196,15 @@ class PaymentService:
         client: MpesaClient | None = None,
         *,
         db_retry_delays: tuple[float, ...] = (0.05, 0.25, 1.0),
+        sessions: Callable[[], Any] | None = None,
     ) -> None:
         self._settings = settings
         self._client = client
         self._db_retry_delays = db_retry_delays
+        #: The host's session factory (a ``sessionmaker``, an ``async_sessionmaker``, …) for
+        #: work outside a request: ``python -m payments reconcile --service …`` uses it, so the
+        #: command works on the host's database. ``None``: ``PAYMENT_DATABASE_URL``.
+        self.sessions = sessions
 
     @property
     def settings(self) -> PaymentSettings:
@@ -199,6 +275,7 @@ class PaymentService:
         idempotency_key: str | None = None,
         client_ip: str | None = None,
         user_id: str | None = None,
+        owner: str | None = None,
     ) -> PaymentResponse:
         """C2B: push a PIN prompt to the customer and wait for the answer (up to ~90 s).
 
@@ -207,6 +284,10 @@ class PaymentService:
         ``PaymentOutcomeUnknownError`` (recorded as ``unknown``; reconciliation settles it),
         ``IdempotencyConflictError``, ``PaymentValidationError``, ``PaymentStorageError``.
         Every error raised after the payment was recorded carries ``error.payment``.
+
+        ``owner``: the paying customer's identity (the router's customer role). A repeated
+        idempotency key then replays only that customer's own payment: another customer's key
+        is a conflict that shows nothing of the payment it made.
         """
         new = self._new_payment(PaymentOperation.C2B, request, idempotency_key)
 
@@ -219,7 +300,7 @@ class PaymentService:
             )
 
         return await self._move_money(
-            db, new, send, actor=_actor(actor, user_id), client_ip=client_ip
+            db, new, send, actor=_actor(actor, user_id), client_ip=client_ip, owner=owner
         )
 
     async def payout(
@@ -334,9 +415,12 @@ class PaymentService:
                     "a reversal cannot be reversed", field="transaction_id"
                 )
             if PaymentStatus(original.status) not in (S.COMPLETED, S.PARTIALLY_REVERSED):
+                already = original.status == S.REVERSED
                 raise InvalidStateTransitionError(
-                    f"only completed payments can be reversed; {transaction_id} is"
-                    f" {original.status}",
+                    f"{transaction_id} is already fully reversed"
+                    if already
+                    else "only completed or partially reversed payments can be reversed;"
+                    f" {transaction_id} is {original.status}",
                     details={"transaction_id": transaction_id, "status": original.status},
                 )
             if not original.provider_transaction_id:
@@ -393,7 +477,7 @@ class PaymentService:
                 third_party_reference=record.third_party_reference,
                 amount=record.amount,
             )
-            outcome = outcome_of_success(result)
+            outcome = outcome_of_success(result, PaymentOperation.REVERSAL)
         except DuplicateTransactionError as error:
             outcome = await self._settle_duplicate(record, error)
         except PaymentProviderError as error:
@@ -576,8 +660,16 @@ class PaymentService:
             response_description=result.response_description,
         )
 
-    async def get(self, transaction_id: str, db: DbSession) -> PaymentResponse:
-        return to_response(await self._get_record(db, transaction_id))
+    async def get(
+        self, transaction_id: str, db: DbSession, *, owner: str | None = None
+    ) -> PaymentResponse:
+        """The payment. With ``owner`` (a customer's identity), only a payment that customer
+        started (its ``user_id``); anyone else's answers ``PaymentNotFoundError`` exactly like a
+        payment that does not exist, so a customer learns nothing about other customers."""
+        record = await self._get_record(db, transaction_id)
+        if owner is not None and record.user_id != owner:
+            raise PaymentNotFoundError(f"payment {transaction_id} not found")
+        return to_response(record)
 
     async def list(
         self,
@@ -607,35 +699,13 @@ class PaymentService:
         from_date: date | None = None,
         to_date: date | None = None,
     ) -> PaymentSummary:
-        """Counts and sums per status and per operation, over ``created_at`` dates (inclusive)."""
+        """Counts and sums per status, per operation and per direction of the money (received,
+        paid out, transferred, reversed), over ``created_at`` dates (inclusive)."""
         if from_date and to_date and from_date > to_date:
             raise PaymentValidationError("from_date must not be after to_date", field="from_date")
         filters = PaymentFilters(from_date=from_date, to_date=to_date)
         rows = await run_db(db, lambda session: repo.summary_rows(session, filters))
-        by_status: dict[str, SummaryBucket] = {}
-        by_operation: dict[str, SummaryBucket] = {}
-        for status, operation, count, amount, _ in rows:
-            for buckets, key in ((by_status, status), (by_operation, operation)):
-                bucket = buckets.get(key) or SummaryBucket(count=0, amount=Decimal("0"))
-                buckets[key] = SummaryBucket(
-                    count=bucket.count + count, amount=bucket.amount + amount
-                )
-        payments = [row for row in rows if row[1] != PaymentOperation.REVERSAL]
-        settled = sum(row[2] for row in payments if PaymentStatus(row[0]) not in UNSETTLED)
-        succeeded = sum(row[2] for row in payments if PaymentStatus(row[0]) in SUCCEEDED)
-        return PaymentSummary(
-            from_date=from_date,
-            to_date=to_date,
-            total_count=sum(row[2] for row in rows),
-            total_amount=sum((row[3] for row in rows), Decimal("0")),
-            completed_amount=sum(
-                (row[3] for row in payments if PaymentStatus(row[0]) in SUCCEEDED), Decimal("0")
-            ),
-            success_rate=round(succeeded / settled, 4) if settled else None,
-            attention_required=sum(row[4] for row in rows),
-            by_status=by_status,
-            by_operation=by_operation,
-        )
+        return summarize(rows, from_date, to_date)
 
     async def audit(self, transaction_id: str, db: DbSession) -> AuditTrailResponse:
         def load(session: Session) -> list[AuditLogEntry]:
@@ -762,6 +832,7 @@ class PaymentService:
         *,
         actor: str | None,
         client_ip: str | None,
+        owner: str | None = None,
     ) -> PaymentResponse:
         def create(session: Session) -> tuple[PaymentRecord, bool]:
             # A key seen before fails the insert on its unique constraint; _record_intent then
@@ -771,6 +842,11 @@ class PaymentService:
 
         record, created = await self._record_intent(db, create, new.idempotency_key)
         if not created:
+            if owner is not None and record.user_id != owner:
+                raise IdempotencyConflictError(
+                    "this idempotency key was already used by another caller; use a key of"
+                    " your own (for example one that contains your order number)"
+                )
             return self._replay(record, new.operation, new.request_body)
         payment_logger.info(
             "Payment initiated",
@@ -782,7 +858,7 @@ class PaymentService:
         )
         # Rule 2: no session work happens between here and the answer.
         try:
-            outcome = outcome_of_success(await send(record))
+            outcome = outcome_of_success(await send(record), new.operation)
         except DuplicateTransactionError as error:
             outcome = await self._settle_duplicate(record, error)
         except PaymentProviderError as error:

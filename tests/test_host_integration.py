@@ -282,7 +282,7 @@ def assert_host_flow(result: dict[str, Any]) -> None:
     assert status_code == 200, paid
     assert paid["success"] is True and paid["status"] == "completed"
     assert paid["phone_number"] == "2588412*****"
-    assert paid["amount"] == 100.0 and paid["currency"] == "MZN"
+    assert paid["amount"] == "100.00" and paid["currency"] == "MZN"
     assert paid["account_reference"] == "ORDER-12345"
     status_code, status = result["status"]
     assert status_code == 200

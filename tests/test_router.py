@@ -150,7 +150,7 @@ async def test_initiate_success_answers_with_the_original_readme_fields(
     assert re.fullmatch(r"[A-Z0-9]{1,20}", body["third_party_reference"])
     assert body["account_reference"] == "ORDER-12345"
     assert body["phone_number"] == "2588412*****"
-    assert body["amount"] == 100.0 and isinstance(body["amount"], float)
+    assert body["amount"] == "100.00" and body["reversed_amount"] == "0.00"
     assert body["currency"] == "MZN"
     assert body["response_code"] == "INS-0"
     assert body["response_description"]
@@ -423,13 +423,23 @@ async def test_summary_counts_by_status_and_operation_within_dates(
     summary = response.json()
     assert summary["from_date"] == summary["to_date"] == today()
     assert summary["total_count"] == 4
-    assert summary["total_amount"] == pytest.approx(185.5)
-    assert summary["completed_amount"] == pytest.approx(155.5)
-    assert summary["success_rate"] == pytest.approx(0.75)
-    assert summary["by_status"]["completed"] == {"count": 3, "amount": pytest.approx(155.5)}
-    assert summary["by_status"]["cancelled"] == {"count": 1, "amount": 30.0}
+    assert summary["total_amount"] == "185.50"
+    assert summary["by_status"]["completed"] == {"count": 3, "amount": "155.50"}
+    assert summary["by_status"]["cancelled"] == {"count": 1, "amount": "30.00"}
     assert summary["by_operation"]["c2b"]["count"] == 3
-    assert summary["by_operation"]["b2c"] == {"count": 1, "amount": 5.0}
+    assert summary["by_operation"]["b2c"]["count"] == 1
+    assert summary["by_operation"]["b2c"]["amount"] == "5.00"
+    # Money in and money out apart: the payout is not "received".
+    assert summary["received"] == {"count": 2, "amount": "150.50"}
+    assert summary["paid_out"] == {"count": 1, "amount": "5.00"}
+    assert summary["net_received"] == "150.50"
+    assert summary["success_rate_by_operation"] == {
+        "c2b": pytest.approx(2 / 3, abs=1e-4),
+        "b2c": 1.0,
+    }
+    # The earlier fields, as the C2B figures.
+    assert summary["completed_amount"] == "150.50"
+    assert summary["success_rate"] == pytest.approx(0.6667)
 
     past = (datetime.now(UTC).date() - timedelta(days=30)).isoformat()
     empty = await api.http.get("/api/payments/summary", params={"from_date": past, "to_date": past})
@@ -475,7 +485,7 @@ async def test_payout_and_transfer(payment_api: PaymentApi) -> None:
     )
     assert payout.status_code == 200, payout.text
     body = payout.json()
-    assert (body["operation"], body["status"], body["amount"]) == ("b2c", "completed", 12.5)
+    assert (body["operation"], body["status"], body["amount"]) == ("b2c", "completed", "12.50")
     assert body["phone_number"] == "2588512*****"
 
     transfer = await api.http.post(
@@ -508,14 +518,16 @@ async def test_full_reversal_without_a_body(payment_api: PaymentApi) -> None:
     body = reversal.json()
     assert body["operation"] == "reversal"
     assert body["status"] == "completed"
-    assert body["amount"] == 80.0
+    assert body["amount"] == "80.00"
+    assert body["message"] == "Reversal completed successfully"
     assert body["original_transaction_id"] == payment["transaction_id"]
     original = await status_of(payment_api, payment["transaction_id"])
     assert original["status"] == "reversed"
-    assert original["reversed_amount"] == 80.0
+    assert original["reversed_amount"] == "80.00"
     # Nothing is left to reverse.
     again = await payment_api.http.post(f"/api/payments/{payment['transaction_id']}/reverse")
     assert_error(again, 409, "invalid_state_transition")
+    assert again.json()["message"] == f"{payment['transaction_id']} is already fully reversed"
     assert await payment_api.count() == 2
 
 
@@ -525,9 +537,9 @@ async def test_partial_reversals_then_over_reversal(payment_api: PaymentApi) -> 
     path = f"/api/payments/{payment['transaction_id']}/reverse"
     first = await api.http.post(path, json={"amount": 30, "reason": "one item returned"})
     assert first.status_code == 200, first.text
-    assert first.json()["amount"] == 30.0
+    assert first.json()["amount"] == "30.00"
     original = await status_of(api, payment["transaction_id"])
-    assert (original["status"], original["reversed_amount"]) == ("partially_reversed", 30.0)
+    assert (original["status"], original["reversed_amount"]) == ("partially_reversed", "30.00")
 
     too_much = await api.http.post(path, json={"amount": 70.01})
     assert_error(too_much, 422, "validation_error")
@@ -535,9 +547,9 @@ async def test_partial_reversals_then_over_reversal(payment_api: PaymentApi) -> 
 
     rest = await api.http.post(path, json={"amount": None})
     assert rest.status_code == 200, rest.text
-    assert rest.json()["amount"] == 70.0
+    assert rest.json()["amount"] == "70.00"
     original = await status_of(api, payment["transaction_id"])
-    assert (original["status"], original["reversed_amount"]) == ("reversed", 100.0)
+    assert (original["status"], original["reversed_amount"]) == ("reversed", "100.00")
 
     # A reversal itself cannot be reversed.
     reversal_id = rest.json()["transaction_id"]

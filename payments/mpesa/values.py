@@ -30,6 +30,8 @@ PROVIDER_ID_PATTERN = r"[A-Za-z0-9_-]{1,100}"
 PROVIDER_ID = re.compile(PROVIDER_ID_PATTERN)
 _AMOUNT_TEXT = re.compile(r"-?[0-9]+(?:\.[0-9]{1,2})?", re.ASCII)
 CENT = Decimal("0.01")
+#: What ``money_text`` writes: an optional minus, digits, a point and exactly two decimals.
+MONEY_TEXT_PATTERN = r"^-?[0-9]+\.[0-9]{2}$"
 #: What a Numeric(12, 2) column holds; no M-Pesa amount comes near it.
 MAX_AMOUNT = Decimal("10000000000")
 
@@ -170,9 +172,20 @@ def parse_amount(
     return amount
 
 
-def format_amount(amount: Decimal) -> str:
-    """The wire form of an amount: a string with two decimals (``"100.00"``)."""
-    return f"{amount.quantize(CENT):f}"
+def money_text(amount: Decimal | int) -> str:
+    """Money as it leaves the module, everywhere (API answers, CSV, event payloads, M-Pesa's
+    ``input_Amount``): the exact decimal with two places, ``"100.00"``. Never through a float,
+    so a float is refused rather than rounded."""
+    if isinstance(amount, float | bool) or not isinstance(amount, Decimal | int):
+        raise TypeError(f"money must be a Decimal or an int, not {type(amount).__name__}")
+    value = Decimal(amount)
+    if not value.is_finite():
+        raise ValueError("money must be finite")
+    return f"{value.quantize(CENT):f}"
+
+
+#: The wire form of an amount for M-Pesa (the same text as every other money value).
+format_amount = money_text
 
 
 def validate_reference(value: str, *, field: str, max_length: int = 20) -> str:
