@@ -31,7 +31,7 @@ from payments.service import PaymentService
 from payments.simulator.app import MpesaSimulator, SimulatorConfig
 from payments.simulator.transport import SimulatorTransport
 
-from .conftest import PaymentApi, PaymentApiFactory
+from .support import PaymentApi, PaymentApiFactory
 
 SUCCESS = "258841234567"
 DROPPED = "258842000001"
