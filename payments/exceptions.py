@@ -30,6 +30,8 @@ from typing import Any
 class PaymentError(Exception):
     error_code = "payment_error"
     outcome_known = True
+    #: The recorded payment (a ``schemas.PaymentResponse``) when the error concerns one.
+    payment: Any = None
 
     def __init__(
         self,
@@ -41,8 +43,11 @@ class PaymentError(Exception):
         http_status: int | None = None,
         outcome_known: bool | None = None,
         error_code: str | None = None,
+        payment: Any = None,
     ) -> None:
         super().__init__(message)
+        if payment is not None:
+            self.payment = payment
         self.message = message
         self.details: dict[str, Any] = dict(details or {})
         self.provider_code = provider_code

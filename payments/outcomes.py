@@ -14,20 +14,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from . import exceptions as errors
 from . import repository as repo
-from .exceptions import (
-    InsufficientFundsError,
-    InvalidPaymentRequestError,
-    InvalidStateTransitionError,
-    PaymentCancelledError,
-    PaymentConfigurationError,
-    PaymentError,
-    PaymentInitiationError,
-    PaymentOutcomeUnknownError,
-    PaymentProviderError,
-    PaymentValidationError,
-    ProviderUnavailableError,
-)
 from .lifecycle import IN_FLIGHT, SUCCEEDED, UNSETTLED, UNSUCCESSFUL, check_transition
 from .logger import payment_logger
 from .models import (
@@ -52,10 +40,10 @@ from .schemas import PaymentResponse
 
 S = PaymentStatus
 #: Errors of payments recorded ``failed`` without anything reaching M-Pesa, by ``error_code``.
-_NOT_SENT_ERRORS: dict[str, type[PaymentError]] = {
-    PaymentValidationError.error_code: PaymentValidationError,
-    PaymentConfigurationError.error_code: PaymentConfigurationError,
-    ProviderUnavailableError.error_code: ProviderUnavailableError,
+_NOT_SENT_ERRORS: dict[str, type[errors.PaymentError]] = {
+    errors.PaymentValidationError.error_code: errors.PaymentValidationError,
+    errors.PaymentConfigurationError.error_code: errors.PaymentConfigurationError,
+    errors.ProviderUnavailableError.error_code: errors.ProviderUnavailableError,
 }
 
 #: ``output_ResponseTransactionStatus`` → our status. ``N/A`` (or anything else) is no evidence.
@@ -86,7 +74,7 @@ class Outcome:
     response_description: str | None = None
     provider_transaction_id: str | None = None
     conversation_id: str | None = None
-    error: PaymentError | None = None
+    error: errors.PaymentError | None = None
     action: AuditAction | None = None  # audit action for the status change, if not the default
     attention: str | None = None  # why an operator must look at the payment, if one must
     #: Only an operator may settle the payment from now on (``PaymentService.resolve``).
@@ -153,7 +141,7 @@ async def query_outcome(
             result = await client.query_transaction_status(
                 query_reference=key, third_party_reference=query_reference()
             )
-        except PaymentProviderError as error:
+        except errors.PaymentProviderError as error:
             exchanges += error.exchanges
             answers.append(f"status query failed: {error.message}")
             if error.provider_code in KEY_REFUSED_CODES:
@@ -212,14 +200,17 @@ def outcome_of_success(
     )
 
 
-def outcome_of_error(error: PaymentProviderError) -> Outcome:
+def outcome_of_error(error: errors.PaymentProviderError) -> Outcome:
     """Only provider evidence fails a payment; everything ambiguous leaves it unknown."""
     status: PaymentStatus
-    if isinstance(error, PaymentCancelledError) and error.provider_code == CANCELLED_BY_CUSTOMER:
+    if (
+        isinstance(error, errors.PaymentCancelledError)
+        and error.provider_code == CANCELLED_BY_CUSTOMER
+    ):
         status = S.CANCELLED
-    elif isinstance(error, PaymentInitiationError):
+    elif isinstance(error, errors.PaymentInitiationError):
         status = S.FAILED
-    elif isinstance(error, ProviderUnavailableError) and error.outcome_known:
+    elif isinstance(error, errors.ProviderUnavailableError) and error.outcome_known:
         status = S.FAILED  # provably never sent: nothing can have moved
     else:
         status = S.UNKNOWN
@@ -237,20 +228,24 @@ def outcome_of_error(error: PaymentProviderError) -> Outcome:
     )
 
 
-def error_for_record(record: PaymentRecord) -> PaymentError | None:
-    """The error a caller gets for a payment in this state (also on an idempotent replay)."""
+def error_for_record(
+    record: PaymentRecord, payment: PaymentResponse | None = None
+) -> errors.PaymentError | None:
+    """The error a caller gets for a payment in this state (also on an idempotent replay),
+    carrying ``payment`` (the answer for the recorded payment) when given."""
     status = PaymentStatus(record.status)
     details = {"transaction_id": record.transaction_id, "status": status.value}
     common: dict[str, Any] = {
         "details": details,
         "provider_code": record.response_code,
         "provider_description": record.response_description,
+        "payment": payment,
     }
     message = record.status_description or STATUS_MESSAGES[status]
     if status in UNSETTLED:
-        return PaymentOutcomeUnknownError(message, **common)
+        return errors.PaymentOutcomeUnknownError(message, **common)
     if status is S.CANCELLED:
-        return PaymentCancelledError(message, **common)
+        return errors.PaymentCancelledError(message, **common)
     if status in (S.FAILED, S.EXPIRED):
         not_sent = _NOT_SENT_ERRORS.get(record.error_code or "")
         if not_sent is not None:  # recorded failed, and nothing reached M-Pesa
@@ -258,13 +253,13 @@ def error_for_record(record: PaymentRecord) -> PaymentError | None:
             error.details["sent"] = False
             return error
         if record.response_code == INSUFFICIENT_BALANCE:
-            return InsufficientFundsError(message, **common)
+            return errors.InsufficientFundsError(message, **common)
         if status is S.EXPIRED or record.response_code in CUSTOMER_REFUSALS:
-            return PaymentCancelledError(message, **common)
+            return errors.PaymentCancelledError(message, **common)
         if record.response_code:
-            return InvalidPaymentRequestError(message, **common)
+            return errors.InvalidPaymentRequestError(message, **common)
         # Sent, and M-Pesa reports it did not go through (a status answer carries no code).
-        return PaymentInitiationError(message, **common)
+        return errors.PaymentInitiationError(message, **common)
     return None
 
 
@@ -380,7 +375,7 @@ def apply_outcome(
     if status is not None:
         try:
             changed = check_transition(before, status)
-        except InvalidStateTransitionError as refused:
+        except errors.InvalidStateTransitionError as refused:
             audits.append(
                 repo.audit_entry(
                     record.id,

@@ -884,7 +884,7 @@ class PaymentService:
         error.message = message
         error.args = (message,)
         error.details.update(transaction_id=record.transaction_id, sent=False)
-        error.payment = to_response(record)  # type: ignore[attr-defined]
+        error.payment = to_response(record)  # the client's error, now about a recorded payment
         return error
 
     def _replay(
@@ -897,9 +897,9 @@ class PaymentService:
                 details={"transaction_id": record.transaction_id},
             )
         response = to_response(record)
-        error = error_for_record(record)  # also for one still in flight: its outcome is open
+        # Also for one still in flight: its outcome is open.
+        error = error_for_record(record, payment=response)
         if error is not None:
-            error.payment = response  # type: ignore[attr-defined]
             raise error
         return response
 
@@ -924,14 +924,14 @@ class PaymentService:
                 f"M-Pesa reports this payment completed, but it was recorded as {status.value}"
                 " before; it is held for an operator to confirm",
                 details={"transaction_id": record.transaction_id, "status": status.value},
+                payment=response,
             )
-            contradiction.payment = response  # type: ignore[attr-defined]
             raise contradiction
         error = outcome.error or error_for_record(record)
         if error is None:
             return response
         error.details.setdefault("transaction_id", record.transaction_id)
-        error.payment = response  # type: ignore[attr-defined]
+        error.payment = response  # the client's error (or the record's), now with the payment
         log = payment_logger.warning if status is S.UNKNOWN else payment_logger.info
         log(
             "Payment not completed",
@@ -1030,8 +1030,8 @@ class PaymentService:
                             "third_party_reference": record.third_party_reference,
                         },
                         outcome_known=False,
+                        payment=to_response(record),
                     )
-                    lost.payment = to_response(record)  # type: ignore[attr-defined]
                     raise lost from exc
                 await asyncio.sleep(self._db_retry_delays[attempt])
                 attempt += 1

@@ -18,9 +18,11 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from payments.config import load_settings
+from payments.config import PaymentSettings, load_settings
+from payments.exceptions import PaymentError
 from payments.models import PaymentTransaction, PaymentWebhookLog
 from payments.mpesa.client import ClientConfig, MpesaClient
+from payments.repository import PaymentRecord
 from payments.router import create_payment_router
 from payments.service import PaymentService
 from payments.simulator.app import MpesaSimulator, SimulatorConfig
@@ -71,8 +73,74 @@ def libpq_url(url: str) -> str:
 # --- HTTP API harness ---------------------------------------------------------------------------
 
 
-async def _no_sleep(_: float) -> None:
+class RecordingService(PaymentService):
+    """A host's subclass: records every completed, failed and unknown hook call."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.events: list[tuple[str, str, str]] = []
+
+    async def on_payment_completed(self, transaction: PaymentRecord) -> None:
+        self.events.append(("completed", transaction.transaction_id, transaction.status))
+
+    async def on_payment_failed(
+        self, transaction: PaymentRecord, error: PaymentError | None
+    ) -> None:
+        self.events.append(("failed", transaction.transaction_id, transaction.status))
+
+    async def on_payment_unknown(self, transaction: PaymentRecord) -> None:
+        self.events.append(("unknown", transaction.transaction_id, transaction.status))
+
+
+async def no_sleep(_: float) -> None:
+    """The client's backoff sleep, skipped."""
     return None
+
+
+def simulated_client(
+    simulator: MpesaSimulator,
+    settings: PaymentSettings,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> MpesaClient:
+    """A client on ``settings`` talking to ``simulator`` in process, without backoff waits."""
+    return MpesaClient(
+        ClientConfig.from_settings(settings),
+        transport=transport or SimulatorTransport(simulator),
+        sleep=no_sleep,
+    )
+
+
+async def payment_row(
+    sessions: async_sessionmaker[AsyncSession], transaction_id: str
+) -> PaymentTransaction:
+    """The stored row of a payment, by its ``TXN-…`` id."""
+    async with sessions() as session:
+        return (
+            await session.scalars(
+                select(PaymentTransaction).where(
+                    PaymentTransaction.transaction_id == transaction_id
+                )
+            )
+        ).one()
+
+
+#: Routes and the error answer's keys, as the tests of the HTTP API use them.
+CALLBACK = "/api/payments/callback/c2b"
+INITIATE = "/api/payments/initiate"
+ERROR_KEYS = {"error_code", "message", "details"}
+
+
+def c2b_body(phone: str = SUCCESS) -> dict[str, object]:
+    """A C2B request body for the HTTP API."""
+    return {"phone_number": phone, "amount": 100}
+
+
+def error_body(response: httpx.Response, status: int) -> dict[str, Any]:
+    """The error answer, checked for its status and its one shape."""
+    assert response.status_code == status, response.text
+    body: dict[str, Any] = response.json()
+    assert set(body) == ERROR_KEYS, body
+    return body
 
 
 @dataclass
@@ -107,11 +175,7 @@ async def build_payment_api(
     overrides: dict[str, Any] = {"mpesa_environment": "simulator", "payment_c2b_timeout": 5}
     settings = load_settings(**(overrides | (settings_overrides or {})))
     simulator = MpesaSimulator(SimulatorConfig())
-    client = MpesaClient(
-        ClientConfig.from_settings(settings),
-        transport=SimulatorTransport(simulator),
-        sleep=_no_sleep,
-    )
+    client = simulated_client(simulator, settings)
     service = service_class(settings, client, db_retry_delays=(0.01,))
 
     async def get_session() -> AsyncIterator[AsyncSession]:

@@ -12,16 +12,14 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from payments.exceptions import PaymentError
 from payments.models import PaymentAuditLog, PaymentTransaction, PaymentWebhookLog
-from payments.repository import PaymentRecord
-from payments.service import PaymentService
 from tests.support import (
     CANCELS,
     DROPPED,
     SUCCESS,
     PaymentApi,
     PaymentApiFactory,
+    RecordingService,
     build_payment_api,
 )
 
@@ -35,25 +33,6 @@ OUTPUT_KEYS = {
 }
 
 sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-
-
-class RecordingService(PaymentService):
-    """A host's subclass: records every hook call."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.events: list[tuple[str, str, str]] = []
-
-    async def on_payment_completed(self, transaction: PaymentRecord) -> None:
-        self.events.append(("completed", transaction.transaction_id, transaction.status))
-
-    async def on_payment_failed(
-        self, transaction: PaymentRecord, error: PaymentError | None
-    ) -> None:
-        self.events.append(("failed", transaction.transaction_id, transaction.status))
-
-    async def on_payment_unknown(self, transaction: PaymentRecord) -> None:
-        self.events.append(("unknown", transaction.transaction_id, transaction.status))
 
 
 def events_of(api: PaymentApi) -> list[tuple[str, str, str]]:

@@ -30,8 +30,7 @@ from payments.schemas import PaymentInitiateRequest
 from payments.service import PaymentService
 from payments.simulator.app import MpesaSimulator, SimulatorConfig
 from payments.simulator.transport import SimulatorTransport
-
-from .support import PaymentApi, PaymentApiFactory
+from tests.support import PaymentApi, PaymentApiFactory
 
 SUCCESS = "258841234567"
 DROPPED = "258842000001"

@@ -12,19 +12,13 @@ from payments.logger import configure_logging
 from payments.models import PaymentAuditLog, PaymentTransaction
 from payments.repository import PaymentRecord
 from payments.service import PaymentService
-from tests.support import PaymentApi, PaymentApiFactory
-
-CALLBACK = "/api/payments/callback/c2b"
-INITIATE = "/api/payments/initiate"
+from tests.support import CALLBACK, INITIATE, PaymentApi, PaymentApiFactory
+from tests.support import c2b_body as _c2b
 
 
 class FailingHook(PaymentService):
     async def on_payment_completed(self, transaction: PaymentRecord) -> None:
         raise RuntimeError(f"could not notify {transaction.phone_number}")
-
-
-def _c2b(phone: str = "258841234567") -> dict[str, object]:
-    return {"phone_number": phone, "amount": 100}
 
 
 def test_uvicorn_access_lines_keep_working_and_are_masked(tmp_path: object) -> None:

@@ -25,7 +25,6 @@ from payments.exceptions import (
     PaymentValidationError,
 )
 from payments.models import PaymentAuditLog, PaymentStatus, PaymentTransaction, utcnow
-from payments.mpesa.client import ClientConfig, MpesaClient
 from payments.mpesa.values import Msisdn
 from payments.notifications import InboundNotification, NotificationProcessor
 from payments.outcomes import Outcome
@@ -35,39 +34,23 @@ from payments.schemas import PaymentInitiateRequest, ReversalRequest
 from payments.service import PaymentService
 from payments.simulator.app import MpesaSimulator, SimulatorConfig
 from payments.simulator.transport import SimulatorTransport
-from tests.support import CANCELS, DROPPED, OTHER, SUCCESS, TEST_CALLBACK_TOKEN
+from tests import support
+from tests.support import CANCELS, DROPPED, OTHER, SUCCESS, TEST_CALLBACK_TOKEN, simulated_client
+from tests.support import payment_row as row_of
 
 
-class RecordingService(PaymentService):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.events: list[tuple[str, str, str]] = []
-
-    async def on_payment_completed(self, transaction: PaymentRecord) -> None:
-        self.events.append(("completed", transaction.transaction_id, transaction.status))
-
-    async def on_payment_failed(
-        self, transaction: PaymentRecord, error: PaymentError | None
-    ) -> None:
-        self.events.append(("failed", transaction.transaction_id, transaction.status))
+class RecordingService(support.RecordingService):
+    on_payment_unknown = PaymentService.on_payment_unknown  # unknown outcomes are not recorded here
 
     async def on_reversal_failed(self, reversal: PaymentRecord, error: PaymentError | None) -> None:
         self.events.append(("reversal_failed", reversal.transaction_id, reversal.status))
-
-
-async def _no_sleep(_: float) -> None:
-    return None
 
 
 def make_service(
     simulator: MpesaSimulator, transport: httpx.AsyncBaseTransport | None = None, **settings: Any
 ) -> RecordingService:
     config = load_settings(**({"mpesa_environment": "simulator"} | settings))
-    client = MpesaClient(
-        ClientConfig.from_settings(config),
-        transport=transport or SimulatorTransport(simulator),
-        sleep=_no_sleep,
-    )
+    client = simulated_client(simulator, config, transport)
     return RecordingService(config, client, db_retry_delays=(0.01,))
 
 
@@ -96,17 +79,6 @@ async def unknown_payment(service: PaymentService, sessions: Sessions, **extra: 
         with pytest.raises(PaymentOutcomeUnknownError) as info:
             await service.initiate_payment(request=c2b(DROPPED, **extra), db=db)
     return str(info.value.payment.transaction_id)  # type: ignore[attr-defined]
-
-
-async def row_of(sessions: Sessions, transaction_id: str) -> PaymentTransaction:
-    async with sessions() as session:
-        return (
-            await session.scalars(
-                select(PaymentTransaction).where(
-                    PaymentTransaction.transaction_id == transaction_id
-                )
-            )
-        ).one()
 
 
 async def audit_of(sessions: Sessions, transaction_id: str) -> list[PaymentAuditLog]:

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import time
 from datetime import timedelta
-from typing import Any
 
-import httpx
 import pytest
 from sqlalchemy import select
 
@@ -22,21 +20,9 @@ from payments.notifications import (
     client_ip,
     parse_address,
 )
-from tests.support import PaymentApi, PaymentApiFactory
-
-CALLBACK = "/api/payments/callback/c2b"
-ERROR_KEYS = {"error_code", "message", "details"}
-
-
-def _c2b(phone: str = "258841234567") -> dict[str, object]:
-    return {"phone_number": phone, "amount": 100}
-
-
-def _error(response: httpx.Response, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body: dict[str, Any] = response.json()
-    assert set(body) == ERROR_KEYS, body
-    return body
+from tests.support import CALLBACK, PaymentApi, PaymentApiFactory
+from tests.support import c2b_body as _c2b
+from tests.support import error_body as _error
 
 
 async def _webhook_rows(api: PaymentApi) -> list[PaymentWebhookLog]:

@@ -23,7 +23,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from payments.config import load_settings
 from payments.exceptions import InvalidPaymentRequestError, PaymentOutcomeUnknownError
 from payments.models import PaymentAuditLog, PaymentTransaction
-from payments.mpesa.client import ClientConfig, MpesaClient
 from payments.reconciliation import reconcile_once
 from payments.schemas import (
     PaymentInitiateRequest,
@@ -33,12 +32,16 @@ from payments.schemas import (
 )
 from payments.service import PaymentService
 from payments.simulator.app import MpesaSimulator, SimulatorConfig
-from payments.simulator.transport import SimulatorTransport
-from tests.support import DROPPED, INTERNAL_ERROR, PIN_TIMEOUT, SLOW, SUCCESS, PaymentApiFactory
-
-
-async def _no_sleep(_: float) -> None:
-    return None
+from tests.support import (
+    DROPPED,
+    INTERNAL_ERROR,
+    PIN_TIMEOUT,
+    SLOW,
+    SUCCESS,
+    PaymentApiFactory,
+    simulated_client,
+)
+from tests.support import payment_row as row_of
 
 
 @pytest.fixture
@@ -49,11 +52,7 @@ def simulator() -> MpesaSimulator:
 @pytest.fixture
 async def service(simulator: MpesaSimulator) -> AsyncIterator[PaymentService]:
     settings = load_settings(mpesa_environment="simulator", payment_c2b_timeout=1)
-    client = MpesaClient(
-        ClientConfig.from_settings(settings),
-        transport=SimulatorTransport(simulator),
-        sleep=_no_sleep,
-    )
+    client = simulated_client(simulator, settings)
     service = PaymentService(settings, client, db_retry_delays=(0.01,))
     yield service
     await service.aclose()
@@ -73,15 +72,6 @@ async def unknown_c2b(
     return info.value.payment.transaction_id  # type: ignore[attr-defined, no-any-return]
 
 
-async def row_of(sessions: async_sessionmaker[AsyncSession], transaction_id: str) -> Any:
-    async with sessions() as session:
-        return (
-            await session.scalars(
-                select(PaymentTransaction).where(
-                    PaymentTransaction.transaction_id == transaction_id
-                )
-            )
-        ).one()
 
 
 async def query_exchanges(

@@ -42,9 +42,10 @@ import pytest
 from psycopg import sql
 
 from payments import schemas
+from tests.support import libpq_url as _libpq_url
+from tests.support import postgres_admin_url
 
 from .host_project import REPO_ROOT, build_host_project, free_port, host_environment
-from .support import libpq_url, postgres_admin_url
 
 READMES = ("README.md", "payments/README.md")
 RUN_LANGUAGES = {"bash", "python", "json", "sql", "text"}
@@ -394,7 +395,7 @@ def run_sql(group: Group) -> None:
     from alembic.config import Config
     from sqlalchemy.engine import make_url
 
-    admin = libpq_url(admin)
+    admin = _libpq_url(admin)
     name = f"payments_readme_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(admin, autocommit=True) as connection:
         connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))

@@ -13,17 +13,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from payments.config import load_settings
 from payments.exceptions import PaymentOutcomeUnknownError
 from payments.models import PaymentAuditLog, PaymentTransaction, utcnow
-from payments.mpesa.client import ClientConfig, MpesaClient
 from payments.reconciliation import backoff, reconcile_once
 from payments.schemas import PaymentFilters, PaymentInitiateRequest
 from payments.service import PaymentService
 from payments.simulator.app import MpesaSimulator, SimulatorConfig
-from payments.simulator.transport import SimulatorTransport
-from tests.support import DROPPED, OVERLOADED
-
-
-async def _no_sleep(_: float) -> None:
-    return None
+from tests.support import DROPPED, OVERLOADED, simulated_client
 
 
 @pytest.fixture
@@ -34,11 +28,7 @@ def simulator() -> MpesaSimulator:
 @pytest.fixture
 async def service(simulator: MpesaSimulator) -> AsyncIterator[PaymentService]:
     settings = load_settings(mpesa_environment="simulator")
-    client = MpesaClient(
-        ClientConfig.from_settings(settings),
-        transport=SimulatorTransport(simulator),
-        sleep=_no_sleep,
-    )
+    client = simulated_client(simulator, settings)
     service = PaymentService(settings, client)
     yield service
     await service.aclose()

@@ -12,27 +12,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from payments.config import get_settings
-from tests.support import TEST_ADMIN_KEY, PaymentApi, PaymentApiFactory
+from tests.support import CALLBACK, INITIATE, TEST_ADMIN_KEY, PaymentApi, PaymentApiFactory
+from tests.support import c2b_body as _c2b
+from tests.support import error_body as _error
 
-CALLBACK = "/api/payments/callback/c2b"
-INITIATE = "/api/payments/initiate"
-ERROR_KEYS = {"error_code", "message", "details"}
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _c2b(phone: str = "258841234567") -> dict[str, object]:
-    return {"phone_number": phone, "amount": 100}
-
-
-def _error(response: httpx.Response, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body: dict[str, Any] = response.json()
-    assert set(body) == ERROR_KEYS, body
-    return body
 
 
 async def _asgi_post(

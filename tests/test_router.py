@@ -2,7 +2,7 @@
 shape, input validation (nothing written on bad input), masking, and authorization.
 
 Each test mounts the router under ``/api`` on its own FastAPI app with an in-process simulator
-(see ``build_payment_api`` in ``conftest.py``), on SQLite and PostgreSQL.
+(see ``build_payment_api`` in ``support.py``), on SQLite and PostgreSQL.
 """
 
 from __future__ import annotations

@@ -25,7 +25,6 @@ from payments.exceptions import (
     PaymentValidationError,
 )
 from payments.models import PaymentAuditLog, PaymentTransaction
-from payments.mpesa.client import ClientConfig, MpesaClient
 from payments.repository import PaymentRecord
 from payments.schemas import (
     PaymentFilters,
@@ -34,34 +33,32 @@ from payments.schemas import (
     ReversalRequest,
     TransferRequest,
 )
-from payments.service import PaymentService
 from payments.simulator.app import MpesaSimulator, SimulatorConfig
-from payments.simulator.transport import SimulatorTransport
-from tests.support import CANCELS, DROPPED, INSUFFICIENT, PIN_TIMEOUT, SLOW, SUCCESS
+from tests import support
+from tests.support import (
+    CANCELS,
+    DROPPED,
+    INSUFFICIENT,
+    PIN_TIMEOUT,
+    SLOW,
+    SUCCESS,
+    simulated_client,
+)
 
 HTML_502 = "258842000003"
 
 
-class RecordingService(PaymentService):
+class RecordingService(support.RecordingService):
     """Records every hook call, like a host's subclass would react to them."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.events: list[tuple[str, str, str]] = []
         self.fail_hooks = False
 
     async def on_payment_completed(self, transaction: PaymentRecord) -> None:
-        self.events.append(("completed", transaction.transaction_id, transaction.status))
+        await super().on_payment_completed(transaction)
         if self.fail_hooks:
             raise RuntimeError("email server down")
-
-    async def on_payment_failed(
-        self, transaction: PaymentRecord, error: PaymentError | None
-    ) -> None:
-        self.events.append(("failed", transaction.transaction_id, transaction.status))
-
-    async def on_payment_unknown(self, transaction: PaymentRecord) -> None:
-        self.events.append(("unknown", transaction.transaction_id, transaction.status))
 
     async def on_reversal_completed(self, reversal: PaymentRecord, original: PaymentRecord) -> None:
         self.events.append(("reversal_completed", reversal.transaction_id, original.status))
@@ -75,18 +72,10 @@ def simulator() -> MpesaSimulator:
 @pytest.fixture
 async def service(simulator: MpesaSimulator) -> AsyncIterator[RecordingService]:
     settings = load_settings(mpesa_environment="simulator", payment_c2b_timeout=1)
-    client = MpesaClient(
-        ClientConfig.from_settings(settings),
-        transport=SimulatorTransport(simulator),
-        sleep=_no_sleep,
-    )
+    client = simulated_client(simulator, settings)
     service = RecordingService(settings, client)
     yield service
     await service.aclose()
-
-
-async def _no_sleep(_: float) -> None:
-    return None
 
 
 def c2b(phone: str = SUCCESS, amount: str = "100", **extra: Any) -> PaymentInitiateRequest:
