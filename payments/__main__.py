@@ -1,4 +1,4 @@
-"""Command line: ``python -m payments serve | simulator | reconcile``.
+"""Command line: ``python -m payments serve | simulator | reconcile | prune``.
 
 Commands that settle or deliver payments take ``--service module:attr`` (``add_service_argument``)
 and run through ``run_with_host``, so they use the host's service and database (``payments.host``).
@@ -109,6 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, default=None, help="payments per pass (default 50)"
     )
     add_service_argument(reconcile)
+
+    prune = commands.add_parser(
+        "prune",
+        help="delete what the retention settings say is past keeping",
+        description="Delete rejected notices older than PAYMENT_REJECTED_NOTICE_RETENTION"
+        " seconds, processed notices older than PAYMENT_PROCESSED_NOTICE_RETENTION_DAYS and, when"
+        " PAYMENT_AUDIT_RETENTION_DAYS is set, audit rows of payments settled before then. In"
+        " batches; safe beside a running app. The reconciler's loop does the same hourly.",
+    )
+    prune.add_argument(
+        "--dry-run", action="store_true", help="count what would be deleted, delete nothing"
+    )
+    add_service_argument(prune)
     return parser
 
 
@@ -184,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.service,
             lambda host: reconcile(host, args.min_age, args.loop, args.batch_size),
         )
+    elif args.command == "prune":
+        run_with_host(args.service, lambda host: prune(host, dry_run=args.dry_run))
     elif args.command == "simulator":
         _refuse_remote(args.host, args.allow_remote, "simulator")
         from .simulator.app import SimulatorConfig, run_simulator
@@ -252,6 +267,13 @@ async def reconcile(
             host.service, host.sessions, interval=loop, min_age=min_age, batch_size=batch_size
         )
 
+
+
+async def prune(host: Host, *, dry_run: bool) -> None:
+    from .retention import prune as prune_once
+
+    report = await prune_once(host.service.settings, host.sessions, dry_run=dry_run)
+    print(f"prune{' (dry run: nothing deleted)' if dry_run else ''}: {report}")
 
 if __name__ == "__main__":
     main()

@@ -66,6 +66,10 @@ class PaymentSettings(BaseSettings):
     payment_rejected_notices_per_minute_total: float = Field(default=30, gt=0)
     payment_rejected_notice_retention: float = Field(default=86400, ge=60)
 
+    # Retention (payments/retention.py; applied by `python -m payments prune` and the reconciler)
+    payment_processed_notice_retention_days: int = Field(default=90, ge=0)
+    payment_audit_retention_days: int = Field(default=0, ge=0)  # 0: as long as their payment
+
     # Payments
     payment_default_currency: Literal["MZN"] = "MZN"
     payment_min_amount: Decimal = Decimal("1")

@@ -2,6 +2,7 @@
 
     PaymentError                         root: message, error_code, details, provider fields
     ├── PaymentValidationError           bad input (field and reason in details)
+    ├── InvalidCursorError               a list cursor no page returned (400)
     ├── PaymentConfigurationError        a setting is missing or wrong (names the variable)
     ├── PaymentNotFoundError
     ├── IdempotencyConflictError         same idempotency key, different request
@@ -74,6 +75,16 @@ class PaymentValidationError(PaymentError, ValueError):
         self.field = field
         if field is not None:
             self.details.setdefault("field", field)
+
+
+class InvalidCursorError(PaymentError):
+    """A list ``cursor`` that no page returned (tampered, truncated, from another API): 400."""
+
+    error_code = "invalid_cursor"
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.details.setdefault("field", "cursor")
 
 
 class PaymentConfigurationError(PaymentError):

@@ -6,15 +6,18 @@ finds no difference between the migrated database and these models.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
+    DDL,
     JSON,
+    BigInteger,
     Boolean,
     CheckConstraint,
+    Date,
     DateTime,
     ForeignKey,
     Index,
@@ -24,7 +27,11 @@ from sqlalchemy import (
     String,
     Text,
     event,
+    false,
+    func,
+    text,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 NAMING_CONVENTION = {
@@ -41,6 +48,14 @@ RESPONSE_CODE_LENGTH = 64
 #: Row ids are 32-bit integers on every database.
 MAX_ROW_ID = 2**31 - 1
 ID_LENGTH = 100
+
+
+#: JSON documents: JSONB on PostgreSQL; an absent value (``None``) is SQL NULL, not JSON ``null``,
+#: so ``IS NULL`` finds it.
+JsonDocument = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+
+#: Server-side "now" for NOT NULL timestamps, so a raw SQL insert gets the database's clock.
+NOW = func.now()
 
 
 def utcnow() -> datetime:
@@ -95,7 +110,15 @@ class AuditAction(StrEnum):
 
 
 def _in(values: type[StrEnum]) -> str:
-    return ", ".join(f"'{value.value}'" for value in values)
+    return _in_values(value.value for value in values)
+
+
+def _in_values(values: Any) -> str:
+    return ", ".join(f"'{value}'" for value in values)
+
+
+#: Statuses the reconciler works on (the claim's filter and its partial index's predicate).
+RECONCILABLE = _in_values(("pending", "processing", "unknown"))
 
 
 class PaymentTransaction(Base):
@@ -104,10 +127,14 @@ class PaymentTransaction(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     transaction_id: Mapped[str] = mapped_column(String(64), unique=True)
     operation: Mapped[str] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(24), default=PaymentStatus.PENDING.value)
+    status: Mapped[str] = mapped_column(
+        String(24), default=PaymentStatus.PENDING.value, server_default=PaymentStatus.PENDING.value
+    )
     amount: Mapped[Decimal] = mapped_column(Numeric(12, 2))
-    currency: Mapped[str] = mapped_column(String(3), default="MZN")
-    reversed_amount: Mapped[Decimal] = mapped_column(Numeric(12, 2), default=Decimal("0"))
+    currency: Mapped[str] = mapped_column(String(3), default="MZN", server_default="MZN")
+    reversed_amount: Mapped[Decimal] = mapped_column(
+        Numeric(12, 2), default=Decimal("0"), server_default="0"
+    )
     phone_number: Mapped[str | None] = mapped_column(String(20))
     receiver_party_code: Mapped[str | None] = mapped_column(String(10))
 
@@ -142,21 +169,23 @@ class PaymentTransaction(Base):
     original_id: Mapped[int | None] = mapped_column(
         ForeignKey("payment_transactions.id", ondelete="RESTRICT")
     )
-    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JsonDocument)
 
     #: Set when reconciliation could not settle the payment in time: an operator must look.
-    attention_required: Mapped[bool] = mapped_column(Boolean, default=False)
+    attention_required: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     #: Only an operator may settle it (``PaymentService.resolve``): M-Pesa's answers cannot (an
     #: INS-10 with an earlier completed transaction, a success reported for an unpaid payment).
-    operator_hold: Mapped[bool] = mapped_column(Boolean, default=False)
-    reconcile_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    operator_hold: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    reconcile_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     next_reconcile_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     #: Optimistic lock: every update checks it, so two writers never both apply a transition.
-    version: Mapped[int] = mapped_column(Integer, default=1)
+    version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, server_default=NOW
+    )
     updated_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow, server_default=NOW
     )
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
@@ -173,15 +202,31 @@ class PaymentTransaction(Base):
         CheckConstraint(
             "reversed_amount >= 0 AND reversed_amount <= amount", name="reversed_amount"
         ),
+        # Each index serves a query of repository.py (the list's filters meet its order,
+        # ``created_at DESC, id DESC``); an index no query uses only costs writes and disk.
         Index("ix_payment_transactions_status_created_at", "status", "created_at"),
-        Index("ix_payment_transactions_created_at", "created_at"),
-        Index("ix_payment_transactions_operation", "operation"),
-        Index("ix_payment_transactions_phone_number", "phone_number"),
+        Index("ix_payment_transactions_created_at_id", "created_at", "id"),
+        Index("ix_payment_transactions_phone_number_created_at", "phone_number", "created_at"),
+        Index("ix_payment_transactions_user_id_created_at", "user_id", "created_at"),
         Index("ix_payment_transactions_entity", "entity_type", "entity_id"),
-        Index("ix_payment_transactions_user_id", "user_id"),
         Index("ix_payment_transactions_conversation_id", "conversation_id"),
         Index("ix_payment_transactions_original_id", "original_id"),
-        Index("ix_payment_transactions_reconcile", "status", "next_reconcile_at"),
+        # Only the flagged few: the list's ``attention_required=true`` and the summary's count.
+        Index(
+            "ix_payment_transactions_attention",
+            "created_at",
+            "id",
+            postgresql_where=text("attention_required = true"),
+            sqlite_where=text("attention_required = 1"),
+        ),
+        # Only open payments: the reconciler's claim walks it in due order (never-polled first).
+        Index(
+            "ix_payment_transactions_reconcile_due",
+            "next_reconcile_at",
+            "id",
+            postgresql_where=text(f"status IN ({RECONCILABLE}) AND operator_hold = false"),
+            sqlite_where=text(f"status IN ({RECONCILABLE}) AND operator_hold = 0"),
+        ),
     )
 
 
@@ -198,18 +243,21 @@ class PaymentAuditLog(Base):
     action: Mapped[str] = mapped_column(String(32))
     status_before: Mapped[str | None] = mapped_column(String(24))
     status_after: Mapped[str | None] = mapped_column(String(24))
-    request_body: Mapped[Any | None] = mapped_column(JSON)
-    response_body: Mapped[Any | None] = mapped_column(JSON)
+    request_body: Mapped[Any | None] = mapped_column(JsonDocument)
+    response_body: Mapped[Any | None] = mapped_column(JsonDocument)
     http_status: Mapped[int | None] = mapped_column(Integer)
     error_message: Mapped[str | None] = mapped_column(Text)
     response_time_ms: Mapped[int | None] = mapped_column(Integer)
     actor: Mapped[str | None] = mapped_column(String(100))
     client_ip: Mapped[str | None] = mapped_column(String(45))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, server_default=NOW
+    )
 
     __table_args__ = (
+        # The trail of one payment (``audit_trail``, retention). No index on ``action``: no
+        # query of the module filters by it.
         Index("ix_payment_audit_logs_transaction_id", "transaction_id", "id"),
-        Index("ix_payment_audit_logs_action_created_at", "action", "created_at"),
     )
 
 
@@ -219,17 +267,19 @@ class PaymentWebhookLog(Base):
     __tablename__ = "payment_webhook_logs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    source: Mapped[str] = mapped_column(String(32), default="c2b")
+    source: Mapped[str] = mapped_column(String(32), default="c2b", server_default="c2b")
     raw_body: Mapped[str] = mapped_column(Text)
-    headers: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    headers: Mapped[dict[str, Any] | None] = mapped_column(JsonDocument)
     remote_ip: Mapped[str | None] = mapped_column(String(45))
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    is_valid: Mapped[bool] = mapped_column(Boolean, default=False)
+    received_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, server_default=NOW
+    )
+    is_valid: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     validation_error: Mapped[str | None] = mapped_column(String(255))
-    is_processed: Mapped[bool] = mapped_column(Boolean, default=False)
+    is_processed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     processing_error: Mapped[str | None] = mapped_column(Text)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     #: The payment's row id (``payment_transactions.id``); the column keeps its shipped name.
     payment_id: Mapped[int | None] = mapped_column(
         "transaction_id", ForeignKey("payment_transactions.id", ondelete="SET NULL")
@@ -245,3 +295,138 @@ class PaymentWebhookLog(Base):
 @event.listens_for(PaymentAuditLog, "before_delete")
 def _audit_rows_are_append_only(*_: object) -> None:
     raise PermissionError("payment_audit_logs is append-only: rows are never updated or deleted")
+
+
+class PaymentDailyTotal(Base):
+    """Counts and amounts of payments per ``created_at`` day (UTC), operation and status.
+
+    The database keeps it: triggers on ``payment_transactions`` (below, and in the migration)
+    move a payment between buckets in the same transaction as its insert or status change, so
+    the summary reads a few rows per day instead of every payment of the period. ``shard``
+    spreads a bucket over several rows (``id % DAILY_TOTAL_SHARDS``), so concurrent payments do
+    not queue on one row lock; readers add the shards up, and ``repository.compact_daily_totals``
+    (run with the retention, hourly) folds the shards of past days into shard 0, so a year is a
+    few thousand rows. Amounts are integer cents (exact on SQLite too).
+    """
+
+    __tablename__ = "payment_daily_totals"
+
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    operation: Mapped[str] = mapped_column(String(16), primary_key=True)
+    status: Mapped[str] = mapped_column(String(24), primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    amount_cents: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    #: How many of them are flagged (``attention_required``).
+    flagged: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    #: Their ``reversed_amount`` in cents.
+    reversed_cents: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+#: Rows per (day, operation, status) bucket; a payment's row is ``id % DAILY_TOTAL_SHARDS``.
+DAILY_TOTAL_SHARDS = 16
+
+#: The triggers that keep ``payment_daily_totals``, per dialect; the migration repeats them.
+_PG_TOTALS_FUNCTION = f"""
+CREATE OR REPLACE FUNCTION payment_daily_totals_apply() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        INSERT INTO payment_daily_totals AS t
+            (day, operation, status, shard, count, amount_cents, flagged, reversed_cents)
+        VALUES ((OLD.created_at AT TIME ZONE 'UTC')::date, OLD.operation, OLD.status,
+                OLD.id % {DAILY_TOTAL_SHARDS}, -1, -round(OLD.amount * 100)::bigint,
+                -OLD.attention_required::int, -round(OLD.reversed_amount * 100)::bigint)
+        ON CONFLICT (day, operation, status, shard) DO UPDATE
+        SET count = t.count + EXCLUDED.count, amount_cents = t.amount_cents + EXCLUDED.amount_cents,
+            flagged = t.flagged + EXCLUDED.flagged,
+            reversed_cents = t.reversed_cents + EXCLUDED.reversed_cents;
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        INSERT INTO payment_daily_totals AS t
+            (day, operation, status, shard, count, amount_cents, flagged, reversed_cents)
+        VALUES ((NEW.created_at AT TIME ZONE 'UTC')::date, NEW.operation, NEW.status,
+                NEW.id % {DAILY_TOTAL_SHARDS}, 1, round(NEW.amount * 100)::bigint,
+                NEW.attention_required::int, round(NEW.reversed_amount * 100)::bigint)
+        ON CONFLICT (day, operation, status, shard) DO UPDATE
+        SET count = t.count + EXCLUDED.count, amount_cents = t.amount_cents + EXCLUDED.amount_cents,
+            flagged = t.flagged + EXCLUDED.flagged,
+            reversed_cents = t.reversed_cents + EXCLUDED.reversed_cents;
+    END IF;
+    RETURN NULL;
+END
+$$
+"""
+_TOTALS_CHANGED = (
+    "OLD.status IS DISTINCT FROM NEW.status OR OLD.operation IS DISTINCT FROM NEW.operation"
+    " OR OLD.amount IS DISTINCT FROM NEW.amount OR OLD.created_at IS DISTINCT FROM NEW.created_at"
+    " OR OLD.attention_required IS DISTINCT FROM NEW.attention_required"
+    " OR OLD.reversed_amount IS DISTINCT FROM NEW.reversed_amount"
+)
+PG_TOTALS_DDL = (
+    _PG_TOTALS_FUNCTION,
+    "CREATE TRIGGER payment_daily_totals_insert_delete AFTER INSERT OR DELETE"
+    " ON payment_transactions FOR EACH ROW EXECUTE FUNCTION payment_daily_totals_apply()",
+    "CREATE TRIGGER payment_daily_totals_update"
+    " AFTER UPDATE OF status, operation, amount, created_at, attention_required, reversed_amount"
+    " ON payment_transactions"
+    f" FOR EACH ROW WHEN ({_TOTALS_CHANGED}) EXECUTE FUNCTION payment_daily_totals_apply()",
+)
+PG_TOTALS_DROP = (
+    "DROP TRIGGER IF EXISTS payment_daily_totals_update ON payment_transactions",
+    "DROP TRIGGER IF EXISTS payment_daily_totals_insert_delete ON payment_transactions",
+    "DROP FUNCTION IF EXISTS payment_daily_totals_apply()",
+)
+
+
+def _sqlite_bucket(row: str, sign: str) -> str:
+    return (
+        "INSERT INTO payment_daily_totals"
+        " (day, operation, status, shard, count, amount_cents, flagged, reversed_cents)"
+        f" VALUES (date({row}.created_at), {row}.operation, {row}.status,"
+        f" {row}.id % {DAILY_TOTAL_SHARDS}, {sign}1,"
+        f" {sign}CAST(round({row}.amount * 100) AS INTEGER), {sign}{row}.attention_required,"
+        f" {sign}CAST(round({row}.reversed_amount * 100) AS INTEGER))"
+        " ON CONFLICT (day, operation, status, shard) DO UPDATE"
+        " SET count = count + excluded.count, amount_cents = amount_cents + excluded.amount_cents,"
+        " flagged = flagged + excluded.flagged,"
+        " reversed_cents = reversed_cents + excluded.reversed_cents;"
+    )
+
+
+SQLITE_TOTALS_DDL = (
+    "CREATE TRIGGER payment_daily_totals_insert AFTER INSERT ON payment_transactions"
+    f" BEGIN {_sqlite_bucket('NEW', '')} END",
+    "CREATE TRIGGER payment_daily_totals_delete AFTER DELETE ON payment_transactions"
+    f" BEGIN {_sqlite_bucket('OLD', '-')} END",
+    "CREATE TRIGGER payment_daily_totals_update"
+    " AFTER UPDATE OF status, operation, amount, created_at, attention_required, reversed_amount"
+    " ON payment_transactions"
+    f" WHEN {_TOTALS_CHANGED.replace('IS DISTINCT FROM', 'IS NOT')}"
+    f" BEGIN {_sqlite_bucket('OLD', '-')} {_sqlite_bucket('NEW', '')} END",
+)
+SQLITE_TOTALS_DROP = (
+    "DROP TRIGGER IF EXISTS payment_daily_totals_update",
+    "DROP TRIGGER IF EXISTS payment_daily_totals_delete",
+    "DROP TRIGGER IF EXISTS payment_daily_totals_insert",
+)
+
+# ``Base.metadata.create_all`` (tests, hosts without Alembic) creates the triggers too.
+for _statement in PG_TOTALS_DDL:
+    event.listen(
+        PaymentTransaction.__table__,
+        "after_create",
+        DDL(_statement.replace("%", "%%")).execute_if(dialect="postgresql"),
+    )
+for _statement in SQLITE_TOTALS_DDL:
+    event.listen(
+        PaymentTransaction.__table__,
+        "after_create",
+        DDL(_statement.replace("%", "%%")).execute_if(dialect="sqlite"),
+    )
+for _statement in PG_TOTALS_DROP:
+    event.listen(
+        PaymentTransaction.__table__,
+        "before_drop",
+        DDL(_statement).execute_if(dialect="postgresql"),
+    )

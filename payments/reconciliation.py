@@ -8,7 +8,8 @@ evidence: an answer-less payment is retried with exponential backoff and, past
 ``PAYMENT_RECONCILE_ATTENTION_AFTER`` seconds, flagged for an operator (``attention_required``).
 
 Run it as ``python -m payments reconcile [--loop SECONDS]``, schedule ``reconcile_once`` yourself,
-or start ``reconcile_forever`` as a background task with the app.
+or start ``reconcile_forever`` as a background task with the app; the loop also applies the
+retention settings hourly (``retention.prune``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .logger import payment_logger
 from .models import AuditAction, PaymentOperation, PaymentStatus, utcnow
 from .outcomes import Outcome
 from .repository import PaymentRecord
+from .retention import PRUNE_EVERY, prune
 from .service import PaymentService
 
 #: Opens a session: an ``async_sessionmaker``, a synchronous ``sessionmaker``, or
@@ -41,6 +43,12 @@ DATABASE_MARGIN = timedelta(seconds=30)
 #: Backoff between attempts for one payment: 30 s, 1 min, 2 min, … capped at 30 min.
 BACKOFF_BASE = timedelta(seconds=30)
 BACKOFF_CAP = timedelta(minutes=30)
+#: A flagged payment (an operator has been asked to look) is still asked about, in case M-Pesa
+#: answers late, but on a bounded schedule: every half of its age, between 1 hour and 1 day
+#: (about 8 polls on its first day, then one a day), each writing one UPDATE and, unless the
+#: answer changes something, nothing else.
+FLAGGED_POLL_MIN = timedelta(hours=1)
+FLAGGED_POLL_MAX = timedelta(days=1)
 
 
 @dataclass
@@ -81,6 +89,23 @@ def backoff(attempts: int) -> timedelta:
     return min(BACKOFF_CAP, BACKOFF_BASE * 2**doublings)
 
 
+def flagged_poll_interval(age: timedelta) -> timedelta:
+    """Time to a flagged payment's next poll, by its age: half of it, within 1 hour and 1 day."""
+    return min(FLAGGED_POLL_MAX, max(FLAGGED_POLL_MIN, age / 2))
+
+
+def _changes_nothing(record: PaymentRecord, outcome: Outcome) -> bool:
+    """True when applying ``outcome`` would only repeat what the payment already says: no new
+    status, no M-Pesa ID it lacks, nothing for an operator."""
+    return (
+        (outcome.status is None or outcome.status.value == record.status)
+        and not outcome.attention
+        and not outcome.hold
+        and not (outcome.provider_transaction_id and not record.provider_transaction_id)
+        and not (outcome.conversation_id and not record.conversation_id)
+    )
+
+
 async def reconcile_once(
     service: PaymentService,
     sessions: Sessions,
@@ -119,6 +144,9 @@ async def reconcile_once(
                     lease_until=started + lease_for(settings, batch_size, concurrency),
                     limit=batch_size,
                     open_calls_created_before=calls_over,
+                    flagged_next_poll=lambda created: (
+                        started + flagged_poll_interval(started - created)
+                    ),
                 )
             ),
             write=True,
@@ -172,6 +200,11 @@ async def _settle_one(
             exchanges=outcome.exchanges,
             action=AuditAction.RECONCILED,
         )
+    if record.attention_required and _changes_nothing(record, outcome):
+        # Flagged already, and M-Pesa says nothing new: the claim's UPDATE scheduled the next
+        # poll; no audit rows repeating the same exchange, no more UPDATEs.
+        report.unresolved += 1
+        return
     try:
         updated, _ = await service.apply_outcome(db, record, outcome, actor="reconciler")
     except Exception as exc:  # still scheduled and, in time, flagged below
@@ -209,7 +242,10 @@ async def _settle_one(
 
     def schedule(session: Session) -> None:
         row = repo.get_by_id(session, updated.id, for_update=True)
-        row.next_reconcile_at = now + backoff(row.reconcile_attempts)
+        if flag or row.attention_required:
+            row.next_reconcile_at = now + flagged_poll_interval(age)
+        else:
+            row.next_reconcile_at = now + backoff(row.reconcile_attempts)
         if flag and not row.attention_required:
             row.attention_required = True
             repo.add_audit(
@@ -238,11 +274,18 @@ async def reconcile_forever(
     """Run passes every ``interval`` seconds until ``stop`` is set (or the task is cancelled)."""
     interval = interval or service.settings.payment_reconcile_interval
     stop = stop or asyncio.Event()
+    last_prune: datetime | None = None
     while not stop.is_set():
         try:
             await reconcile_once(service, sessions, min_age=min_age, batch_size=batch_size)
         except Exception as exc:  # the database may be down for a while: keep trying
             payment_logger.error("Reconciliation pass failed", error=type(exc).__name__)
+        if last_prune is None or utcnow() - last_prune >= PRUNE_EVERY:
+            last_prune = utcnow()
+            try:
+                await prune(service.settings, sessions)
+            except Exception as exc:  # retried at the next hour
+                payment_logger.error("Pruning failed", error=type(exc).__name__)
         try:
             await asyncio.wait_for(stop.wait(), timeout=interval)
         except TimeoutError:

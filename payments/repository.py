@@ -7,25 +7,43 @@ They return ``PaymentRecord`` snapshots (plain values) so nothing lazy-loads aft
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Select, and_, bindparam, func, insert, or_, select, true, update
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy import (
+    Select,
+    and_,
+    bindparam,
+    delete,
+    false,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    text,
+    true,
+    tuple_,
+    update,
+)
+from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
-from .lifecycle import IN_FLIGHT, UNSETTLED
+from .lifecycle import UNSETTLED
 from .models import (
     AuditAction,
     PaymentAuditLog,
+    PaymentDailyTotal,
+    PaymentStatus,
     PaymentTransaction,
     PaymentWebhookLog,
     as_utc,
     utcnow,
 )
+from .paging import PageCursor
 from .schemas import PaymentFilters
 
 
@@ -111,6 +129,9 @@ _GUARDED_UPDATE = update(_PAYMENTS).where(
     # The status too: a hand-made UPDATE (an operator's SQL) may not bump the version.
     _PAYMENTS.c.status == bindparam("b_status"),
 )
+_LEASE = update(_PAYMENTS).where(_PAYMENTS.c.id == bindparam("b_pk"))
+#: What the reconciler works on (the partial index ``ix_payment_transactions_reconcile_due``).
+RECONCILABLE_STATUSES = (PaymentStatus.PENDING, PaymentStatus.PROCESSING, PaymentStatus.UNKNOWN)
 #: Column names whose ORM attribute is named differently.
 _ATTRIBUTE = {"metadata": "metadata_"}
 
@@ -268,7 +289,11 @@ def _filtered(query: Select[Any], filters: PaymentFilters) -> Select[Any]:
     if filters.user_id:
         query = query.where(table.user_id == filters.user_id)
     if filters.attention_required is not None:
-        query = query.where(table.attention_required.is_(filters.attention_required))
+        # ``= true`` as a literal: PostgreSQL matches it to the partial index (``IS true`` or a
+        # bound parameter would not).
+        query = query.where(
+            table.attention_required == (true() if filters.attention_required else false())
+        )
     if filters.from_date:
         query = query.where(table.created_at >= _day_start(filters.from_date))
     if filters.to_date:
@@ -276,46 +301,175 @@ def _filtered(query: Select[Any], filters: PaymentFilters) -> Select[Any]:
     return query
 
 
+def _totals_can_count(filters: PaymentFilters) -> bool:
+    """The daily totals answer a count filtered by status, operation and dates only."""
+    return not (
+        filters.phone_number is not None
+        or filters.entity_type
+        or filters.entity_id
+        or filters.user_id
+        or filters.attention_required is not None
+    )
+
+
+def _totals_filtered(query: Select[Any], filters: PaymentFilters) -> Select[Any]:
+    totals = PaymentDailyTotal
+    if filters.status:
+        query = query.where(totals.status == filters.status)
+    if filters.operation:
+        query = query.where(totals.operation == filters.operation)
+    if filters.from_date:
+        query = query.where(totals.day >= filters.from_date)
+    if filters.to_date:
+        query = query.where(totals.day <= filters.to_date)
+    return query
+
+
+def count_payments(session: Session, filters: PaymentFilters) -> int:
+    """How many payments match: from the daily totals when they can tell (a few hundred rows
+    whatever the history), else ``count(*)`` over the index that serves the filter."""
+    if _totals_can_count(filters):
+        query = _totals_filtered(
+            select(func.coalesce(func.sum(PaymentDailyTotal.count), 0)), filters
+        )
+    else:
+        query = _filtered(select(func.count()).select_from(PaymentTransaction), filters)
+    return int(session.scalar(query) or 0)
+
+
 def list_page(
-    session: Session, filters: PaymentFilters, *, page: int, per_page: int
-) -> tuple[list[PaymentRecord], int, int]:
-    """One page, newest first: (records, total, pages)."""
-    total = session.scalar(_filtered(select(func.count(PaymentTransaction.id)), filters)) or 0
-    original = aliased(PaymentTransaction)
-    rows = session.execute(
-        _filtered(select(PaymentTransaction, original.transaction_id), filters)
-        .outerjoin(original, PaymentTransaction.original_id == original.id)
-        .order_by(PaymentTransaction.created_at.desc(), PaymentTransaction.id.desc())
-        .offset((page - 1) * per_page)
-        .limit(per_page)
-    ).all()
-    records = [PaymentRecord.of(row, original_id) for row, original_id in rows]
-    return records, total, max(1, math.ceil(total / per_page))
+    session: Session,
+    filters: PaymentFilters,
+    *,
+    page: int,
+    per_page: int,
+    cursor: PageCursor | None = None,
+) -> tuple[list[PaymentRecord], int, int, PageCursor | None]:
+    """One page, newest first: (records, total, pages, cursor of the next page or ``None``).
+
+    With a ``cursor`` the page starts after the row it names (keyset: an index range scan,
+    however deep); without one, at ``page`` (OFFSET: fine for the first pages)."""
+    total = count_payments(session, filters)
+    table = PaymentTransaction
+    query = (
+        _filtered(select(table), filters)
+        .order_by(table.created_at.desc(), table.id.desc())
+        .limit(per_page + 1)  # one more tells whether there is a next page
+    )
+    if cursor is not None:
+        page = cursor.page
+        query = query.where(tuple_(table.created_at, table.id) < (cursor.created_at, cursor.id))
+    else:
+        query = query.offset((page - 1) * per_page)
+    fetched = session.scalars(query).all()
+    rows = fetched[:per_page]
+    # Reversals name their original: one lookup for the page (a self-join costs every page a
+    # plan twice as large, for the few rows that are reversals).
+    original_ids = {row.original_id for row in rows if row.original_id is not None}
+    originals = (
+        dict(
+            session.execute(
+                select(table.id, table.transaction_id).where(table.id.in_(original_ids))
+            ).all()
+        )
+        if original_ids
+        else {}
+    )
+    records = [PaymentRecord.of(row, originals.get(row.original_id)) for row in rows]
+    next_cursor = (
+        PageCursor(records[-1].created_at, records[-1].id, page + 1)
+        if len(fetched) > per_page
+        else None
+    )
+    return records, total, max(1, math.ceil(total / per_page)), next_cursor
 
 
 def summary_rows(
     session: Session, filters: PaymentFilters
 ) -> list[tuple[str, str, int, Decimal, int, Decimal]]:
-    """(status, operation, count, amount, attention count, reversed amount) per status and
-    operation."""
-    table = PaymentTransaction
-    query = _filtered(
-        select(
-            table.status,
-            table.operation,
-            func.count(table.id),
-            func.coalesce(func.sum(table.amount), 0),
-            func.coalesce(func.sum(func.cast(table.attention_required, type_=table.id.type)), 0),
-            func.coalesce(func.sum(table.reversed_amount), 0),
-        ),
-        filters,
-    ).group_by(table.status, table.operation)
+    """(status, operation, count, amount, flagged count, reversed amount) per status and
+    operation, from the daily totals (only ``from_date``/``to_date`` of the filters apply): a
+    few rows per day, whatever the number of payments."""
+    totals = PaymentDailyTotal
+    buckets = session.execute(
+        _totals_filtered(
+            select(
+                totals.status,
+                totals.operation,
+                func.sum(totals.count),
+                func.sum(totals.amount_cents),
+                func.sum(totals.flagged),
+                func.sum(totals.reversed_cents),
+            ),
+            PaymentFilters(from_date=filters.from_date, to_date=filters.to_date),
+        ).group_by(totals.status, totals.operation)
+    ).all()
     return [
-        (status, operation, int(count), Decimal(amount), int(attention), Decimal(reversed_amount))
-        for status, operation, count, amount, attention, reversed_amount in session.execute(
-            query
-        ).all()
+        (
+            status,
+            operation,
+            int(count),
+            Decimal(int(cents or 0)) / 100,
+            int(flagged or 0),
+            Decimal(int(reversed_cents or 0)) / 100,
+        )
+        for status, operation, count, cents, flagged, reversed_cents in buckets
+        if count  # every payment of the bucket moved on to another status
     ]
+
+
+_PG_COMPACT = """
+WITH moved AS (
+    DELETE FROM payment_daily_totals WHERE day < :before AND shard <> 0
+    RETURNING day, operation, status, count, amount_cents, flagged, reversed_cents
+)
+INSERT INTO payment_daily_totals AS t
+    (day, operation, status, shard, count, amount_cents, flagged, reversed_cents)
+SELECT day, operation, status, 0, sum(count), sum(amount_cents), sum(flagged),
+       sum(reversed_cents)
+FROM moved
+GROUP BY day, operation, status
+ON CONFLICT (day, operation, status, shard) DO UPDATE
+SET count = t.count + EXCLUDED.count, amount_cents = t.amount_cents + EXCLUDED.amount_cents,
+    flagged = t.flagged + EXCLUDED.flagged,
+    reversed_cents = t.reversed_cents + EXCLUDED.reversed_cents
+"""
+_SQLITE_COMPACT = (
+    """
+INSERT INTO payment_daily_totals
+    (day, operation, status, shard, count, amount_cents, flagged, reversed_cents)
+SELECT day, operation, status, 0, sum(count), sum(amount_cents), sum(flagged),
+       sum(reversed_cents)
+FROM payment_daily_totals
+WHERE day < :before AND shard <> 0 GROUP BY day, operation, status
+ON CONFLICT (day, operation, status, shard) DO UPDATE
+SET count = count + excluded.count, amount_cents = amount_cents + excluded.amount_cents,
+    flagged = flagged + excluded.flagged, reversed_cents = reversed_cents + excluded.reversed_cents
+""",
+    "DELETE FROM payment_daily_totals WHERE day < :before AND shard <> 0",
+)
+
+
+def compact_daily_totals(session: Session, before: date) -> int:
+    """Fold the shards of the days before ``before`` into shard 0 and drop empty buckets (the
+    payments of a day moved on); the number of rows removed. Sums are unchanged."""
+    rows_before = session.scalar(select(func.count()).select_from(PaymentDailyTotal)) or 0
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text(_PG_COMPACT), {"before": before})
+    else:  # one writer at a time on SQLite: two statements are as good as one
+        for statement in _SQLITE_COMPACT:
+            session.execute(text(statement), {"before": before})
+    session.execute(
+        delete(PaymentDailyTotal).where(
+            PaymentDailyTotal.day < before,
+            PaymentDailyTotal.count == 0,
+            PaymentDailyTotal.amount_cents == 0,
+            PaymentDailyTotal.flagged == 0,
+            PaymentDailyTotal.reversed_cents == 0,
+        )
+    )
+    rows_after = session.scalar(select(func.count()).select_from(PaymentDailyTotal)) or 0
+    return int(rows_before) - int(rows_after)
 
 
 def audit_trail(session: Session, payment_id: int) -> list[PaymentAuditLog]:
@@ -385,6 +539,52 @@ def list_notifications(
 # -- reconciliation -----------------------------------------------------------------------------
 
 
+def claim_queries(
+    *,
+    now: datetime,
+    created_before: datetime,
+    limit: int,
+    open_calls_created_before: Mapping[str, datetime] | None = None,
+) -> tuple[Select[Any], Select[Any]]:
+    """The claim's two statements: never-polled payments by id, then due ones by due time."""
+    table = PaymentTransaction
+    in_flight = table.status.in_([PaymentStatus.PENDING, PaymentStatus.PROCESSING])
+    call_over = (
+        or_(
+            *(
+                and_(table.operation == operation, table.created_at <= cutoff)
+                for operation, cutoff in open_calls_created_before.items()
+            )
+        )
+        if open_calls_created_before
+        else true()
+    )
+    claimable = (
+        # The partial index's own predicate, with literals, so PostgreSQL proves it applies.
+        table.status.in_([literal_column(f"'{s.value}'") for s in RECONCILABLE_STATUSES]),
+        table.operator_hold == false(),
+        table.created_at <= created_before,
+        or_(~in_flight, call_over),
+    )
+    never_polled = (
+        select(_PAYMENTS)
+        .where(*claimable, table.next_reconcile_at.is_(None))
+        # The same as ``ORDER BY id`` here (all NULL), but only the partial index has this
+        # order: by id, PostgreSQL would walk the primary key through the whole history.
+        .order_by(table.next_reconcile_at, table.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    due = (
+        select(_PAYMENTS)
+        .where(*claimable, table.next_reconcile_at <= now)
+        .order_by(table.next_reconcile_at, table.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return never_polled, due
+
+
 def claim_due_for_reconciliation(
     session: Session,
     *,
@@ -393,46 +593,76 @@ def claim_due_for_reconciliation(
     lease_until: datetime,
     limit: int,
     open_calls_created_before: Mapping[str, datetime] | None = None,
+    flagged_next_poll: Callable[[datetime], datetime] | None = None,
 ) -> list[PaymentRecord]:
     """Lease up to ``limit`` unsettled payments that are due: ``next_reconcile_at`` moves to
     ``lease_until`` so other workers skip them while this one asks the provider, without holding
     a lock. ``SKIP LOCKED`` keeps concurrent claims on PostgreSQL from waiting on each other.
 
+    Never-polled payments first (``next_reconcile_at`` NULL, oldest first), then the due ones in
+    the order they fell due: two range scans of the partial index
+    ``ix_payment_transactions_reconcile_due``, so neither a long history nor many old unknowns
+    slow the claim or keep a new unknown waiting.
+
+    A flagged payment (``attention_required``) is leased until ``flagged_next_poll(created_at)``
+    (its next poll, when later than the lease): an unchanged answer then writes nothing more, so
+    one poll of it is this one UPDATE.
+
     Skipped: payments held for an operator (no answer of M-Pesa's can settle them), and
     ``pending``/``processing`` ones not created before ``open_calls_created_before[operation]``
     (their own call may still be answered)."""
-    in_flight = PaymentTransaction.status.in_(sorted(IN_FLIGHT))
-    call_over = (
-        or_(
-            *(
-                and_(
-                    PaymentTransaction.operation == operation,
-                    PaymentTransaction.created_at <= cutoff,
-                )
-                for operation, cutoff in open_calls_created_before.items()
+    never_polled, due = claim_queries(
+        now=now,
+        created_before=created_before,
+        limit=limit,
+        open_calls_created_before=open_calls_created_before,
+    )
+    rows = list(session.execute(never_polled).mappings().all())
+    if len(rows) < limit:
+        rows += session.execute(due.limit(limit - len(rows))).mappings().all()
+    if not rows:
+        return []
+    leased = []
+    for row in rows:
+        lease = lease_until
+        if row["attention_required"] and flagged_next_poll is not None:
+            lease = max(lease, flagged_next_poll(as_utc(row["created_at"]) or now))
+        leased.append(
+            {
+                **row,
+                "next_reconcile_at": lease,
+                "reconcile_attempts": row["reconcile_attempts"] + 1,
+                "version": row["version"] + 1,
+            }
+        )
+    # One UPDATE for the payments leased until ``lease_until`` (all but the flagged ones), an
+    # executemany for the flagged few; the rows are locked, so the lock is the version guard.
+    plain = [values["id"] for values in leased if values["next_reconcile_at"] == lease_until]
+    if plain:
+        session.execute(
+            update(_PAYMENTS)
+            .where(_PAYMENTS.c.id.in_(plain))
+            .values(
+                next_reconcile_at=lease_until,
+                reconcile_attempts=_PAYMENTS.c.reconcile_attempts + 1,
+                version=_PAYMENTS.c.version + 1,
             )
         )
-        if open_calls_created_before
-        else true()
-    )
-    rows = session.scalars(
-        select(PaymentTransaction)
-        .where(
-            PaymentTransaction.status.in_(sorted(UNSETTLED)),
-            PaymentTransaction.operator_hold.is_(False),
-            PaymentTransaction.created_at <= created_before,
-            or_(~in_flight, call_over),
-            or_(
-                PaymentTransaction.next_reconcile_at.is_(None),
-                PaymentTransaction.next_reconcile_at <= now,
-            ),
+    flagged = [values for values in leased if values["next_reconcile_at"] != lease_until]
+    if flagged:
+        session.execute(
+            _LEASE,
+            [
+                {
+                    "b_pk": values["id"],
+                    "next_reconcile_at": values["next_reconcile_at"],
+                    "reconcile_attempts": values["reconcile_attempts"],
+                    "version": values["version"],
+                }
+                for values in flagged
+            ],
         )
-        .order_by(PaymentTransaction.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    ).all()
-    for row in rows:
-        row.next_reconcile_at = lease_until
-        row.reconcile_attempts += 1
-    session.flush()
-    return [record_of(session, row) for row in rows]
+    return [
+        PaymentRecord.from_columns(values, transaction_id_of(session, values["original_id"]))
+        for values in leased
+    ]

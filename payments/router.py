@@ -23,7 +23,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
 from pydantic import AfterValidator, BaseModel, TypeAdapter, ValidationError
@@ -36,6 +36,7 @@ from .exceptions import (
     DuplicateTransactionError,
     IdempotencyConflictError,
     InsufficientFundsError,
+    InvalidCursorError,
     InvalidPaymentRequestError,
     InvalidStateTransitionError,
     PaymentCancelledError,
@@ -53,6 +54,7 @@ from .health import health_report
 from .logger import payment_logger
 from .mpesa.values import MSISDN_PATTERN, Msisdn
 from .notifications import NotificationProcessor, ProviderAnswer, client_ip, read_capped
+from .paging import MAX_CURSOR_LENGTH
 from .schemas import (
     ApiDate,
     AuditTrailResponse,
@@ -77,6 +79,7 @@ from .service import PaymentService
 ERROR_STATUS: tuple[tuple[type[PaymentError], int], ...] = (
     (UnauthorizedError, 401),
     (PaymentValidationError, 422),
+    (InvalidCursorError, 400),
     (PaymentNotFoundError, 404),
     (IdempotencyConflictError, 409),
     (InvalidStateTransitionError, 409),
@@ -635,7 +638,13 @@ def create_payment_router(
         owner = actor if _role(request) == CUSTOMER else None
         return _json(await payments.get(transaction_id, db, owner=owner))
 
-    @router.get("/", response_model=PaymentListResponse, responses=_responses())
+    @router.get(
+        "/",
+        response_model=PaymentListResponse,
+        responses=_responses(
+            base={400: {"model": ErrorResponse, "description": "A cursor no page returned"}}
+        ),
+    )
     async def list_payments(
         db: Db,
         _: Actor,
@@ -643,8 +652,38 @@ def create_payment_router(
         filters: Annotated[PaymentFilters, Query()],
         page: Annotated[int, Query(ge=1, le=100_000)] = 1,
         per_page: Annotated[int, Query(ge=1, le=100)] = 20,
+        cursor: Annotated[
+            str | None,
+            Query(
+                max_length=MAX_CURSOR_LENGTH,
+                description="A previous page's ``next_cursor``: the page after it (keyset"
+                " paging, as fast deep as near the top); ``page`` is then ignored.",
+            ),
+        ] = None,
     ) -> Response:
-        return _json(await payments.list(db, filters, page=page, per_page=per_page))
+        """Payments, newest first. Deep pages and full walks: follow ``next_cursor``."""
+        return _json(await payments.list(db, filters, page=page, per_page=per_page, cursor=cursor))
+
+    @router.get(
+        "/export.csv",
+        response_class=StreamingResponse,
+        responses=_responses(
+            base={200: {"content": {"text/csv": {}}, "description": "One row per payment"}}
+        ),
+    )
+    async def export_csv(
+        db: Db,
+        _: Actor,
+        payments: Service,
+        filters: Annotated[PaymentFilters, Query()],
+    ) -> StreamingResponse:
+        """The payments matching the list's filters as CSV (phone numbers masked), read in
+        keyset batches."""
+        return StreamingResponse(
+            payments.export_csv(db, filters),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": 'attachment; filename="payments.csv"'},
+        )
 
     @router.get("/summary", response_model=PaymentSummary, responses=_responses())
     async def summary(

@@ -255,6 +255,9 @@ class PaymentListResponse(BaseModel):
     page: int
     per_page: int
     pages: int
+    #: Pass as ``cursor`` to get the next page (keyset: as fast deep as on page 2); ``None`` on
+    #: the last page.
+    next_cursor: str | None = None
 
 
 class PaymentFilters(BaseModel):

@@ -336,7 +336,8 @@ async def test_list_never_5xx(api: PaymentApi, params: dict[str, str]) -> None:
     check(response, params)
     if response.status_code == 200:
         listing = response.json()
-        assert set(listing) == {"items", "total", "page", "per_page", "pages"}
+        # The original shape, plus the cursor of the next page (issue 16).
+        assert set(listing) == {"items", "total", "page", "per_page", "pages", "next_cursor"}
         assert len(listing["items"]) <= listing["per_page"]
 
 

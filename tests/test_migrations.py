@@ -32,7 +32,15 @@ from payments.models import (
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MIGRATION_FILE = REPO_ROOT / "payments" / "migrations" / "payment_001_create_tables.py"
-PAYMENT_TABLES = {"payment_transactions", "payment_audit_logs", "payment_webhook_logs"}
+#: Every revision file of the module, in order (what a host copies).
+MIGRATION_FILES = sorted((REPO_ROOT / "payments" / "migrations").glob("payment_*.py"))
+PAYMENT_TABLES = {
+    "payment_transactions",
+    "payment_audit_logs",
+    "payment_webhook_logs",
+    "payment_daily_totals",
+}
+HEAD = "payment_003"
 
 
 def repo_alembic_config(url: str) -> Config:
@@ -70,7 +78,7 @@ def current_revision(url: str) -> str | None:
 
 def test_the_repository_applies_the_module_revision_file() -> None:
     script = ScriptDirectory.from_config(repo_alembic_config("sqlite://"))
-    assert script.get_heads() == ["payment_001"]  # payments/migrations/__init__.py is ignored
+    assert script.get_heads() == [HEAD]  # payments/migrations/__init__.py is ignored
     revision = script.get_revision("payment_001")
     assert revision is not None
     assert revision.down_revision is None
@@ -83,7 +91,7 @@ def test_upgrade_downgrade_upgrade(database_url: str) -> None:
 
     command.upgrade(config, "head")
     assert PAYMENT_TABLES <= table_names(database_url)
-    assert current_revision(database_url) == "payment_001"
+    assert current_revision(database_url) == HEAD
 
     command.downgrade(config, "base")
     assert table_names(database_url) - {"alembic_version"} == set()
@@ -91,7 +99,7 @@ def test_upgrade_downgrade_upgrade(database_url: str) -> None:
 
     command.upgrade(config, "heads")
     assert PAYMENT_TABLES <= table_names(database_url)
-    assert current_revision(database_url) == "payment_001"
+    assert current_revision(database_url) == HEAD
 
 
 def test_migrated_schema_matches_the_models(database_url: str) -> None:
@@ -188,9 +196,10 @@ def test_check_constraints_repeat_the_models_on_sqlite(tmp_path: Path) -> None:
     assert migrated == declared
 
 
-def test_the_revision_file_stands_alone() -> None:
+@pytest.mark.parametrize("migration", MIGRATION_FILES, ids=lambda path: path.stem)
+def test_the_revision_file_stands_alone(migration: Path) -> None:
     """Hosts copy the file without the package: it may import only alembic and SQLAlchemy."""
-    tree = ast.parse(MIGRATION_FILE.read_text())
+    tree = ast.parse(migration.read_text())
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -262,7 +271,8 @@ def test_a_host_copies_the_revision_into_its_own_alembic_versions(tmp_path: Path
     (project / "alembic" / "env.py").write_text(HOST_ENV)
     (project / "alembic" / "script.py.mako").write_text(HOST_SCRIPT_TEMPLATE)
     (versions / "host_0001_users.py").write_text(HOST_REVISION)
-    shutil.copy(MIGRATION_FILE, versions / MIGRATION_FILE.name)
+    for migration in MIGRATION_FILES:
+        shutil.copy(migration, versions / migration.name)
     url = f"sqlite:///{project}/app.db"
     (project / "alembic.ini").write_text(
         dedent(
