@@ -249,8 +249,6 @@ def serve(
     os.environ.setdefault("PAYMENT_RECONCILE_IN_APP", "true")
     os.environ.setdefault("PAYMENT_RECONCILE_MIN_AGE", "5")
     os.environ.setdefault("PAYMENT_RECONCILE_INTERVAL", "5")
-    # Log lines are formatted and written by a writer thread, off the request path.
-    os.environ.setdefault("PAYMENT_LOG_BACKGROUND", "true")
     if not os.environ.get("PAYMENT_ADMIN_API_KEY"):
         os.environ["PAYMENT_ADMIN_API_KEY"] = secrets.token_urlsafe(24)
     settings = get_settings()  # fail fast, naming the variable, before serving anything

@@ -88,6 +88,9 @@ class PaymentSettings(BaseSettings):
     # Database (the module's own engine; hosts may pass their own sessions instead)
     payment_database_url: str = "sqlite:///./payments.db"
     payment_database_pool_size: int = Field(default=10, ge=1, le=1000)
+    # PostgreSQL: test each pooled connection with a round trip before use (see README
+    # Performance: about 0.3-0.5 ms of CPU per payment, against errors after a server restart).
+    payment_database_pre_ping: bool = True
 
     # The host's PaymentService for the command line (``module:attr``, like ``--service``)
     payment_service: str | None = None
@@ -115,7 +118,8 @@ class PaymentSettings(BaseSettings):
     payment_log_dir: str = "logs"
     payment_log_format: Literal["text", "json"] = "text"
     payment_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
-    payment_log_background: bool = False
+    # Lines are formatted and written by a writer thread, off the event loop (see logger.py).
+    payment_log_background: bool = True
 
     @field_validator("mpesa_environment", mode="before")
     @classmethod

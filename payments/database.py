@@ -7,16 +7,22 @@ synchronous ``Session`` in a worker thread, so blocking database work never bloc
 
 SQLite takes one writer at a time, and a writer that finds the file locked sleeps in SQLite's busy
 handler (1, 2, 5, 10 ms and longer) while holding its pool connection. ``run_db(..., write=True)``
-therefore queues the write units of one process on an ``asyncio.Lock`` per engine, in memory and in
-order, so a burst of payments neither polls the lock nor exhausts the pool. The lock only
-orders work; SQLite's own locking (and the busy timeout, across processes) still guarantees it.
+therefore queues the write units of one process per engine, in memory and in order, so a burst of
+payments neither polls the lock nor exhausts the pool. Units of synchronous ``Session``s that
+queued up while one ran go to the worker thread together and run there one after another, each
+in its own transaction with its own commit, exactly as they would one hop at a time: one thread
+hop (and one wait for the GIL) per batch instead of per unit, which is what bounded a burst of
+payments. The queue only orders work; SQLite's own locking (and the busy timeout, across
+processes) still guarantees it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import importlib.util
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import lru_cache
@@ -83,9 +89,12 @@ def normalize_database_url(url: str) -> str:
     return parsed.set(drivername=drivername).render_as_string(hide_password=False)
 
 
-def create_engine_for(url: str, *, pool_size: int = 10, echo: bool = False) -> AsyncEngine:
+def create_engine_for(
+    url: str, *, pool_size: int = 10, echo: bool = False, pre_ping: bool = True
+) -> AsyncEngine:
     """An async engine for ``url`` with at most ``pool_size`` connections; SQLite gets WAL and a
-    busy timeout so writers wait."""
+    busy timeout so writers wait. ``pre_ping`` (PostgreSQL): a round trip tests each pooled
+    connection before use, so one a server restart killed is replaced instead of failing."""
     async_url = normalize_database_url(url)
     if async_url.startswith("sqlite"):
         engine = create_async_engine(
@@ -99,7 +108,7 @@ def create_engine_for(url: str, *, pool_size: int = 10, echo: bool = False) -> A
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     return create_async_engine(
-        async_url, echo=echo, pool_size=pool_size, max_overflow=0, pool_pre_ping=True
+        async_url, echo=echo, pool_size=pool_size, max_overflow=0, pool_pre_ping=pre_ping
     )
 
 
@@ -135,7 +144,7 @@ class ModuleDatabase:
     ``sqlite+aiosqlite://`` URL keeps aiosqlite.
     """
 
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, pre_ping: bool = True) -> None:
         async_url = normalize_database_url(url)
         self.threaded = async_url.startswith("sqlite") and "+aiosqlite" not in url
         self.sync_engine: Engine | None = None
@@ -144,7 +153,7 @@ class ModuleDatabase:
             self.sync_engine = create_sync_sqlite_engine(url, pool_size=pool_size)
             self._sync_sessions = sessionmaker(self.sync_engine, expire_on_commit=False)
         else:
-            self.async_engine = create_engine_for(url, pool_size=pool_size)
+            self.async_engine = create_engine_for(url, pool_size=pool_size, pre_ping=pre_ping)
             self._async_sessions = async_sessionmaker(self.async_engine, expire_on_commit=False)
 
     @asynccontextmanager
@@ -188,7 +197,9 @@ def get_database() -> ModuleDatabase:
 
     settings = get_settings()
     return ModuleDatabase(
-        settings.payment_database_url, pool_size=settings.payment_database_pool_size
+        settings.payment_database_url,
+        pool_size=settings.payment_database_pool_size,
+        pre_ping=settings.payment_database_pre_ping,
     )
 
 
@@ -199,7 +210,9 @@ def get_engine() -> AsyncEngine:
 
     settings = get_settings()
     return create_engine_for(
-        settings.payment_database_url, pool_size=settings.payment_database_pool_size
+        settings.payment_database_url,
+        pool_size=settings.payment_database_pool_size,
+        pre_ping=settings.payment_database_pre_ping,
     )
 
 
@@ -259,10 +272,12 @@ async def run_db(db: DbSession, work: Callable[[Session], T], *, write: bool = F
     SQLite it waits for the engine's write turn first (see the module docstring)."""
     if not isinstance(db, AsyncSession | Session):
         raise TypeError(f"db must be a SQLAlchemy Session or AsyncSession, not {type(db).__name__}")
-    lock = _sqlite_write_lock(db) if write else None
-    if lock is None:
+    engine = _sqlite_engine_for_write(db) if write else None
+    if engine is None:
         return await _run(db, work)
-    async with lock:
+    if isinstance(db, Session):
+        return await _write_queue(engine).run(db, work)
+    async with _write_lock(engine):  # aiosqlite: its own thread, one unit at a time
         return await _run(db, work)
 
 
@@ -292,13 +307,81 @@ def _threaded_unit(session: Session, work: Callable[[Session], T]) -> T:
     return result
 
 
-#: Per event loop, per SQLite engine: the lock that orders write units (see the module docstring).
+class _WriteQueue:
+    """The write units of one SQLite engine's synchronous sessions, in order: whatever queued up
+    while a batch ran goes to the worker thread as the next batch (see the module docstring)."""
+
+    #: Units per thread hop: bounds how long one hop keeps the others waiting.
+    BATCH = 64
+
+    def __init__(self) -> None:
+        self._waiting: deque[tuple[contextvars.Context, Session, Callable[[Session], Any], Any]]
+        self._waiting = deque()
+        self._drainer: asyncio.Task[None] | None = None
+
+    async def run(self, session: Session, work: Callable[[Session], T]) -> T:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        # Each unit runs in its caller's context, as asyncio.to_thread would run it.
+        self._waiting.append((contextvars.copy_context(), session, work, future))
+        if self._drainer is None:
+            self._drainer = loop.create_task(self._drain())
+        return await future  # cancelled while waiting: the unit is skipped, never run
+
+    async def _drain(self) -> None:
+        batch: list[tuple[contextvars.Context, Session, Callable[[Session], Any], Any]] = []
+        try:
+            while self._waiting:
+                batch = []
+                while self._waiting and len(batch) < self.BATCH:
+                    item = self._waiting.popleft()
+                    if not item[3].cancelled():
+                        batch.append(item)
+                if not batch:
+                    continue
+                units = [(context, session, work) for context, session, work, _ in batch]
+                outcomes = await asyncio.to_thread(_run_units, units)
+                for (*_, future), (ok, value) in zip(batch, outcomes, strict=True):
+                    if future.cancelled():
+                        continue  # its caller is gone; the unit ran (as after a to_thread)
+                    if ok:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(value)
+                batch = []
+        finally:
+            self._drainer = None
+            # Only when this task itself is cancelled (the loop is closing): nobody waits forever.
+            for *_, future in [*batch, *self._waiting]:
+                if not future.done():
+                    future.cancel()
+            self._waiting.clear()
+
+
+def _run_units(
+    units: list[tuple[contextvars.Context, Session, Callable[[Session], Any]]],
+) -> list[tuple[bool, Any]]:
+    """In the worker thread: each unit on its own, its result or its exception kept for it."""
+    outcomes: list[tuple[bool, Any]] = []
+    for context, session, work in units:
+        try:
+            outcomes.append((True, context.run(_threaded_unit, session, work)))
+        except BaseException as exc:  # handed to the unit's caller, as to_thread would
+            outcomes.append((False, exc))
+    return outcomes
+
+
+#: Per event loop, per SQLite engine: what orders write units (see the module docstring).
+_write_queues: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, weakref.WeakKeyDictionary[Engine, _WriteQueue]
+] = weakref.WeakKeyDictionary()
 _write_locks: weakref.WeakKeyDictionary[
     asyncio.AbstractEventLoop, weakref.WeakKeyDictionary[Engine, asyncio.Lock]
 ] = weakref.WeakKeyDictionary()
 
 
-def _sqlite_write_lock(db: DbSession) -> asyncio.Lock | None:
+def _sqlite_engine_for_write(db: DbSession) -> Engine | None:
+    """The SQLite engine whose write turn this unit waits for, or ``None``."""
     if db.in_transaction():
         # The session already holds a connection: queueing it behind other writers could leave
         # the writer in front without a connection. SQLite's busy timeout orders this one.
@@ -308,8 +391,18 @@ def _sqlite_write_lock(db: DbSession) -> asyncio.Lock | None:
     except UnboundExecutionError:
         return None
     engine = bind.engine if isinstance(bind, Connection) else bind
-    if engine.dialect.name != "sqlite":
-        return None
+    return engine if engine.dialect.name == "sqlite" else None
+
+
+def _write_queue(engine: Engine) -> _WriteQueue:
+    queues = _write_queues.setdefault(asyncio.get_running_loop(), weakref.WeakKeyDictionary())
+    found = queues.get(engine)
+    if found is None:
+        found = queues[engine] = _WriteQueue()
+    return found
+
+
+def _write_lock(engine: Engine) -> asyncio.Lock:
     locks = _write_locks.setdefault(asyncio.get_running_loop(), weakref.WeakKeyDictionary())
     lock = locks.get(engine)
     if lock is None:

@@ -25,6 +25,7 @@ import os
 import queue
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from datetime import date, datetime
 from pathlib import Path
@@ -158,15 +159,22 @@ class DailyFileHandler(logging.Handler):
         return self.path_for(self._clock().date())
 
     def emit(self, record: logging.LogRecord) -> None:
+        self.emit_batch([record])
+
+    def emit_batch(self, records: list[logging.LogRecord]) -> None:
+        """Write ``records`` with one write and one flush (the writer thread hands over whatever
+        queued up meanwhile)."""
+        lines = _formatted_lines(self, records)
+        if not lines:
+            return
         try:
-            line = self.format(record)
             stream = self._stream_for(self._clock().date())
-            stream.write(line + "\n")
+            stream.write("\n".join(lines) + "\n")
             stream.flush()
         except RecursionError:
             raise
         except Exception:
-            self.handleError(record)
+            self.handleError(records[0])
 
     def _stream_for(self, day: date) -> TextIO:
         if self._stream is None or day != self._stream_date:
@@ -199,6 +207,35 @@ class _ConsoleHandler(logging.StreamHandler[TextIO]):
     def emit(self, record: logging.LogRecord) -> None:
         self.stream = sys.stderr
         super().emit(record)
+
+    def emit_batch(self, records: list[logging.LogRecord]) -> None:
+        lines = _formatted_lines(self, records)
+        if not lines:
+            return
+        try:
+            stream = self.stream = sys.stderr
+            stream.write("\n".join(lines) + self.terminator)
+            stream.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(records[0])
+
+
+def _formatted_lines(handler: logging.Handler, records: list[logging.LogRecord]) -> list[str]:
+    """The lines of the records ``handler`` takes (its level and filters), each formatted (and
+    sanitised) on its own, so one record that cannot be formatted costs only its own line."""
+    lines = []
+    for record in records:
+        if record.levelno < handler.level or not handler.filter(record):
+            continue
+        try:
+            lines.append(handler.format(record))
+        except RecursionError:
+            raise
+        except Exception:
+            handler.handleError(record)
+    return lines
 
 
 class _BootstrapHandler(logging.Handler):
@@ -246,43 +283,85 @@ def _install(handlers: list[logging.Handler]) -> None:
 
 class _BackgroundHandler(logging.Handler):
     """Hands records to a writer thread, which formats, sanitises and writes them with the real
-    handlers: the event loop only builds the record. Closing it (``shutdown_logging``, and at
-    interpreter exit) writes everything still queued; a process killed outright may lose the
-    last few milliseconds of lines (the database, not the log, is the record of payments)."""
+    handlers: the event loop only builds the record (sanitised, as every handler sees it). The
+    writer takes whatever queued up meanwhile as one batch: one write and one flush per handler.
+
+    ERROR and CRITICAL records are written before ``emit`` returns (after everything queued
+    before them): such a line may be the last place an answer of M-Pesa's survives. Closing
+    (``shutdown_logging``, and at interpreter exit) writes everything still queued; a process
+    killed outright may lose the last few milliseconds of INFO/WARNING lines (the database, not
+    the log, is the record of payments). A forked child starts its own writer."""
 
     _STOP = object()
+    #: Records per batch, so one write stays small and a flood never holds lines back for long.
+    BATCH = 256
+    #: Records at or above this level are written before ``emit`` returns.
+    SYNC_LEVEL = logging.ERROR
 
     def __init__(self, handlers: list[logging.Handler]) -> None:
         super().__init__()
         self._handlers = handlers
+        self._start()
+        atexit.register(self.close)
+        _writers.add(self)
+
+    def _start(self) -> None:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._write, name="payments-log", daemon=True)
         self._thread.start()
-        atexit.register(self.close)
 
     def emit(self, record: logging.LogRecord) -> None:
         self._queue.put(record)
+        if record.levelno >= self.SYNC_LEVEL:
+            self.flush()
 
     def _write(self) -> None:
+        source = self._queue
         while True:
-            item = self._queue.get()
-            if item is self._STOP:
-                return
-            if isinstance(item, threading.Event):
-                item.set()
+            batch = [source.get()]
+            while len(batch) < self.BATCH:
+                try:
+                    batch.append(source.get_nowait())
+                except queue.Empty:
+                    break
+            records: list[logging.LogRecord] = []
+            for item in batch:
+                if isinstance(item, logging.LogRecord):
+                    records.append(item)
+                    continue
+                self._write_records(records)  # everything queued before a marker, first
+                records = []
+                if item is self._STOP:
+                    return
+                if isinstance(item, threading.Event):
+                    item.set()
+            self._write_records(records)
+
+    def _write_records(self, records: list[logging.LogRecord]) -> None:
+        if not records:
+            return
+        for handler in self._handlers:
+            batch_writer = getattr(handler, "emit_batch", None)
+            if batch_writer is None:
+                for record in records:
+                    if record.levelno >= handler.level:
+                        handler.handle(record)
                 continue
-            for handler in self._handlers:
-                if item.levelno >= handler.level:
-                    handler.handle(item)
+            handler.acquire()
+            try:
+                batch_writer(records)
+            finally:
+                handler.release()
 
     def flush(self) -> None:
         """Wait until every record queued so far is written."""
-        if self._thread.is_alive():
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
             written = threading.Event()
             self._queue.put(written)
             written.wait(timeout=5)
 
     def close(self) -> None:
+        _writers.discard(self)
         if self._thread.is_alive():
             self._queue.put(self._STOP)
             self._thread.join(timeout=5)
@@ -290,6 +369,19 @@ class _BackgroundHandler(logging.Handler):
             handler.close()
         atexit.unregister(self.close)
         super().close()
+
+
+#: Writers not closed yet; a forked child restarts theirs (threads do not survive a fork).
+_writers: weakref.WeakSet[_BackgroundHandler] = weakref.WeakSet()
+
+
+def _restart_writers_after_fork() -> None:
+    for writer in list(_writers):
+        writer._start()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_restart_writers_after_fork)
 
 
 def _from_settings() -> tuple[str, str, str, list[str], bool]:
@@ -308,7 +400,8 @@ def _from_settings() -> tuple[str, str, str, list[str], bool]:
             log_format if log_format in LOG_FORMATS else DEFAULT_LOG_FORMAT,
             level if level in LOG_LEVELS else DEFAULT_LOG_LEVEL,
             [],
-            False,
+            os.environ.get("PAYMENT_LOG_BACKGROUND", "true").strip().lower()
+            not in ("0", "false", "no", "off"),
         )
     return (
         settings.payment_log_dir,

@@ -55,6 +55,9 @@ def isolated_settings(
     monkeypatch.setenv("PAYMENT_ADMIN_API_KEY", TEST_ADMIN_KEY)
     monkeypatch.setenv("MPESA_CALLBACK_TOKEN", TEST_CALLBACK_TOKEN)
     monkeypatch.setenv("PAYMENT_LOG_DIR", str(tmp_path_factory.mktemp("logs")))
+    # Tests read a log file right after the call that wrote it: lines written on the caller's
+    # thread (the default writer thread is tested on its own in test_logger.py).
+    monkeypatch.setenv("PAYMENT_LOG_BACKGROUND", "false")
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()

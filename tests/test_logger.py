@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import date, datetime, timedelta
@@ -35,6 +36,8 @@ def isolated_logging(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterato
     for name in list(os.environ):
         if name.startswith(("MPESA_", "PAYMENT_")):
             monkeypatch.delenv(name)
+    # Read right after the call: written on the caller's thread unless a test says otherwise.
+    monkeypatch.setenv("PAYMENT_LOG_BACKGROUND", "false")
     monkeypatch.chdir(tmp_path)
     get_settings.cache_clear()
     yield
@@ -560,3 +563,95 @@ def test_background_writing_keeps_every_line_and_its_masking(tmp_path: Path) -> 
     assert len(lines) == 200
     assert lines[-1].endswith(f"Payment initiated | phone={MASKED} | index=199")
     assert FULL not in written(tmp_path)
+
+
+def test_lines_are_written_off_the_caller_thread_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fast path is the default for a host: no setting needed."""
+    monkeypatch.delenv("PAYMENT_LOG_BACKGROUND")
+    monkeypatch.setenv("MPESA_ENVIRONMENT", "simulator")
+    get_settings.cache_clear()
+    assert get_settings().payment_log_background is True
+    payment_logger.info("first line configures logging")
+    [writer] = own_handlers()
+    assert type(writer).__name__ == "_BackgroundHandler"
+
+
+def paused_clock(release_after: float) -> tuple[Callable[[], datetime], list[int]]:
+    """A clock the file handler calls in the writer thread: the first call blocks until
+    ``release_after`` seconds have passed, so lines queue up behind it."""
+    released = threading.Event()
+    threading.Timer(release_after, released.set).start()
+    calls: list[int] = []
+
+    def clock() -> datetime:
+        calls.append(1)
+        released.wait(timeout=10)
+        return DAY
+
+    return clock, calls
+
+
+def test_an_error_line_is_written_before_the_call_returns(tmp_path: Path) -> None:
+    """INFO lines may wait in the writer's queue; an ERROR or CRITICAL line (e.g. "Payment
+    outcome NOT recorded", the last place M-Pesa's answer survives) is on disk, after every line
+    queued before it, when the call returns."""
+    clock, _ = paused_clock(0.3)
+    configure_logging(log_dir=str(tmp_path), console=False, clock=clock, background=True)
+    for index in range(50):
+        payment_logger.info("queued", index=index)
+    payment_logger.critical("Payment outcome NOT recorded", mpesa_receipt="ABC123", phone=FULL)
+    lines = written(tmp_path).splitlines()
+    assert len(lines) == 51
+    assert lines[-1].endswith(
+        f"Payment outcome NOT recorded | mpesa_receipt=ABC123 | phone={MASKED}"
+    )
+    shutdown_logging()
+
+
+def test_the_writer_thread_writes_what_queued_up_in_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One write and one flush per batch, not per line: a burst of payments costs a few system
+    calls. Every line once, in order."""
+    writes: list[str] = []
+
+    class CountingStream:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr("sys.stderr", CountingStream())
+    clock, _ = paused_clock(0.3)
+    configure_logging(log_dir=str(tmp_path), console=True, clock=clock, background=True)
+    for index in range(1000):
+        payment_logger.info("Payment initiated", phone=FULL, index=index)
+    shutdown_logging()
+    lines = written(tmp_path).splitlines()
+    assert [line.rsplit("index=", 1)[1] for line in lines] == [str(i) for i in range(1000)]
+    assert "".join(writes).splitlines() == lines
+    assert len(writes) <= 10  # 1,000 lines: the first alone, then batches of up to 256
+    assert FULL not in written(tmp_path)
+
+
+def test_a_forked_child_writes_its_lines_with_a_writer_of_its_own(tmp_path: Path) -> None:
+    """Threads do not survive a fork (gunicorn --preload forks after the app logged): the child
+    starts its own writer instead of queueing lines nobody writes."""
+    configure_logging(log_dir=str(tmp_path), console=False, clock=fixed_clock(), background=True)
+    payment_logger.info("parent before the fork")
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            payment_logger.info("child after the fork", phone=FULL)
+            shutdown_logging()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    shutdown_logging()
+    text = written(tmp_path)
+    assert "parent before the fork" in text
+    assert f"child after the fork | phone={MASKED}" in text

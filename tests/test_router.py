@@ -1107,3 +1107,32 @@ async def test_default_router_with_dependency_overrides(
             assert {entry["actor"] for entry in first_trail.json()["entries"]} == {"admin-api-key"}
         assert harness.simulator.calls("c2b") == 2
         assert await harness.count() == 2
+
+
+@sqlite_only
+async def test_the_default_key_check_adds_no_dependency_solving(
+    payment_api: PaymentApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default ``X-API-Key`` check runs without a probe route: one dependency solve per
+    request (the endpoint's own), where the probe doubled FastAPI's work on every call; a wrong
+    key is refused before any. An override of ``require_api_key`` still goes through FastAPI."""
+    import fastapi.routing
+
+    solved: list[int] = []
+    real = fastapi.routing.solve_dependencies
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        solved.append(1)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(fastapi.routing, "solve_dependencies", counting)
+    missing = "/api/payments/status/TXN-20250101000000-NOTTHERE"
+    assert_error(await payment_api.http.get(missing), 404, "payment_not_found")
+    assert len(solved) == 1
+    assert_error(await payment_api.http.get(missing, headers={"X-API-Key": "wrong"}), 401)
+    assert len(solved) == 1
+
+    payment_api.app.dependency_overrides[require_api_key] = lambda: "staff-7"
+    solved.clear()
+    assert_error(await payment_api.http.get(missing, headers={"X-API-Key": "wrong"}), 404)
+    assert len(solved) == 2  # the override's probe, then the endpoint
