@@ -764,7 +764,8 @@ def create_payment_router(
         request: Request,
         db: Db,
         payments: Service,
-        token: Annotated[str | None, Query(max_length=512)] = None,
+        # No NUL in the schema: the API refuses one (the database could not store it).
+        token: Annotated[str | None, Query(max_length=512, pattern=r"^[^\x00]*$")] = None,
     ) -> JSONResponse:
         """Result notifications: authenticated, stored (bounded) first, processed once."""
         status_code, answer = await NotificationProcessor(payments).receive_stream(
