@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from . import events, metrics
+from . import events
 from . import repository as repo
 from .database import DATABASE_ERRORS, DbSession, committing, run_db
 from .exceptions import PaymentError
@@ -94,7 +94,6 @@ class PaymentHooks(ServiceBase):
     ) -> tuple[str, tuple[Any, ...]] | None:
         """Which hook a payment in ``record``'s state calls, and with what."""
         status = PaymentStatus(record.status)
-        metrics.observe_transition(record.operation, status.value, record.amount)
         is_reversal = record.operation == PaymentOperation.REVERSAL
         if status is S.COMPLETED:
             if is_reversal:

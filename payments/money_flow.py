@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
-from . import outcomes
+from . import metrics, outcomes
 from . import repository as repo
 from .database import DATABASE_ERRORS, DbSession, committing, run_db
 from .exceptions import (
@@ -416,6 +416,8 @@ class MoneyFlow(PaymentHooks):
                 attempt += 1
         updated, before, original, written = result
         changed = before != updated.status
+        if changed:  # counted by the writer of the transition, whoever runs its hooks
+            metrics.observe_transition(updated.operation, updated.status, updated.amount)
         await self._after_commit(db, written, updated, outcome, original)
         return updated, changed
 

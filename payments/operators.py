@@ -8,7 +8,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
-from . import events
+from . import events, metrics
 from . import repository as repo
 from .database import DbSession, committing, run_db
 from .exceptions import (
@@ -307,6 +307,8 @@ class OperatorActions(MoneyFlow):
             mpesa_receipt=updated.provider_transaction_id,
             actor=actor,
         )
+        if updated.status != before:
+            metrics.observe_transition(updated.operation, updated.status, updated.amount)
         await self._after_commit(
             db, written, updated, Outcome(PaymentStatus(updated.status), reason), None
         )
