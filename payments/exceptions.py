@@ -119,6 +119,23 @@ class PaymentProviderError(PaymentError):
     provider_transaction_id: str | None = None
     conversation_id: str | None = None
 
+    def __init__(
+        self,
+        message: str,
+        *,
+        exchanges: tuple[Any, ...] = (),
+        provider_transaction_id: str | None = None,
+        conversation_id: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(message, **kwargs)
+        if exchanges:
+            self.exchanges = tuple(exchanges)
+        if provider_transaction_id is not None:
+            self.provider_transaction_id = provider_transaction_id
+        if conversation_id is not None:
+            self.conversation_id = conversation_id
+
 
 class PaymentInitiationError(PaymentProviderError):
     error_code = "payment_rejected"

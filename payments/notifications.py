@@ -39,7 +39,14 @@ from .lifecycle import SUCCEEDED, UNSETTLED, UNSUCCESSFUL
 from .logger import payment_logger
 from .models import MAX_ROW_ID, AuditAction, PaymentStatus, PaymentWebhookLog, utcnow
 from .mpesa.client import ProviderExchange
-from .mpesa.codes import CANCELLED_BY_CUSTOMER, SUCCESS_CODES
+from .mpesa.codes import (
+    CANCELLED_BY_CUSTOMER,
+    REPLY_ACCEPTED,
+    REPLY_INTERNAL_ERROR,
+    REPLY_INVALID_BODY,
+    REPLY_UNAUTHORIZED,
+    SUCCESS_CODES,
+)
 from .mpesa.values import PROVIDER_ID
 from .outcomes import Outcome
 from .redaction import sanitize, sanitize_text
@@ -238,7 +245,7 @@ class NotificationProcessor:
         rejection = authenticate(probe, caller_ip, settings)
         guard = _guard_for(self.service)
         if rejection is not None and not guard.admit(caller_ip, settings):
-            return 429, provider_answer({}, "INS-1", "Too many rejected notifications")
+            return 429, provider_answer({}, REPLY_INTERNAL_ERROR, "Too many rejected notifications")
         limit = REJECTED_BODY_BYTES if rejection is not None else settings.payment_max_body_bytes
         raw, complete = await _read_prefix(body, limit)
         received = raw.decode("utf-8", errors="replace")
@@ -272,7 +279,9 @@ class NotificationProcessor:
             )
         except DATABASE_ERRORS as exc:
             payment_logger.error("Callback could not be stored", error=type(exc).__name__)
-            return 503, provider_answer(parsed or {}, "INS-1", "Could not store the notification")
+            return 503, provider_answer(
+                parsed or {}, REPLY_INTERNAL_ERROR, "Could not store the notification"
+            )
         payment_logger.info(
             "Callback received", webhook_id=notification_id, valid=rejection is None, ip=caller_ip
         )
@@ -280,17 +289,19 @@ class NotificationProcessor:
             metrics.observe_callback(valid=False, processed=False)
             await guard.prune(db, settings)
         if oversized:
-            return 413, provider_answer({}, "INS-21", "The body is too large")
+            return 413, provider_answer({}, REPLY_INVALID_BODY, "The body is too large")
         if malformed:
-            return 400, provider_answer({}, "INS-21", "The body must be a JSON object")
+            return 400, provider_answer({}, REPLY_INVALID_BODY, "The body must be a JSON object")
         if rejection is not None:
-            return 401, provider_answer(parsed or {}, "INS-2", "Not authorized")
+            return 401, provider_answer(parsed or {}, REPLY_UNAUTHORIZED, "Not authorized")
         assert parsed is not None
         try:
             result = await self.process(db, notification_id)
         except PaymentStorageError:
             metrics.observe_callback(valid=True, processed=False)
-            return 503, provider_answer(parsed, "INS-1", "Stored, but could not be processed yet")
+            return 503, provider_answer(
+                parsed, REPLY_INTERNAL_ERROR, "Stored, but could not be processed yet"
+            )
         metrics.observe_callback(valid=True, processed=result.processed)
         if result.error == NO_MATCHING_PAYMENT:
             # Delivering it again cannot make it match: accepted (so the sender stops), kept
@@ -299,12 +310,12 @@ class NotificationProcessor:
                 "Callback matches no payment; kept for an operator", webhook_id=notification_id
             )
             return 200, provider_answer(
-                parsed, "0", "Accepted; no payment matches it, kept for an operator"
+                parsed, REPLY_ACCEPTED, "Accepted; no payment matches it, kept for an operator"
             )
         if result.error is not None:
             # Non-2xx so the sender delivers again; the stored copy can also be replayed.
-            return 500, provider_answer(parsed, "INS-1", result.error)
-        return 200, provider_answer(parsed, "0", "Successfully Accepted Result")
+            return 500, provider_answer(parsed, REPLY_INTERNAL_ERROR, result.error)
+        return 200, provider_answer(parsed, REPLY_ACCEPTED, "Successfully Accepted Result")
 
     async def process(
         self, db: DbSession, notification_id: int, *, replay: bool = False

@@ -230,9 +230,16 @@ _ERROR_BY_DISPOSITION: dict[Disposition, type[PaymentProviderError]] = {
 
 
 def error_for_answer(
-    operation: Operation, entry: ResponseCode, http_status: int, description: str
+    operation: Operation,
+    entry: ResponseCode,
+    http_status: int,
+    description: str,
+    *,
+    body: Any = None,
+    exchanges: tuple[ProviderExchange, ...] = (),
 ) -> PaymentProviderError:
-    """The one place that turns a non-success provider answer into an exception."""
+    """The one place that turns a non-success provider answer into an exception (with every ID
+    the answer carried and the exchanges that led to it)."""
     error_type = _ERROR_BY_DISPOSITION.get(entry.disposition)
     if error_type is None:  # overloaded or ambiguous
         error_type = (
@@ -250,10 +257,18 @@ def error_for_answer(
         provider_description=description,
         http_status=http_status,
         details={"action": entry.action, "disposition": entry.disposition.value},
+        exchanges=exchanges,
+        **_ids_in(body),
     )
 
 
-def refusal_error(http_status: int, text: str) -> InvalidPaymentRequestError:
+def refusal_error(
+    http_status: int,
+    text: str,
+    *,
+    body: Any = None,
+    exchanges: tuple[ProviderExchange, ...] = (),
+) -> InvalidPaymentRequestError:
     """The gateway refused the request in its own words (``output_error``, no response code, a
     4xx status: "Origin not allowed", a wrong API key on some gateways). Nothing was processed,
     so the payment fails; the cause is this deployment's configuration, not the caller's input."""
@@ -263,10 +278,20 @@ def refusal_error(http_status: int, text: str) -> InvalidPaymentRequestError:
         http_status=http_status,
         error_code="configuration_refused",
         details={"action": _REFUSAL_ACTION, "disposition": Disposition.INVALID_REQUEST.value},
+        exchanges=exchanges,
+        **_ids_in(body),
     )
 
 
 R = TypeVar("R", bound=ProviderResult)
+
+
+@dataclass(frozen=True, slots=True)
+class _Undecided:
+    """An answer that is not a result: the error it is, and whether repeating may help."""
+
+    error: PaymentProviderError
+    retryable: bool
 
 
 class MpesaClient:
@@ -490,64 +515,58 @@ class MpesaClient:
         return response
 
     async def _call(self, operation: Operation, fields: dict[str, str], result_type: type[R]) -> R:
-        spec = OPERATIONS[operation]
-        url = str(self._urls[operation])
-        audit_fields = sanitize(fields)
+        """Attempt, classify the answer, and repeat while the operation's retry policy allows."""
+        retry = OPERATIONS[operation].retry
+        max_attempts = self.config.query_max_attempts
         exchanges: list[ProviderExchange] = []
         attempt = 0
         while True:
             attempt += 1
-            payment_logger.api_request(
-                spec.method,
-                url,
-                operation=operation.value,
-                third_party_reference=fields.get("input_ThirdPartyReference"),
-                attempt=attempt if attempt > 1 else None,
-            )
-            started = time.perf_counter()
-            try:
-                response = await self._send(operation, spec.method, fields)
-            except httpx.TransportError as exc:
-                elapsed_ms = (time.perf_counter() - started) * 1000
-                never_sent = isinstance(exc, _NEVER_SENT)
-                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                exchanges.append(
-                    ProviderExchange(
-                        operation,
-                        spec.method,
-                        url,
-                        attempt,
-                        audit_fields,
-                        None,
-                        None,
-                        elapsed_ms,
-                        error=reason,
-                    )
-                )
-                metrics.observe_mpesa_transport_error(operation.value, elapsed_ms / 1000)
-                payment_logger.warning(
-                    "API call failed",
-                    operation=operation.value,
-                    error=reason,
-                    duration_ms=round(elapsed_ms),
-                    request_sent=not never_sent,
-                )
+            answer = await self._attempt(operation, fields, attempt, exchanges)
+            if isinstance(answer, httpx.TransportError):
+                never_sent = isinstance(answer, _NEVER_SENT)
                 if should_retry(
-                    spec.retry,
-                    attempt=attempt,
-                    max_attempts=self.config.query_max_attempts,
-                    never_sent=never_sent,
+                    retry, attempt=attempt, max_attempts=max_attempts, never_sent=never_sent
                 ):
                     await self._backoff(attempt)
                     continue
-                raise self._transport_error(operation, exc, never_sent, exchanges) from exc
+                raise self._transport_error(operation, answer, never_sent, exchanges) from answer
+            response, body = answer
+            decided = self._classify(operation, response, body, result_type, exchanges)
+            if not isinstance(decided, _Undecided):
+                return decided
+            if decided.retryable and should_retry(
+                retry, attempt=attempt, max_attempts=max_attempts, never_sent=False
+            ):
+                await self._backoff(attempt)
+                continue
+            raise decided.error
 
+    async def _attempt(
+        self,
+        operation: Operation,
+        fields: dict[str, str],
+        attempt: int,
+        exchanges: list[ProviderExchange],
+    ) -> tuple[httpx.Response, Any] | httpx.TransportError:
+        """One exchange, logged, measured and added to ``exchanges``: the response with its
+        parsed body, or the transport error that ended it."""
+        spec = OPERATIONS[operation]
+        url = str(self._urls[operation])
+        audit_fields = sanitize(fields)
+        payment_logger.api_request(
+            spec.method,
+            url,
+            operation=operation.value,
+            third_party_reference=fields.get("input_ThirdPartyReference"),
+            attempt=attempt if attempt > 1 else None,
+        )
+        started = time.perf_counter()
+        try:
+            response = await self._send(operation, spec.method, fields)
+        except httpx.TransportError as exc:
             elapsed_ms = (time.perf_counter() - started) * 1000
-            body = _parse_body(response)
-            code = body.get("output_ResponseCode") if isinstance(body, dict) else None
-            description = (
-                body.get("output_ResponseDesc") if isinstance(body, dict) else None
-            ) or ""
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             exchanges.append(
                 ProviderExchange(
                     operation,
@@ -555,54 +574,90 @@ class MpesaClient:
                     url,
                     attempt,
                     audit_fields,
-                    response.status_code,
-                    sanitize(body),
+                    None,
+                    None,
                     elapsed_ms,
+                    error=reason,
                 )
             )
-            payment_logger.api_response(
-                response.status_code, elapsed_ms, operation=operation.value, code=code
+            metrics.observe_mpesa_transport_error(operation.value, elapsed_ms / 1000)
+            payment_logger.warning(
+                "API call failed",
+                operation=operation.value,
+                error=reason,
+                duration_ms=round(elapsed_ms),
+                request_sent=not isinstance(exc, _NEVER_SENT),
             )
-            metrics.observe_mpesa_request(operation.value, code, elapsed_ms / 1000)
-            entry = self.config.codes.lookup(
-                code if isinstance(code, str) else None, response.status_code
+            return exc
+
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        body = _parse_body(response)
+        code = body.get("output_ResponseCode") if isinstance(body, dict) else None
+        exchanges.append(
+            ProviderExchange(
+                operation,
+                spec.method,
+                url,
+                attempt,
+                audit_fields,
+                response.status_code,
+                sanitize(body),
+                elapsed_ms,
             )
-            refusal = _refusal_text(body)
-            if refusal is not None:
-                description = refusal  # the provider's own words, whatever is decided below
-                if 400 <= response.status_code < 500:
-                    error = refusal_error(response.status_code, refusal)
-                    _attach(error, body, exchanges)
-                    raise error
-            if not isinstance(body, dict):
-                entry = self.config.codes.lookup(None, response.status_code)
-                description = "The response was not a JSON object"
-            elif response.status_code >= 500 and entry.disposition is not Disposition.OVERLOADED:
-                entry = _as_ambiguous(entry)
-            if entry.disposition is Disposition.SUCCESS and response.is_success:
-                return _build_result(result_type, operation, response.status_code, body, exchanges)
-            if (
-                operation is Operation.QUERY_STATUS
-                and entry.code in NOT_FOUND_CODES
-                and response.status_code < 500
-            ):  # a definite answer about what was asked for: no retry, the caller decides
-                return _build_result(result_type, operation, response.status_code, body, exchanges)
-            if entry.disposition is Disposition.SUCCESS:  # INS-0 with an error status: untrusted
-                entry = _as_ambiguous(entry)
-            retryable = entry.disposition in (Disposition.OVERLOADED, Disposition.AMBIGUOUS)
-            if retryable and should_retry(
-                spec.retry,
-                attempt=attempt,
-                max_attempts=self.config.query_max_attempts,
-                never_sent=False,
-            ):
-                await self._backoff(attempt)
-                continue
-            error = error_for_answer(
-                operation, entry, response.status_code, description or entry.description
-            )
-            _attach(error, body, exchanges)
-            raise error
+        )
+        payment_logger.api_response(
+            response.status_code, elapsed_ms, operation=operation.value, code=code
+        )
+        metrics.observe_mpesa_request(operation.value, code, elapsed_ms / 1000)
+        return response, body
+
+    def _classify(
+        self,
+        operation: Operation,
+        response: httpx.Response,
+        body: Any,
+        result_type: type[R],
+        exchanges: list[ProviderExchange],
+    ) -> R | _Undecided:
+        """What an answer means: the result, or the error it is and whether a retry may help."""
+        code = body.get("output_ResponseCode") if isinstance(body, dict) else None
+        description = (body.get("output_ResponseDesc") if isinstance(body, dict) else None) or ""
+        entry = self.config.codes.lookup(
+            code if isinstance(code, str) else None, response.status_code
+        )
+        refusal = _refusal_text(body)
+        if refusal is not None:
+            description = refusal  # the provider's own words, whatever is decided below
+            if 400 <= response.status_code < 500:
+                refused = refusal_error(
+                    response.status_code, refusal, body=body, exchanges=tuple(exchanges)
+                )
+                return _Undecided(refused, retryable=False)
+        if not isinstance(body, dict):
+            entry = self.config.codes.lookup(None, response.status_code)
+            description = "The response was not a JSON object"
+        elif response.status_code >= 500 and entry.disposition is not Disposition.OVERLOADED:
+            entry = _as_ambiguous(entry)
+        if entry.disposition is Disposition.SUCCESS and response.is_success:
+            return _build_result(result_type, operation, response.status_code, body, exchanges)
+        if (
+            operation is Operation.QUERY_STATUS
+            and entry.code in NOT_FOUND_CODES
+            and response.status_code < 500
+        ):  # a definite answer about what was asked for: no retry, the caller decides
+            return _build_result(result_type, operation, response.status_code, body, exchanges)
+        if entry.disposition is Disposition.SUCCESS:  # INS-0 with an error status: untrusted
+            entry = _as_ambiguous(entry)
+        error = error_for_answer(
+            operation,
+            entry,
+            response.status_code,
+            description or entry.description,
+            body=body,
+            exchanges=tuple(exchanges),
+        )
+        retryable = entry.disposition in (Disposition.OVERLOADED, Disposition.AMBIGUOUS)
+        return _Undecided(error, retryable=retryable)
 
     async def _backoff(self, attempt: int) -> None:
         config = self.config
@@ -624,19 +679,21 @@ class MpesaClient:
                 " If this persists, check that outbound port"
                 f" {OPERATIONS[operation].port} is open",
                 details={"reason": type(exc).__name__},
+                exchanges=tuple(exchanges),
             )
         elif OPERATIONS[operation].moves_money:
             error = PaymentOutcomeUnknownError(
                 f"no answer from M-Pesa ({type(exc).__name__}) after the request was sent;"
                 " the outcome is unknown until a status query settles it",
                 details={"reason": type(exc).__name__},
+                exchanges=tuple(exchanges),
             )
         else:
             error = ProviderUnavailableError(
                 f"M-Pesa did not answer the {operation.value} request ({type(exc).__name__})",
                 details={"reason": type(exc).__name__},
+                exchanges=tuple(exchanges),
             )
-        error.exchanges = tuple(exchanges)
         return error
 
 
@@ -658,12 +715,14 @@ def _refusal_text(body: Any) -> str | None:
     return text.strip()[:255]
 
 
-def _attach(error: PaymentProviderError, body: Any, exchanges: list[ProviderExchange]) -> None:
-    """Every ID the answer carried and the exchanges, on the error (error answers count too)."""
-    error.exchanges = tuple(exchanges)
-    if isinstance(body, dict):
-        error.provider_transaction_id = _id_in(body, "output_TransactionID")
-        error.conversation_id = _id_in(body, "output_ConversationID")
+def _ids_in(body: Any) -> dict[str, str | None]:
+    """Every ID an answer carried (error answers count too), for the error built from it."""
+    if not isinstance(body, dict):
+        return {}
+    return {
+        "provider_transaction_id": _id_in(body, "output_TransactionID"),
+        "conversation_id": _id_in(body, "output_ConversationID"),
+    }
 
 
 def _id_in(body: dict[str, Any], key: str) -> str | None:

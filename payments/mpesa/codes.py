@@ -144,6 +144,25 @@ NOT_FOUND_CODES = frozenset({"INS-23"})
 AUTH_CODES = frozenset({"INS-2", "INS-13", "INS-26"})
 
 
+def _row(code: str) -> str:
+    """``code``, checked against the table when the module loads: a reply never sends a code
+    the table does not have."""
+    if not any(entry.code == code for entry in PORTAL_CODES):
+        raise ValueError(f"{code} is not in the response code table")
+    return code
+
+
+# Our replies to M-Pesa's result notifications (``notifications.provider_answer``).
+#: Accepted: ``0``, as the notifications themselves spell success (one of ``SUCCESS_CODES``).
+REPLY_ACCEPTED = "0"
+#: "Internal Error": we could not take it now (store or process); M-Pesa delivers it again.
+REPLY_INTERNAL_ERROR = _row("INS-1")
+#: "Invalid API Key": the notification's credentials were refused.
+REPLY_UNAUTHORIZED = _row("INS-2")
+#: "Parameter validations failed": the body is too large or not a JSON object.
+REPLY_INVALID_BODY = _row("INS-21")
+
+
 def unknown_code(code: str, http_status: int) -> ResponseCode:
     """The entry for a code missing from the table: never trusted as an outcome."""
     return ResponseCode(
