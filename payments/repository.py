@@ -674,7 +674,7 @@ def claim_due_for_reconciliation(
 OPEN_STATUSES = tuple(sorted(UNSETTLED))
 
 
-def metrics_state(session: Session, *, now: datetime) -> dict[str, Any]:
+def metrics_state(session: Session, *, now: datetime, hooks: bool = False) -> dict[str, Any]:
     """The gauges of ``/metrics``: three indexed aggregates (``status`` leads an index)."""
     table = PaymentTransaction
     open_rows = session.execute(
@@ -700,7 +700,14 @@ def metrics_state(session: Session, *, now: datetime) -> dict[str, Any]:
         "in_flight": in_flight,
         "oldest_open_age_seconds": max(0.0, (now - oldest).total_seconds()) if oldest else 0.0,
         "attention_required": int(attention or 0),
+        "events_pending": _events_pending(session, hooks),
     }
+
+
+def _events_pending(session: Session, hooks: bool) -> int:
+    from .events import pending_events  # events imports this module
+
+    return pending_events(session, hooks=hooks)
 
 
 def activity(
