@@ -26,6 +26,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
+from .. import events
 from .. import repository as repo
 from ..database import DATABASE_ERRORS, DbSession, run_db
 from ..exceptions import (
@@ -36,11 +37,11 @@ from ..exceptions import (
     UnauthorizedError,
 )
 from ..logger import payment_logger
-from ..models import AuditAction, PaymentOperation, PaymentStatus, utcnow
+from ..models import AuditAction, EventType, PaymentOperation, PaymentStatus, utcnow
 from ..mpesa.values import Msisdn, mask_msisdn, money_text
 from ..notifications import NotificationProcessor
 from ..redaction import sanitize, sanitize_text
-from ..schemas import PaymentFilters, ReversalRequest
+from ..schemas import EventResponse, PaymentFilters, ReversalRequest
 from ..service import PaymentService
 from . import charts, security
 
@@ -51,6 +52,8 @@ CSV_BATCH = 1000
 CSV_MAX_ROWS = 100_000
 FORM_MAX_BYTES = 16 * 1024
 ACTIONS = ("refresh", "reverse", "resolve")
+EVENTS_PER_PAGE = 50
+EVENT_TYPES = tuple(kind.value for kind in EventType)
 
 _environment = Environment(
     loader=FileSystemLoader(TEMPLATES),
@@ -447,6 +450,16 @@ def create_console_router(
             if found is None:
                 raise PaymentNotFoundError(f"payment {transaction_id[:64]} not found")
             record, trail, reversals, webhooks = found
+            payment_events, more_events = await run_db(
+                db,
+                lambda s: events.recent_events(
+                    s,
+                    before=None,
+                    event_type=None,
+                    transaction_id=record.transaction_id,
+                    limit=EVENTS_PER_PAGE,
+                ),
+            )
             now = utcnow()
             reversible = (
                 record.amount
@@ -462,6 +475,8 @@ def create_console_router(
                 trail=[_audit(entry) for entry in trail],
                 reversals=[_row(r, now) for r in reversals],
                 webhooks=[_webhook(w, record.transaction_id) for w in webhooks],
+                events=[_event_view(event) for event in payment_events],
+                more_events=more_events,
                 reversible=reversible,
                 can_reverse=record.status in ("completed", "partially_reversed")
                 and record.operation != "reversal"
@@ -513,6 +528,97 @@ def create_console_router(
         except PaymentError as error:
             text = sanitize_text(error.message)[:300]
             return RedirectResponse(detail + "?" + urlencode({"failed": text}), status_code=303)
+
+    # -- events ----------------------------------------------------------------------------------
+
+    @router.get("/events", name="payments_console_events")
+    async def events_page(request: Request, db: Db, payments: Service) -> Response:
+        async def build(operator: Operator) -> Response:
+            params = request.query_params
+            event_type = (params.get("type") or "").strip()[:40]
+            transaction_id = (params.get("transaction_id") or "").strip()[:64]
+            before = (params.get("before") or "").strip()[:64]
+            error = None
+            if event_type and event_type not in EVENT_TYPES:
+                error = f"type: not an event type ({sanitize_text(event_type)})"
+                event_type = ""
+            found, more = await run_db(
+                db,
+                lambda s: events.recent_events(
+                    s,
+                    before=before or None,
+                    event_type=event_type or None,
+                    transaction_id=transaction_id or None,
+                    limit=EVENTS_PER_PAGE,
+                ),
+            )
+            carried = {
+                k: v for k, v in (("type", event_type), ("transaction_id", transaction_id)) if v
+            }
+            return _render(
+                request,
+                "events.html",
+                operator=operator,
+                events=[_event_view(event) for event in found],
+                event_types=EVENT_TYPES,
+                event_type=event_type,
+                transaction_id=sanitize_text(transaction_id),
+                newest_link="?" + urlencode(carried) if before else None,
+                older_link="?" + urlencode(carried | {"before": found[-1].id})
+                if more and found
+                else None,
+                endpoints=len(payments.settings.webhook_urls()),
+                error=error,
+                notice=params.get("done"),
+                failure=params.get("failed"),
+            )
+
+        return await page(request, payments, build)
+
+    @router.post("/events/{event_id}/redeliver")
+    async def redeliver(request: Request, event_id: str, db: Db, payments: Service) -> Response:
+        back = _console_path(request) + "events"
+        event_id = event_id[:64]
+        try:
+            operator, form = await checked_post(request, payments)
+            event = await payments.get_event(event_id, db)
+            after = form.get("back") if form.get("back") in ("detail", "events") else "events"
+            if after == "detail":
+                back = _console_path(request) + "payments/" + event.transaction_id
+            if form.get("confirmed") != "yes":
+                return _render(
+                    request,
+                    "confirm.html",
+                    operator=operator,
+                    action="redeliver",
+                    transaction_id=event.transaction_id,
+                    event=_event_view(event),
+                    endpoints=payments.settings.webhook_urls(),
+                    form={"back": after},
+                    target=f"{_console_path(request)}events/{event_id}/redeliver",
+                    back=back,
+                )
+            await _audit_action(
+                db,
+                event.transaction_id,
+                operator,
+                {"action": "redeliver_event", "event_id": event_id, "type": event.type},
+            )
+            again = await payments.redeliver_event(event_id, db)
+            due = [d for d in again.deliveries or [] if d.kind == "webhook"]
+            message = (
+                f"event {event_id} is due again at {len(due)} endpoint(s)"
+                if due
+                else f"event {event_id}: no webhook endpoint is configured (PAYMENT_WEBHOOK_URLS)"
+            )
+            return RedirectResponse(back + "?" + urlencode({"done": message}), status_code=303)
+        except ConsoleRedirect as redirect:
+            return RedirectResponse(redirect.url, status_code=303)
+        except HTTPException as error:
+            return _render(request, "error.html", error.status_code, message=str(error.detail))
+        except PaymentError as error:
+            text = sanitize_text(error.message)[:300]
+            return RedirectResponse(back + "?" + urlencode({"failed": text}), status_code=303)
 
     # -- notifications ---------------------------------------------------------------------------
 
@@ -855,6 +961,41 @@ def _webhook(webhook: Any, transaction_id: str | None) -> dict[str, Any]:
         "attempts": webhook.attempts,
         "transaction_id": transaction_id,
         "body": sanitize_text(webhook.raw_body)[:2000],
+    }
+
+
+def _event_view(event: EventResponse) -> dict[str, Any]:
+    """An event for a page: its deliveries per consumer, each with its attempts (newest last)."""
+    return {
+        "id": event.id,
+        "type": event.type,
+        "transaction_id": event.transaction_id,
+        "created_at": event.created_at,
+        "data": _pretty(event.data),
+        "deliveries": [
+            {
+                "kind": d.kind,
+                "consumer": "host's hooks" if d.kind == "hooks" else sanitize_text(d.consumer),
+                "status": d.status,
+                "attempts": d.attempts,
+                "next_attempt_at": d.next_attempt_at if d.status == "pending" else None,
+                "delivered_at": d.delivered_at,
+                "attempt_log": [
+                    {
+                        "attempted_at": a.attempted_at,
+                        "status_code": a.status_code,
+                        "duration_ms": a.duration_ms,
+                        "error": sanitize_text(a.error) if a.error else None,
+                        "response_body": sanitize_text(a.response_body)[:500]
+                        if a.response_body
+                        else None,
+                    }
+                    for a in d.attempt_log
+                ],
+            }
+            for d in event.deliveries or []
+        ],
+        "has_webhooks": any(d.kind == "webhook" for d in event.deliveries or []),
     }
 
 
