@@ -477,6 +477,7 @@ def create_console_router(
                 webhooks=[_webhook(w, record.transaction_id) for w in webhooks],
                 events=[_event_view(event) for event in payment_events],
                 more_events=more_events,
+                runs_hooks=payments.runs_hooks,
                 reversible=reversible,
                 can_reverse=record.status in ("completed", "partially_reversed")
                 and record.operation != "reversal"
@@ -568,6 +569,7 @@ def create_console_router(
                 if more and found
                 else None,
                 endpoints=len(payments.settings.webhook_urls()),
+                runs_hooks=payments.runs_hooks,
                 error=error,
                 notice=params.get("done"),
                 failure=params.get("failed"),
