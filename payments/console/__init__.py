@@ -2,7 +2,8 @@
 ``create_payment_router(console=True)`` at ``/payments/console/`` under the host's prefix.
 
 Pages: overview (totals, chart, work queue), payments (filters, pages, CSV), a payment's detail
-(fields, audit timeline, reversals, notifications) with its actions, and stored notifications.
+(fields, audit timeline, reversals, notifications, events) with its actions, stored
+notifications, and outgoing events (deliveries per consumer, attempts; redeliver).
 Every action is a POST behind a confirmation page, carries a CSRF token and is audited with the
 operator's name. Templates live in ``templates/`` beside this file, so they travel with the copied
 folder. No page needs JavaScript; the chart is inline SVG.
