@@ -813,19 +813,30 @@ def console_page(
     search: str | None,
     page: int,
     per_page: int,
+    after: tuple[datetime, int] | None = None,
 ) -> tuple[list[PaymentRecord], int]:
-    """One page of the console's list, newest first: (records, total matching)."""
+    """One page of the console's list, newest first: (records, total matching). ``after`` (the
+    keyset (created_at, id) of the previous page's last row) reads the page as an index range
+    from there, whatever its depth; without it the page is an OFFSET (the first pages only).
+    The count is ``count(*)``: no column to read for NULLs, so an index-only count."""
     table = PaymentTransaction
     total = session.scalar(
         _searched(
-            _filtered(select(func.count(table.id)), filters), reference=reference, search=search
+            _filtered(select(func.count()).select_from(table), filters),
+            reference=reference,
+            search=search,
         )
     )
+    query = _searched(_filtered(select(table), filters), reference=reference, search=search)
+    if after is not None:
+        created, pk = after
+        query = query.where(
+            or_(table.created_at < created, and_(table.created_at == created, table.id < pk))
+        )
+    else:
+        query = query.offset((page - 1) * per_page)
     rows = session.scalars(
-        _searched(_filtered(select(table), filters), reference=reference, search=search)
-        .order_by(table.created_at.desc(), table.id.desc())
-        .offset((page - 1) * per_page)
-        .limit(per_page)
+        query.order_by(table.created_at.desc(), table.id.desc()).limit(per_page)
     )
     return [PaymentRecord.of(row) for row in rows], int(total or 0)
 

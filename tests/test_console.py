@@ -393,3 +393,47 @@ async def test_events_page_and_redelivery_audited_with_the_operator(
             "type": "payment.completed",
             "via": "console",
         }
+
+
+async def test_deep_list_pages_are_read_from_a_cursor_not_an_offset(
+    payment_api: PaymentApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Older → carries a keyset cursor (the page after the last row shown), so a deep page is an
+    index range whatever its depth; page numbers reach only the first pages."""
+    import payments.console as console
+    from payments import repository
+
+    monkeypatch.setattr(console, "PER_PAGE", 2)
+    monkeypatch.setattr(console, "OFFSET_PAGES", 1)
+    offsets: list[int] = []
+    real_page = repository.console_page
+
+    def spy(session, filters, **options):  # type: ignore[no-untyped-def]
+        offsets.append(0 if options.get("after") else options["page"])
+        return real_page(session, filters, **options)
+
+    monkeypatch.setattr(repository, "console_page", spy)
+    made = await seed(payment_api)
+    newest_first = [m["transaction_id"] for m in reversed(made)]
+    await sign_in(payment_api)
+
+    first = await payment_api.http.get(CONSOLE + "payments")
+    assert "Page 1 of 2" in first.text
+    shown = re.findall(r"payments/(TXN-[A-Z0-9-]+)\"", first.text)
+    assert shown[:2] == newest_first[:2]
+    older = re.search(r'id="older" href="\?([^"]+)"', first.text)
+    assert older and "cursor=" in older.group(1) and "page=" not in older.group(1)
+    second = await payment_api.http.get(
+        CONSOLE + "payments?" + older.group(1).replace("&amp;", "&")
+    )
+    assert second.status_code == 200 and "Page 2 of 2" in second.text
+    assert re.findall(r"payments/(TXN-[A-Z0-9-]+)\"", second.text)[:1] == newest_first[2:]
+    assert 'id="older"' not in second.text
+    assert offsets == [1, 0]  # the second page came from the cursor, no OFFSET
+
+    deep = await payment_api.http.get(CONSOLE + "payments?page=2")  # beyond the OFFSET pages
+    assert deep.status_code == 200 and "Older →" in deep.text and "Page 1 of 2" in deep.text
+    broken = await payment_api.http.get(CONSOLE + "payments?cursor=not-a-cursor")
+    assert broken.status_code == 200 and "not valid any more" in broken.text
+    filtered = await payment_api.http.get(CONSOLE + "payments?operation=c2b")
+    assert "cursor=" in filtered.text and "operation=c2b" in filtered.text

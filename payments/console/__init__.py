@@ -31,6 +31,7 @@ from .. import events
 from .. import repository as repo
 from ..database import DATABASE_ERRORS, DbSession, run_db
 from ..exceptions import (
+    InvalidCursorError,
     InvalidStateTransitionError,
     PaymentError,
     PaymentNotFoundError,
@@ -41,6 +42,7 @@ from ..logger import payment_logger
 from ..models import AuditAction, EventType, PaymentOperation, PaymentStatus, utcnow
 from ..mpesa.values import Msisdn, mask_msisdn, money_text
 from ..notifications import NotificationProcessor
+from ..paging import PageCursor
 from ..redaction import sanitize, sanitize_text
 from ..schemas import EventResponse, PaymentFilters, ReversalRequest
 from ..service import PaymentService
@@ -48,6 +50,10 @@ from . import charts, security
 
 TEMPLATES = Path(__file__).parent / "templates"
 PER_PAGE = 50
+#: Pages reached by number (an OFFSET of at most this many pages); deeper ones by a cursor.
+OFFSET_PAGES = 100
+#: Page-number links shown under the list.
+PAGE_LINKS = 5
 WORK_QUEUE_LIMIT = 50
 CSV_BATCH = 1000
 CSV_MAX_ROWS = 100_000
@@ -386,9 +392,25 @@ def create_console_router(
                     search=query.search,
                     page=query.page,
                     per_page=PER_PAGE,
+                    after=query.after,
                 ),
             )
             pages = max(1, math.ceil(total / PER_PAGE))
+            older = (
+                query.link(
+                    page=None,
+                    cursor=PageCursor(
+                        records[-1].created_at, records[-1].id, query.page + 1
+                    ).encode(),
+                )
+                if records and query.page < pages
+                else None
+            )
+            newer = (
+                query.link(page=query.page - 1 if query.page > 2 else None)
+                if 1 < query.page <= OFFSET_PAGES + 1
+                else None
+            )
             now = utcnow()
             return _render(
                 request,
@@ -400,6 +422,13 @@ def create_console_router(
                 page=query.page,
                 pages=pages,
                 link=query.link,
+                older=older,
+                newer=newer,
+                first=query.link(page=None) if query.page > 1 else None,
+                page_links=[
+                    (n, query.link(page=n if n > 1 else None))
+                    for n in range(1, min(pages, PAGE_LINKS) + 1)
+                ],
                 error=query.error,
             )
 
@@ -1078,6 +1107,7 @@ class ListQuery:
     params: dict[str, str]  # what links carry (the phone as a token)
     error: str | None = None
     redirect: str | None = None
+    after: tuple[datetime, int] | None = None
 
     def link(self, **changes: Any) -> str:
         merged = {k: v for k, v in (self.params | changes).items() if v not in (None, "")}
@@ -1131,13 +1161,27 @@ class ListQuery:
                 for e in exc.errors()
             )
             filters = PaymentFilters()
+        page_no, after = _page(params.get("page")), None
+        if page_no > OFFSET_PAGES:
+            page_no = OFFSET_PAGES
+            error = error or (
+                f"pages beyond {OFFSET_PAGES} are reached with Older →, or narrow the filter"
+            )
+        if params.get("cursor"):
+            try:
+                cursor = PageCursor.decode((params.get("cursor") or "")[:300])
+            except InvalidCursorError:
+                error = error or "that page link is not valid any more: start from the first page"
+            else:
+                page_no, after = cursor.page, (cursor.created_at, cursor.id)
         return cls(
             filters,
             reference,
             search,
-            _page(params.get("page")),
+            page_no,
             {k: sanitize_text(v) for k, v in carried.items() if k != "phone_token"},
             mask_msisdn(phone_digits) if phone_digits else None,
             carried,
             error=error,
+            after=after,
         )
