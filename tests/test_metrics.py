@@ -181,12 +181,19 @@ _WORKER = textwrap.dedent(
     for _ in range(int(sys.argv[1])):
         metrics.observe_transition("c2b", "completed", Decimal("10.50"))
     metrics.observe_mpesa_request("c2b", "INS-0", 0.2)
+    metrics.observe_event_delivery("delivered")
     """
 )
 _SCRAPER = textwrap.dedent(
     """
     from payments import metrics
-    state = {"open": {}, "in_flight": {}, "oldest_open_age_seconds": 0, "attention_required": 0}
+    state = {
+        "open": {},
+        "in_flight": {},
+        "oldest_open_age_seconds": 0,
+        "attention_required": 0,
+        "events_pending": 0,
+    }
     print(metrics.exposition(state).decode())
     """
 )
@@ -211,6 +218,7 @@ def test_multiprocess_mode_adds_up_every_worker(tmp_path: Path) -> None:
     assert samples[key("payment_amount_mzn_total", operation="c2b", status="completed")] == 73.5
     assert samples[key("mpesa_requests_total", operation="c2b", code="INS-0")] == 2
     assert samples[key("mpesa_request_duration_seconds_count", operation="c2b")] == 2
+    assert samples[key("event_deliveries_total", result="delivered")] == 2
     assert samples[key("payments_attention_required")] == 0
 
 
