@@ -671,6 +671,8 @@ class PaymentService:
             mpesa_receipt=updated.provider_transaction_id,
             actor=actor,
         )
+        if updated.status != before:
+            metrics.observe_transition(updated.operation, updated.status, updated.amount)
         await self._after_commit(
             db, written, updated, Outcome(PaymentStatus(updated.status), reason), None
         )
@@ -1160,6 +1162,8 @@ class PaymentService:
                 attempt += 1
         updated, before, original, written = result
         changed = before != updated.status
+        if changed:  # each committed transition once, whether or not this service has hooks
+            metrics.observe_transition(updated.operation, updated.status, updated.amount)
         await self._after_commit(db, written, updated, outcome, original)
         return updated, changed
 
@@ -1190,7 +1194,6 @@ class PaymentService:
     ) -> tuple[str, tuple[Any, ...]] | None:
         """Which hook a payment in ``record``'s state calls, and with what."""
         status = PaymentStatus(record.status)
-        metrics.observe_transition(record.operation, status.value, record.amount)
         is_reversal = record.operation == PaymentOperation.REVERSAL
         if status is S.COMPLETED:
             if is_reversal:
