@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 from sqlalchemy.orm import Session
 
-from . import events
+from . import events, metrics
 from . import repository as repo
 from .database import DATABASE_ERRORS, DbSession, committing, run_db
 from .events import AttemptResult, Claimed
@@ -104,6 +104,15 @@ def _outcome_of(
     return status, due
 
 
+#: ``event_deliveries_total{result}``: a pending delivery after an attempt is a retry.
+_RESULT_LABEL = {
+    DeliveryStatus.DELIVERED: "delivered",
+    DeliveryStatus.PENDING: "retry",
+    DeliveryStatus.FAILED: "failed",
+    DeliveryStatus.GONE: "gone",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class _Done:
     """One attempt made, to be recorded."""
@@ -139,6 +148,8 @@ async def _record(
         )
 
     await run_db(db, committing(write), write=True)
+    for _, status, _ in decided:  # counted once committed: what the attempt decided
+        metrics.observe_event_delivery(_RESULT_LABEL[status])
     if report is not None:
         for _, status, _ in decided:
             if status is DeliveryStatus.DELIVERED:

@@ -558,9 +558,63 @@ def get_event(session: Session, event_id: str) -> EventResponse | None:
     if row is None:
         return None
     event = _event(row)
+    event.deliveries = _deliveries_of(session, [event_id]).get(event_id, [])
+    return event
+
+
+def recent_events(
+    session: Session,
+    *,
+    before: str | None,
+    event_type: str | None,
+    transaction_id: str | None,
+    limit: int,
+) -> tuple[list[EventResponse], bool]:
+    """The operator console's view: events newest first (before the event ``before``), each
+    with its deliveries and their attempts; and whether older ones follow. Three indexed
+    queries whatever ``limit`` is (events by primary key, deliveries and attempts by event)."""
+    e = _EVENTS.c
+    query = select(_EVENTS).order_by(e.id.desc()).limit(limit + 1)
+    if before:
+        query = query.where(e.id < before)
+    if event_type:
+        query = query.where(e.type == event_type)
+    if transaction_id:
+        query = query.where(e.transaction_id == transaction_id)
+    rows = session.execute(query).all()
+    found = [_event(row) for row in rows[:limit]]
+    deliveries = _deliveries_of(session, [event.id for event in found])
+    for event in found:
+        event.deliveries = deliveries.get(event.id, [])
+    return found, len(rows) > limit
+
+
+def pending_events(session: Session, *, hooks: bool) -> int:
+    """Events with at least one delivery still to make (the ``events_pending`` gauge): to a
+    webhook endpoint, and to the hooks when the host's service has hooks (``hooks``; without,
+    nothing ever consumes its hook deliveries). The pending rows lead the
+    ``(kind, status, next_attempt_at)`` index, and stay few."""
+    d = _DELIVERIES.c
+    kinds = [ConsumerKind.WEBHOOK.value] + ([ConsumerKind.HOOKS.value] if hooks else [])
+    return int(
+        session.scalar(
+            select(func.count(func.distinct(d.event_id))).where(
+                d.kind.in_(kinds),
+                d.status == DeliveryStatus.PENDING.value,
+            )
+        )
+        or 0
+    )
+
+
+def _deliveries_of(
+    session: Session, event_ids: Sequence[str]
+) -> dict[str, list[EventDeliveryResponse]]:
+    if not event_ids:
+        return {}
     d, a = _DELIVERIES.c, _ATTEMPTS.c
     deliveries = session.execute(
-        select(_DELIVERIES).where(d.event_id == event_id).order_by(d.id)
+        select(_DELIVERIES).where(d.event_id.in_(event_ids)).order_by(d.id)
     ).all()
     attempts: dict[int, list[EventAttemptResponse]] = {}
     if deliveries:
@@ -578,22 +632,23 @@ def get_event(session: Session, event_id: str) -> EventResponse | None:
                     response_body=attempt.response_body,
                 )
             )
-    event.deliveries = [
-        EventDeliveryResponse(
-            kind=row.kind,
-            consumer=row.consumer,
-            status=row.status,
-            attempts=row.attempts,
-            next_attempt_at=as_utc(row.next_attempt_at),
-            last_attempt_at=as_utc(row.last_attempt_at),
-            delivered_at=as_utc(row.delivered_at),
-            last_status_code=row.last_status_code,
-            last_error=row.last_error,
-            attempt_log=attempts.get(row.id, []),
+    found: dict[str, list[EventDeliveryResponse]] = {}
+    for row in deliveries:
+        found.setdefault(row.event_id, []).append(
+            EventDeliveryResponse(
+                kind=row.kind,
+                consumer=row.consumer,
+                status=row.status,
+                attempts=row.attempts,
+                next_attempt_at=as_utc(row.next_attempt_at),
+                last_attempt_at=as_utc(row.last_attempt_at),
+                delivered_at=as_utc(row.delivered_at),
+                last_status_code=row.last_status_code,
+                last_error=row.last_error,
+                attempt_log=attempts.get(row.id, []),
+            )
         )
-        for row in deliveries
-    ]
-    return event
+    return found
 
 
 def redeliver(session: Session, event_id: str, webhook_urls: Sequence[str]) -> bool:

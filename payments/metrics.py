@@ -4,13 +4,13 @@ Two kinds of numbers, each from where it is true across worker processes:
 
 - **Counters of things a process did** (``payments_total``, ``payment_amount_mzn_total``,
   ``mpesa_requests_total``, ``mpesa_request_duration_seconds``, ``reconcile_runs_total``,
-  ``reconcile_settled_total``, ``callbacks_total``) are
+  ``reconcile_settled_total``, ``callbacks_total``, ``event_deliveries_total``) are
   prometheus-client metrics, counted where it happens. With several worker processes set
   ``PROMETHEUS_MULTIPROC_DIR`` (an empty directory shared by the workers and the reconciler on one
   host, emptied at deploy) before they start: prometheus-client then keeps each process's values in
   that directory and every scrape adds them up, whichever worker answers it.
 - **Gauges of the current state** (``payments_in_flight``, ``payments_open``,
-  ``payments_open_oldest_age_seconds``, ``payments_attention_required``) are
+  ``payments_open_oldest_age_seconds``, ``payments_attention_required``, ``events_pending``) are
   read from the database at each scrape (indexed counts), so they are right with any number of
   processes and after restarts, and no process has to keep them up to date.
 """
@@ -83,6 +83,17 @@ CALLBACKS = Counter(
     ["valid", "processed"],
     registry=REGISTRY,
 )
+EVENT_DELIVERIES = Counter(
+    "event_deliveries_total",
+    "Event delivery attempts recorded by the dispatcher (webhook endpoints and the host's hooks),"
+    " by what the attempt decided: delivered (2xx, or the hook returned), retry (will be tried"
+    " again), failed (the retry window is over: no more attempts), gone (the endpoint answered"
+    " 410)",
+    ["result"],
+    registry=REGISTRY,
+)
+#: The values of ``event_deliveries_total{result}``.
+DELIVERY_RESULTS = ("delivered", "retry", "failed", "gone")
 #: Response codes become label values only in M-Pesa's own shape, so a strange answer cannot
 #: create unbounded series.
 _CODE = re.compile(r"(?:INS-[0-9]{1,4}|[0-9]{1,4})", re.ASCII)
@@ -126,6 +137,10 @@ def observe_callback(*, valid: bool, processed: bool) -> None:
     CALLBACKS.labels(str(valid).lower(), str(processed).lower()).inc()
 
 
+def observe_event_delivery(result: str) -> None:
+    EVENT_DELIVERIES.labels(result).inc()
+
+
 # -- exposition ------------------------------------------------------------------------------------
 
 
@@ -165,7 +180,13 @@ def database_families(state: dict[str, Any]) -> list[Metric]:
         "Payments flagged for an operator",
         value=state["attention_required"],
     )
-    return [in_flight, open_, oldest, attention]
+    pending = GaugeMetricFamily(
+        "events_pending",
+        "Payment events with a delivery still to make: to a webhook endpoint, or to the host's"
+        " hooks when its service has hooks",
+        value=state["events_pending"],
+    )
+    return [in_flight, open_, oldest, attention, pending]
 
 
 def exposition(state: dict[str, Any]) -> bytes:
@@ -206,11 +227,13 @@ async def check_access(request: Any, auth: Any, settings: Any) -> None:
     await run_auth(request, auth)
 
 
-async def scrape(db: Any) -> bytes:
-    """The exposition, with the database's gauges read now (a few indexed aggregates)."""
+async def scrape(db: Any, *, hooks: bool = False) -> bytes:
+    """The exposition, with the database's gauges read now (a few indexed aggregates).
+    ``hooks``: the host's service runs hooks, so its pending hook deliveries count in
+    ``events_pending`` (a service without hooks never consumes them)."""
     from . import repository as repo
     from .database import run_db
     from .models import utcnow
 
-    state = await run_db(db, lambda session: repo.metrics_state(session, now=utcnow()))
+    state = await run_db(db, lambda session: repo.metrics_state(session, now=utcnow(), hooks=hooks))
     return exposition(state)

@@ -674,7 +674,7 @@ def claim_due_for_reconciliation(
 OPEN_STATUSES = tuple(sorted(UNSETTLED))
 
 
-def metrics_state(session: Session, *, now: datetime) -> dict[str, Any]:
+def metrics_state(session: Session, *, now: datetime, hooks: bool = False) -> dict[str, Any]:
     """The gauges of ``/metrics``: three indexed aggregates (``status`` leads an index)."""
     table = PaymentTransaction
     open_rows = session.execute(
@@ -700,7 +700,14 @@ def metrics_state(session: Session, *, now: datetime) -> dict[str, Any]:
         "in_flight": in_flight,
         "oldest_open_age_seconds": max(0.0, (now - oldest).total_seconds()) if oldest else 0.0,
         "attention_required": int(attention or 0),
+        "events_pending": _events_pending(session, hooks),
     }
+
+
+def _events_pending(session: Session, hooks: bool) -> int:
+    from .events import pending_events  # events imports this module
+
+    return pending_events(session, hooks=hooks)
 
 
 def activity(
@@ -806,19 +813,30 @@ def console_page(
     search: str | None,
     page: int,
     per_page: int,
+    after: tuple[datetime, int] | None = None,
 ) -> tuple[list[PaymentRecord], int]:
-    """One page of the console's list, newest first: (records, total matching)."""
+    """One page of the console's list, newest first: (records, total matching). ``after`` (the
+    keyset (created_at, id) of the previous page's last row) reads the page as an index range
+    from there, whatever its depth; without it the page is an OFFSET (the first pages only).
+    The count is ``count(*)``: no column to read for NULLs, so an index-only count."""
     table = PaymentTransaction
     total = session.scalar(
         _searched(
-            _filtered(select(func.count(table.id)), filters), reference=reference, search=search
+            _filtered(select(func.count()).select_from(table), filters),
+            reference=reference,
+            search=search,
         )
     )
+    query = _searched(_filtered(select(table), filters), reference=reference, search=search)
+    if after is not None:
+        created, pk = after
+        query = query.where(
+            or_(table.created_at < created, and_(table.created_at == created, table.id < pk))
+        )
+    else:
+        query = query.offset((page - 1) * per_page)
     rows = session.scalars(
-        _searched(_filtered(select(table), filters), reference=reference, search=search)
-        .order_by(table.created_at.desc(), table.id.desc())
-        .offset((page - 1) * per_page)
-        .limit(per_page)
+        query.order_by(table.created_at.desc(), table.id.desc()).limit(per_page)
     )
     return [PaymentRecord.of(row) for row in rows], int(total or 0)
 

@@ -832,7 +832,8 @@ def create_payment_router(
         <PAYMENT_METRICS_TOKEN>`` when that is set."""
         await prometheus_metrics.check_access(request, staff, payments.settings)
         return Response(
-            await prometheus_metrics.scrape(db), media_type=prometheus_metrics.CONTENT_TYPE
+            await prometheus_metrics.scrape(db, hooks=payments.runs_hooks),
+            media_type=prometheus_metrics.CONTENT_TYPE,
         )
 
     if console:

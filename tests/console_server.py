@@ -45,9 +45,17 @@ def free_port() -> int:
 
 @contextmanager
 def live_console(
-    database_url: str, simulator: MpesaSimulator | None = None, **router_options: Any
+    database_url: str,
+    simulator: MpesaSimulator | None = None,
+    settings_overrides: dict[str, Any] | None = None,
+    **router_options: Any,
 ) -> Iterator[LiveConsole]:
-    settings = load_settings(mpesa_environment="simulator", payment_c2b_timeout=5)
+    settings = load_settings(
+        **(
+            {"mpesa_environment": "simulator", "payment_c2b_timeout": 5}
+            | (settings_overrides or {})
+        )
+    )
     simulator = simulator or MpesaSimulator(SimulatorConfig())
 
     async def no_sleep(_: float) -> None:

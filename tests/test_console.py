@@ -313,3 +313,127 @@ async def test_replaying_a_notification_is_audited_with_the_operator(
         )
     assert len(rows) == 1 and rows[0][0] == "joao (admin key)"
     assert rows[0][1]["action"] == "replay_notification"
+
+
+async def test_events_page_and_redelivery_audited_with_the_operator(
+    payment_api_factory: PaymentApiFactory,
+) -> None:
+    """Events with their deliveries and attempts (a real loopback receiver answering 500, then
+    200), on the events page and the payment's page; redelivery behind a confirmation, CSRF,
+    audited with the operator; the receiver gets the same event id again."""
+    from payments.dispatcher import dispatch_once
+
+    from .test_events import Receiver, serving, webhook_settings
+
+    async with serving(Receiver(answers=[500])) as receiver:
+        api = await payment_api_factory(
+            settings_overrides=webhook_settings(
+                receiver.url, payment_dispatch_in_app=False, payment_webhook_retry_base_seconds=60
+            )
+        )
+        made = await seed(api)
+        transaction_id = made[0]["transaction_id"]
+        await dispatch_once(api.service, api.session_factory, prune=False)
+        csrf = await sign_in(api, "rita")
+
+        listed = await api.http.get(CONSOLE + "events")
+        assert listed.status_code == 200
+        assert 'href="/api/payments/console/events"' in listed.text  # in the navigation
+        assert listed.text.count("payment.completed") >= 3
+        assert "HTTP 500" in listed.text and "HTTP 200" in listed.text
+        assert receiver.url in listed.text and "pending" in listed.text  # the 500 is due again
+        for phone in PHONES:
+            assert phone not in listed.text
+        filtered = await api.http.get(CONSOLE + "events", params={"transaction_id": transaction_id})
+        event_ids = re.findall(r"events/(evt_[0-9a-f]+)/redeliver", filtered.text)
+        assert len(event_ids) == 1
+        event_id = event_ids[0]
+        typed = await api.http.get(CONSOLE + "events", params={"type": "payment.failed"})
+        assert "No events." in typed.text
+        bad = await api.http.get(CONSOLE + "events", params={"type": "nope"})
+        assert bad.status_code == 200 and "not an event type" in bad.text
+
+        detail = await api.http.get(CONSOLE + f"payments/{transaction_id}")
+        assert event_id in detail.text and receiver.url in detail.text
+
+        target = CONSOLE + f"events/{event_id}/redeliver"
+        refused = await api.http.post(target, data={"confirmed": "yes"})
+        assert refused.status_code == 403
+        confirm = await api.http.post(target, data={"csrf_token": csrf, "back": "detail"})
+        assert confirm.status_code == 200 and "Confirm: redeliver" in confirm.text
+        assert receiver.url in confirm.text
+        sent_before = receiver.event_ids().count(event_id)
+        done = await api.http.post(
+            target, data={"csrf_token": csrf, "back": "detail", "confirmed": "yes"}
+        )
+        assert done.status_code == 303, done.text
+        assert done.headers["location"].startswith(CONSOLE + f"payments/{transaction_id}?done=")
+        await dispatch_once(api.service, api.session_factory, prune=False)
+        assert receiver.event_ids().count(event_id) == sent_before + 1
+        shown = await api.http.get(CONSOLE + "events", params={"transaction_id": transaction_id})
+        answers = re.findall(r'class="badge d-(?:delivered|failed)">HTTP (\d+)<', shown.text)
+        assert len(answers) == sent_before + 1 and answers[-1] == "200"  # the new attempt
+
+        missing = await api.http.post(
+            CONSOLE + "events/evt_nope/redeliver", data={"csrf_token": csrf, "confirmed": "yes"}
+        )
+        assert missing.status_code == 303 and "failed=" in missing.headers["location"]
+        async with api.session_factory() as db:
+            rows = list(
+                await db.execute(
+                    select(PaymentAuditLog.actor, PaymentAuditLog.request_body).where(
+                        PaymentAuditLog.action == "operator_action"
+                    )
+                )
+            )
+        assert len(rows) == 1 and rows[0][0] == "rita (admin key)"
+        assert rows[0][1] == {
+            "action": "redeliver_event",
+            "event_id": event_id,
+            "type": "payment.completed",
+            "via": "console",
+        }
+
+
+async def test_deep_list_pages_are_read_from_a_cursor_not_an_offset(
+    payment_api: PaymentApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Older → carries a keyset cursor (the page after the last row shown), so a deep page is an
+    index range whatever its depth; page numbers reach only the first pages."""
+    import payments.console as console
+    from payments import repository
+
+    monkeypatch.setattr(console, "PER_PAGE", 2)
+    monkeypatch.setattr(console, "OFFSET_PAGES", 1)
+    offsets: list[int] = []
+    real_page = repository.console_page
+
+    def spy(session, filters, **options):  # type: ignore[no-untyped-def]
+        offsets.append(0 if options.get("after") else options["page"])
+        return real_page(session, filters, **options)
+
+    monkeypatch.setattr(repository, "console_page", spy)
+    made = await seed(payment_api)
+    newest_first = [m["transaction_id"] for m in reversed(made)]
+    await sign_in(payment_api)
+
+    first = await payment_api.http.get(CONSOLE + "payments")
+    assert "Page 1 of 2" in first.text
+    shown = re.findall(r"payments/(TXN-[A-Z0-9-]+)\"", first.text)
+    assert shown[:2] == newest_first[:2]
+    older = re.search(r'id="older" href="\?([^"]+)"', first.text)
+    assert older and "cursor=" in older.group(1) and "page=" not in older.group(1)
+    second = await payment_api.http.get(
+        CONSOLE + "payments?" + older.group(1).replace("&amp;", "&")
+    )
+    assert second.status_code == 200 and "Page 2 of 2" in second.text
+    assert re.findall(r"payments/(TXN-[A-Z0-9-]+)\"", second.text)[:1] == newest_first[2:]
+    assert 'id="older"' not in second.text
+    assert offsets == [1, 0]  # the second page came from the cursor, no OFFSET
+
+    deep = await payment_api.http.get(CONSOLE + "payments?page=2")  # beyond the OFFSET pages
+    assert deep.status_code == 200 and "Older →" in deep.text and "Page 1 of 2" in deep.text
+    broken = await payment_api.http.get(CONSOLE + "payments?cursor=not-a-cursor")
+    assert broken.status_code == 200 and "not valid any more" in broken.text
+    filtered = await payment_api.http.get(CONSOLE + "payments?operation=c2b")
+    assert "cursor=" in filtered.text and "operation=c2b" in filtered.text

@@ -298,3 +298,105 @@ async def _phone_screen(browser: Any, live: Any) -> None:
     width = await page.evaluate("document.documentElement.scrollWidth")
     assert width <= 400, f"the detail page scrolls sideways on a phone ({width} px)"
     await context.close()
+
+
+async def test_operator_redelivers_an_event_and_sees_the_new_attempt(tmp_path: Path) -> None:
+    """The events page in a browser: deliveries to a real loopback receiver (one answered 500),
+    redeliver an event behind its confirmation, and the new attempt appears."""
+    from payments.dispatcher import dispatch_once
+
+    from .test_events import Receiver, make_service, pay, serving, webhook_settings
+
+    url = f"sqlite:///{tmp_path}/events.db"
+    engine = create_engine_for(url)
+    async with engine.begin() as connection:
+        await connection.run_sync(Base.metadata.create_all)
+    sessions = async_sessionmaker(engine, expire_on_commit=False)
+    async with serving(Receiver(answers=[500])) as receiver:
+        settings = webhook_settings(
+            receiver.url, payment_dispatch_in_app=False, payment_webhook_retry_base_seconds=600
+        )
+        service = make_service(**settings)
+        try:
+            paid = [await pay(service, sessions) for _ in range(2)]
+            report = await dispatch_once(service, sessions, prune=False)
+            assert (report.delivered, report.retried) == (1, 1)
+            with live_console(url, settings_overrides=settings) as live:
+                async with playwright_api.async_playwright() as p:
+                    browser = await p.chromium.launch(
+                        executable_path=CHROMIUM, args=["--no-sandbox"]
+                    )
+                    try:
+                        await _redeliver(browser, live, paid, receiver, service, sessions)
+                    finally:
+                        await browser.close()
+        finally:
+            await service.aclose()
+            await engine.dispose()
+
+
+async def _redeliver(
+    browser: Any, live: Any, paid: list[str], receiver: Any, service: Any, sessions: Any
+) -> None:
+    from payments.dispatcher import dispatch_once
+
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    page = await context.new_page()
+    await page.goto(live.console + "login")
+    await page.fill("#api_key", TEST_ADMIN_KEY)
+    await page.fill("#operator", "rita")
+    await page.click("button[type=submit]")
+    await page.click("header a:has-text('Events')")
+    assert page.url.endswith("/console/events")
+    cards = page.locator("article.event")
+    assert await cards.count() == 2
+    text = await page.inner_text("main")
+    assert "HTTP 500" in text and "HTTP 200" in text and receiver.url in text
+    assert "pending" in text and "delivered" in text
+    await _shot(page, "13-events")
+
+    # Redeliver the event that was delivered (200): its receiver gets it once more.
+    delivered = cards.filter(has_text="HTTP 200").first
+    event_id = await delivered.get_attribute("id")
+    assert event_id and receiver.event_ids().count(event_id) == 1
+    await delivered.locator("button:has-text('Redeliver')").click()
+    assert "Confirm: redeliver" in await page.inner_text("h1")
+    assert receiver.url in await page.inner_text("main")
+    await _shot(page, "14-confirm-redeliver")
+    await page.click("#confirm")
+    assert page.url.split("?")[0].endswith("/console/events")
+    assert "due again at 1 endpoint" in await page.inner_text(".notice")
+    card = page.locator(f"article[id='{event_id}']")
+    assert "pending" in await card.inner_text()
+
+    await dispatch_once(service, sessions, prune=False)
+    assert receiver.event_ids().count(event_id) == 2
+    await page.goto(live.console + "events")
+    card = page.locator(f"article[id='{event_id}']")
+    attempts = card.locator("ol.attempts li")
+    assert await attempts.count() == 2  # the new attempt, listed after the first
+    assert "HTTP 200" in await attempts.nth(1).inner_text()
+    assert "delivered" in await card.inner_text()
+    await _shot(page, "15-events-redelivered")
+
+    # The payment's page lists its events; the audit names the operator.
+    card_text = await card.inner_text()
+    transaction_id = next(t for t in paid if t in card_text)
+    await card.locator(f"a:has-text('{transaction_id}')").click()
+    assert event_id in await page.inner_text("main")
+    audit = await page.inner_text("#audit")
+    assert "operator_action" in audit and "rita (admin key)" in audit
+    await _shot(page, "16-detail-events")
+
+    phone = await browser.new_context(
+        viewport={"width": 390, "height": 844},
+        is_mobile=True,
+        storage_state=await context.storage_state(),
+    )
+    small = await phone.new_page()
+    await small.goto(live.console + "events")
+    await _shot(small, "17-events-phone")
+    width = await small.evaluate("document.documentElement.scrollWidth")
+    assert width <= 400, f"the events page scrolls sideways on a phone ({width} px)"
+    await phone.close()
+    await context.close()

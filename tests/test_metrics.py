@@ -7,13 +7,14 @@ import os
 import subprocess
 import sys
 import textwrap
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import update
 
-from payments.models import PaymentTransaction, utcnow
+from payments.models import PaymentEvent, PaymentEventDelivery, PaymentTransaction, utcnow
 from payments.reconciliation import reconcile_once
 
 from .support import TEST_ADMIN_KEY, PaymentApi, PaymentApiFactory
@@ -180,12 +181,19 @@ _WORKER = textwrap.dedent(
     for _ in range(int(sys.argv[1])):
         metrics.observe_transition("c2b", "completed", Decimal("10.50"))
     metrics.observe_mpesa_request("c2b", "INS-0", 0.2)
+    metrics.observe_event_delivery("delivered")
     """
 )
 _SCRAPER = textwrap.dedent(
     """
     from payments import metrics
-    state = {"open": {}, "in_flight": {}, "oldest_open_age_seconds": 0, "attention_required": 0}
+    state = {
+        "open": {},
+        "in_flight": {},
+        "oldest_open_age_seconds": 0,
+        "attention_required": 0,
+        "events_pending": 0,
+    }
     print(metrics.exposition(state).decode())
     """
 )
@@ -210,4 +218,73 @@ def test_multiprocess_mode_adds_up_every_worker(tmp_path: Path) -> None:
     assert samples[key("payment_amount_mzn_total", operation="c2b", status="completed")] == 73.5
     assert samples[key("mpesa_requests_total", operation="c2b", code="INS-0")] == 2
     assert samples[key("mpesa_request_duration_seconds_count", operation="c2b")] == 2
+    assert samples[key("event_deliveries_total", result="delivered")] == 2
     assert samples[key("payments_attention_required")] == 0
+
+
+async def test_event_metrics_after_deliveries_answering_200_then_500(
+    payment_api_factory: PaymentApiFactory,
+) -> None:
+    """``events_pending`` from the database and ``event_deliveries_total{result}`` counted where
+    the dispatcher records an attempt, against a real loopback receiver answering 200, 500 (a
+    retry), 410 (gone), then 500 for an event past its retry window (failed)."""
+    from payments.dispatcher import dispatch_once
+
+    from .test_events import Receiver, serving, webhook_settings
+
+    async with serving(Receiver(answers=[200, 500, 410, 500])) as receiver:
+        api = await payment_api_factory(
+            settings_overrides=webhook_settings(
+                receiver.url, payment_dispatch_in_app=False, payment_webhook_retry_base_seconds=60
+            )
+        )
+        before = await scrape(api)
+        assert before[key("events_pending")] == 0
+
+        assert await _pay(api, "258841230001", "100.00") == 200  # payment.completed
+        assert await _pay(api, "258841002006", "10.00") == 402  # payment.failed (INS-2006)
+        middle = await scrape(api)
+        assert middle[key("events_pending")] == 2  # hooks not counted: no hooks in this service
+
+        first = await dispatch_once(api.service, api.session_factory, prune=False)
+        assert (first.delivered, first.retried) == (1, 1)  # 200 for one, 500 for the other
+        after_first = await scrape(api)
+        assert after_first[key("events_pending")] == 1  # the 500 is due again in ~60 s
+        assert delta(before, after_first, "event_deliveries_total", result="delivered") == 1
+        assert delta(before, after_first, "event_deliveries_total", result="retry") == 1
+
+        async with api.session_factory() as db:  # the retry is due now
+            await db.execute(
+                update(PaymentEventDelivery)
+                .where(PaymentEventDelivery.status == "pending")
+                .values(next_attempt_at=utcnow())
+            )
+            await db.commit()
+        second = await dispatch_once(api.service, api.session_factory, prune=False)
+        assert second.gone == 1  # 410
+        after = await scrape(api)
+        assert after[key("events_pending")] == 0
+        assert delta(before, after, "event_deliveries_total", result="delivered") == 1
+        assert delta(before, after, "event_deliveries_total", result="retry") == 1
+        assert delta(before, after, "event_deliveries_total", result="gone") == 1
+        assert delta(before, after, "event_deliveries_total", result="failed") == 0
+
+        assert await _pay(api, "258841230002", "20.00") == 200
+        async with api.session_factory() as db:  # its retry window (3 days) is over
+            await db.execute(
+                update(PaymentEvent)
+                .where(PaymentEvent.created_at > utcnow() - timedelta(minutes=5))
+                .values(created_at=utcnow() - timedelta(days=4))
+            )
+            await db.commit()
+        assert (await scrape(api))[key("events_pending")] == 1
+        third = await dispatch_once(api.service, api.session_factory, prune=False)
+        assert third.failed == 1
+        last = await scrape(api)
+        assert last[key("events_pending")] == 0
+        for result, count in (("delivered", 1), ("retry", 1), ("gone", 1), ("failed", 1)):
+            assert delta(before, last, "event_deliveries_total", result=result) == count
+        assert [headers["webhook-id"] for headers, _ in receiver.requests].count(
+            receiver.event_ids()[1]
+        ) == 2  # the 500 was retried, and its retry answered 410
+        assert len(receiver.requests) == 4

@@ -2,7 +2,8 @@
 ``create_payment_router(console=True)`` at ``/payments/console/`` under the host's prefix.
 
 Pages: overview (totals, chart, work queue), payments (filters, pages, CSV), a payment's detail
-(fields, audit timeline, reversals, notifications) with its actions, and stored notifications.
+(fields, audit timeline, reversals, notifications, events) with its actions, stored
+notifications, and outgoing events (deliveries per consumer, attempts; redeliver).
 Every action is a POST behind a confirmation page, carries a CSRF token and is audited with the
 operator's name. Templates live in ``templates/`` beside this file, so they travel with the copied
 folder. No page needs JavaScript; the chart is inline SVG.
@@ -26,9 +27,11 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
+from .. import events
 from .. import repository as repo
 from ..database import DATABASE_ERRORS, DbSession, run_db
 from ..exceptions import (
+    InvalidCursorError,
     InvalidStateTransitionError,
     PaymentError,
     PaymentNotFoundError,
@@ -36,21 +39,28 @@ from ..exceptions import (
     UnauthorizedError,
 )
 from ..logger import payment_logger
-from ..models import AuditAction, PaymentOperation, PaymentStatus, utcnow
+from ..models import AuditAction, EventType, PaymentOperation, PaymentStatus, utcnow
 from ..mpesa.values import Msisdn, mask_msisdn, money_text
 from ..notifications import NotificationProcessor
+from ..paging import PageCursor
 from ..redaction import sanitize, sanitize_text
-from ..schemas import PaymentFilters, ReversalRequest
+from ..schemas import EventResponse, PaymentFilters, ReversalRequest
 from ..service import PaymentService
 from . import charts, security
 
 TEMPLATES = Path(__file__).parent / "templates"
 PER_PAGE = 50
+#: Pages reached by number (an OFFSET of at most this many pages); deeper ones by a cursor.
+OFFSET_PAGES = 100
+#: Page-number links shown under the list.
+PAGE_LINKS = 5
 WORK_QUEUE_LIMIT = 50
 CSV_BATCH = 1000
 CSV_MAX_ROWS = 100_000
 FORM_MAX_BYTES = 16 * 1024
 ACTIONS = ("refresh", "reverse", "resolve")
+EVENTS_PER_PAGE = 50
+EVENT_TYPES = tuple(kind.value for kind in EventType)
 
 _environment = Environment(
     loader=FileSystemLoader(TEMPLATES),
@@ -382,9 +392,25 @@ def create_console_router(
                     search=query.search,
                     page=query.page,
                     per_page=PER_PAGE,
+                    after=query.after,
                 ),
             )
             pages = max(1, math.ceil(total / PER_PAGE))
+            older = (
+                query.link(
+                    page=None,
+                    cursor=PageCursor(
+                        records[-1].created_at, records[-1].id, query.page + 1
+                    ).encode(),
+                )
+                if records and query.page < pages
+                else None
+            )
+            newer = (
+                query.link(page=query.page - 1 if query.page > 2 else None)
+                if 1 < query.page <= OFFSET_PAGES + 1
+                else None
+            )
             now = utcnow()
             return _render(
                 request,
@@ -396,6 +422,13 @@ def create_console_router(
                 page=query.page,
                 pages=pages,
                 link=query.link,
+                older=older,
+                newer=newer,
+                first=query.link(page=None) if query.page > 1 else None,
+                page_links=[
+                    (n, query.link(page=n if n > 1 else None))
+                    for n in range(1, min(pages, PAGE_LINKS) + 1)
+                ],
                 error=query.error,
             )
 
@@ -447,6 +480,16 @@ def create_console_router(
             if found is None:
                 raise PaymentNotFoundError(f"payment {transaction_id[:64]} not found")
             record, trail, reversals, webhooks = found
+            payment_events, more_events = await run_db(
+                db,
+                lambda s: events.recent_events(
+                    s,
+                    before=None,
+                    event_type=None,
+                    transaction_id=record.transaction_id,
+                    limit=EVENTS_PER_PAGE,
+                ),
+            )
             now = utcnow()
             reversible = (
                 record.amount
@@ -462,6 +505,9 @@ def create_console_router(
                 trail=[_audit(entry) for entry in trail],
                 reversals=[_row(r, now) for r in reversals],
                 webhooks=[_webhook(w, record.transaction_id) for w in webhooks],
+                events=[_event_view(event) for event in payment_events],
+                more_events=more_events,
+                runs_hooks=payments.runs_hooks,
                 reversible=reversible,
                 can_reverse=record.status in ("completed", "partially_reversed")
                 and record.operation != "reversal"
@@ -513,6 +559,98 @@ def create_console_router(
         except PaymentError as error:
             text = sanitize_text(error.message)[:300]
             return RedirectResponse(detail + "?" + urlencode({"failed": text}), status_code=303)
+
+    # -- events ----------------------------------------------------------------------------------
+
+    @router.get("/events", name="payments_console_events")
+    async def events_page(request: Request, db: Db, payments: Service) -> Response:
+        async def build(operator: Operator) -> Response:
+            params = request.query_params
+            event_type = (params.get("type") or "").strip()[:40]
+            transaction_id = (params.get("transaction_id") or "").strip()[:64]
+            before = (params.get("before") or "").strip()[:64]
+            error = None
+            if event_type and event_type not in EVENT_TYPES:
+                error = f"type: not an event type ({sanitize_text(event_type)})"
+                event_type = ""
+            found, more = await run_db(
+                db,
+                lambda s: events.recent_events(
+                    s,
+                    before=before or None,
+                    event_type=event_type or None,
+                    transaction_id=transaction_id or None,
+                    limit=EVENTS_PER_PAGE,
+                ),
+            )
+            carried = {
+                k: v for k, v in (("type", event_type), ("transaction_id", transaction_id)) if v
+            }
+            return _render(
+                request,
+                "events.html",
+                operator=operator,
+                events=[_event_view(event) for event in found],
+                event_types=EVENT_TYPES,
+                event_type=event_type,
+                transaction_id=sanitize_text(transaction_id),
+                newest_link="?" + urlencode(carried) if before else None,
+                older_link="?" + urlencode(carried | {"before": found[-1].id})
+                if more and found
+                else None,
+                endpoints=len(payments.settings.webhook_urls()),
+                runs_hooks=payments.runs_hooks,
+                error=error,
+                notice=params.get("done"),
+                failure=params.get("failed"),
+            )
+
+        return await page(request, payments, build)
+
+    @router.post("/events/{event_id}/redeliver")
+    async def redeliver(request: Request, event_id: str, db: Db, payments: Service) -> Response:
+        back = _console_path(request) + "events"
+        event_id = event_id[:64]
+        try:
+            operator, form = await checked_post(request, payments)
+            event = await payments.get_event(event_id, db)
+            after = form.get("back") if form.get("back") in ("detail", "events") else "events"
+            if after == "detail":
+                back = _console_path(request) + "payments/" + event.transaction_id
+            if form.get("confirmed") != "yes":
+                return _render(
+                    request,
+                    "confirm.html",
+                    operator=operator,
+                    action="redeliver",
+                    transaction_id=event.transaction_id,
+                    event=_event_view(event),
+                    endpoints=payments.settings.webhook_urls(),
+                    form={"back": after},
+                    target=f"{_console_path(request)}events/{event_id}/redeliver",
+                    back=back,
+                )
+            await _audit_action(
+                db,
+                event.transaction_id,
+                operator,
+                {"action": "redeliver_event", "event_id": event_id, "type": event.type},
+            )
+            again = await payments.redeliver_event(event_id, db)
+            due = [d for d in again.deliveries or [] if d.kind == "webhook"]
+            message = (
+                f"event {event_id} is due again at {len(due)} endpoint(s)"
+                if due
+                else f"event {event_id}: no webhook endpoint is configured (PAYMENT_WEBHOOK_URLS)"
+            )
+            return RedirectResponse(back + "?" + urlencode({"done": message}), status_code=303)
+        except ConsoleRedirect as redirect:
+            return RedirectResponse(redirect.url, status_code=303)
+        except HTTPException as error:
+            return _render(request, "error.html", error.status_code, message=str(error.detail))
+        except PaymentError as error:
+            text = sanitize_text(error.message)[:300]
+            return RedirectResponse(back + "?" + urlencode({"failed": text}), status_code=303)
 
     # -- notifications ---------------------------------------------------------------------------
 
@@ -858,6 +996,41 @@ def _webhook(webhook: Any, transaction_id: str | None) -> dict[str, Any]:
     }
 
 
+def _event_view(event: EventResponse) -> dict[str, Any]:
+    """An event for a page: its deliveries per consumer, each with its attempts (newest last)."""
+    return {
+        "id": event.id,
+        "type": event.type,
+        "transaction_id": event.transaction_id,
+        "created_at": event.created_at,
+        "data": _pretty(event.data),
+        "deliveries": [
+            {
+                "kind": d.kind,
+                "consumer": "host's hooks" if d.kind == "hooks" else sanitize_text(d.consumer),
+                "status": d.status,
+                "attempts": d.attempts,
+                "next_attempt_at": d.next_attempt_at if d.status == "pending" else None,
+                "delivered_at": d.delivered_at,
+                "attempt_log": [
+                    {
+                        "attempted_at": a.attempted_at,
+                        "status_code": a.status_code,
+                        "duration_ms": a.duration_ms,
+                        "error": sanitize_text(a.error) if a.error else None,
+                        "response_body": sanitize_text(a.response_body)[:500]
+                        if a.response_body
+                        else None,
+                    }
+                    for a in d.attempt_log
+                ],
+            }
+            for d in event.deliveries or []
+        ],
+        "has_webhooks": any(d.kind == "webhook" for d in event.deliveries or []),
+    }
+
+
 async def _audit_action(
     db: DbSession, transaction_id: str, operator: Operator, body: dict[str, Any]
 ) -> None:
@@ -934,6 +1107,7 @@ class ListQuery:
     params: dict[str, str]  # what links carry (the phone as a token)
     error: str | None = None
     redirect: str | None = None
+    after: tuple[datetime, int] | None = None
 
     def link(self, **changes: Any) -> str:
         merged = {k: v for k, v in (self.params | changes).items() if v not in (None, "")}
@@ -987,13 +1161,27 @@ class ListQuery:
                 for e in exc.errors()
             )
             filters = PaymentFilters()
+        page_no, after = _page(params.get("page")), None
+        if page_no > OFFSET_PAGES:
+            page_no = OFFSET_PAGES
+            error = error or (
+                f"pages beyond {OFFSET_PAGES} are reached with Older →, or narrow the filter"
+            )
+        if params.get("cursor"):
+            try:
+                cursor = PageCursor.decode((params.get("cursor") or "")[:300])
+            except InvalidCursorError:
+                error = error or "that page link is not valid any more: start from the first page"
+            else:
+                page_no, after = cursor.page, (cursor.created_at, cursor.id)
         return cls(
             filters,
             reference,
             search,
-            _page(params.get("page")),
+            page_no,
             {k: sanitize_text(v) for k, v in carried.items() if k != "phone_token"},
             mask_msisdn(phone_digits) if phone_digits else None,
             carried,
             error=error,
+            after=after,
         )
