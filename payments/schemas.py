@@ -191,6 +191,11 @@ class ReversalRequest(_Request):
     idempotency_key: IdempotencyKey | None = None
 
 
+#: The characters ``str.strip()`` removes, as a regex class body that Python, Rust (pydantic-core)
+#: and ECMAScript (JSON Schema) read alike.
+_STRIPPED_WHITESPACE = (
+    r"\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+)
 ProviderTransactionId = Annotated[str, Field(pattern=rf"^{PROVIDER_ID_PATTERN}$")]
 
 
@@ -199,8 +204,16 @@ class ResolveRequest(_Request):
 
     status: Literal["completed", "failed"] | None = None
     provider_transaction_id: ProviderTransactionId | None = None
-    # No NUL in the schema itself, so what the schema admits is what the database stores.
-    reason: Annotated[str, Field(min_length=1, max_length=500, pattern=r"^[^\x00]+$")]
+    # The schema says what the API accepts: no NUL (the database cannot store it), and at least
+    # one character that is not whitespace (requests are stripped first, as Python strips).
+    reason: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=500,
+            pattern=rf"^[^\x00]*[^\x00{_STRIPPED_WHITESPACE}][^\x00]*$",
+        ),
+    ]
 
 
 class PaymentResponse(BaseModel):
