@@ -14,52 +14,42 @@ sets both at once. Hosts swap them, the session and the service through
 ``create_payment_router(...)`` or ``app.dependency_overrides``.
 """
 
-import asyncio
-import hmac
-import inspect
-import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
-from functools import lru_cache
+from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Security
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.routing import APIRoute
-from fastapi.security import APIKeyHeader
-from pydantic import AfterValidator, BaseModel, TypeAdapter, ValidationError
-from starlette.exceptions import HTTPException
-from starlette.types import Message
+from pydantic import BaseModel
 
 from . import metrics as prometheus_metrics
-from .config import get_settings
+from .auth import (
+    CUSTOMER,
+    IDENTITY_MAX_LENGTH,
+    STAFF,
+    actor_dependency,
+    api_key_scheme,
+    identity_of,
+    require_api_key,
+    role_of,
+)
 from .console import create_console_router
-from .database import DATABASE_ERRORS, DbSession, get_db
-from .exceptions import (
-    DuplicateTransactionError,
-    IdempotencyConflictError,
-    InsufficientFundsError,
-    InvalidCursorError,
-    InvalidPaymentRequestError,
-    InvalidStateTransitionError,
-    PaymentCancelledError,
-    PaymentConfigurationError,
-    PaymentError,
-    PaymentInitiationError,
-    PaymentNotFoundError,
-    PaymentOutcomeUnknownError,
-    PaymentStorageError,
-    PaymentValidationError,
-    ProviderUnavailableError,
-    UnauthorizedError,
+from .database import DbSession, get_db
+from .dependencies import (
+    RequestOrigin,
+    as_async_dependency,
+    default_payment_service,
+    get_payment_service,
+    request_origin_dependency,
 )
 from .health import health_report
-from .logger import payment_logger
+from .http_errors import ERROR_STATUS, error_response, validation_response
+from .lifespan import dispatcher_lifespan
 from .models import EventType
 from .mpesa.values import MSISDN_PATTERN, Msisdn
-from .notifications import NotificationProcessor, ProviderAnswer, client_ip, read_capped
+from .notifications import NotificationProcessor, ProviderAnswer
+from .openapi import CALLBACK_RESPONSES, MONEY_RESPONSES, error_responses
 from .paging import MAX_CURSOR_LENGTH
+from .routing import PaymentRoute, reads_own_body
 from .schemas import (
     ApiDate,
     AuditTrailResponse,
@@ -82,396 +72,26 @@ from .schemas import (
 )
 from .service import PaymentService
 
-#: Exception type → HTTP status; the most specific class listed first wins.
-ERROR_STATUS: tuple[tuple[type[PaymentError], int], ...] = (
-    (UnauthorizedError, 401),
-    (PaymentValidationError, 422),
-    (InvalidCursorError, 400),
-    (PaymentNotFoundError, 404),
-    (IdempotencyConflictError, 409),
-    (InvalidStateTransitionError, 409),
-    (DuplicateTransactionError, 409),
-    (PaymentCancelledError, 402),
-    (InsufficientFundsError, 402),
-    (InvalidPaymentRequestError, 400),
-    (PaymentInitiationError, 402),
-    (PaymentOutcomeUnknownError, 504),
-    (ProviderUnavailableError, 503),
-    (PaymentStorageError, 503),
-    (PaymentConfigurationError, 500),
-    (PaymentError, 502),
-)
-
-
-def error_response(error: PaymentError) -> JSONResponse:
-    """The one mapping from domain errors to HTTP. An unknown outcome of a recorded payment is
-    202 with the payment itself (status ``unknown``): the request was accepted, not failed."""
-    payment: PaymentResponse | None = getattr(error, "payment", None)
-    if payment is not None and not error.outcome_known:
-        # Recorded, and M-Pesa may have moved the money: accepted, not failed (never retry it
-        # with a new idempotency key); reconciliation settles it.
-        return JSONResponse(payment.model_dump(mode="json"), status_code=202)
-    status = next(code for kind, code in ERROR_STATUS if isinstance(error, kind))
-    body = error.to_dict()
-    if isinstance(error, PaymentConfigurationError):
-        body["details"] = {"variable": error.details.get("variable")}
-    if isinstance(error, PaymentValidationError):
-        # One shape for every 422, whether FastAPI or the module found the problem.
-        details = {key: value for key, value in body["details"].items() if key != "field"}
-        details["errors"] = [{"field": error.field or "", "reason": error.message}]
-        body["details"] = details
-    if payment is not None:
-        body["details"]["payment"] = payment.model_dump(mode="json")
-    return JSONResponse(body, status_code=status)
-
-
-def validation_response(error: RequestValidationError) -> JSONResponse:
-    errors = [
-        {
-            "field": ".".join(str(part) for part in item.get("loc", ()) if part != "body"),
-            "reason": str(item.get("msg", "invalid")).removeprefix("Value error, "),
-        }
-        for item in error.errors()
-    ]
-    return _validation_errors(errors)
-
-
-def _validation_errors(errors: list[dict[str, str]]) -> JSONResponse:
-    message = "; ".join(f"{e['field'] or 'body'}: {e['reason']}" for e in errors) or "invalid"
-    return JSONResponse(
-        {"error_code": "validation_error", "message": message, "details": {"errors": errors}},
-        status_code=422,
-    )
-
-
-def _error(status_code: int, error_code: str, message: str, **details: Any) -> JSONResponse:
-    return JSONResponse(
-        {"error_code": error_code, "message": message, "details": details},
-        status_code=status_code,
-    )
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-#: Marks the dependency that makes a route authenticate first (see ``_actor_dependency``).
-_AUTH_MARK = "_payments_auth"
-#: Endpoints that read (and bound) their body themselves: the callback.
-_OWN_BODY_MARK = "_payments_reads_own_body"
-_BODY_METHODS = {"POST", "PUT", "PATCH"}
-_FLAG = TypeAdapter(bool)
-
-
-class _NoApp:
-    """Stands for "no app" (no dependency overrides) as a weak-referenceable key."""
-
-    dependency_overrides: dict[Any, Any] = {}
-
-
-_NO_APP = _NoApp()
-
-
-class _AuthRule:
-    """Who may call a route: ``roles`` tried in order (dependency, role name)."""
-
-    __slots__ = ("only_with_flag", "roles")
-
-    def __init__(
-        self, roles: list[tuple[Callable[..., Any], str]], only_with_flag: str | None
-    ) -> None:
-        self.roles = roles
-        self.only_with_flag = only_with_flag
-
-
-class PaymentRoute(APIRoute):
-    """Maps errors inside the router itself, so hosts need no exception handlers of their own.
-
-    It also runs the checks that must come before FastAPI reads and parses a body: NUL
-    characters in the path or query are refused, the caller is authenticated (a request without
-    a valid key costs no body read), and the body is capped at ``PAYMENT_MAX_BODY_BYTES``, by
-    ``Content-Length`` and while it streams in."""
-
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
-        handler = super().get_route_handler()
-        auth_rule: _AuthRule | None = next(
-            (
-                getattr(dependency.call, _AUTH_MARK)
-                for dependency in self.dependant.dependencies
-                if hasattr(dependency.call, _AUTH_MARK)
-            ),
-            None,
-        )
-        authenticate = self._authenticator(auth_rule) if auth_rule is not None else None
-        reads_own_body = getattr(self.endpoint, _OWN_BODY_MARK, False)
-
-        async def route(request: Request) -> Response:
-            try:
-                refused = _nul_in_request(request)
-                if refused is not None:
-                    return refused
-                if authenticate is not None:
-                    await authenticate(request)
-                if request.method in _BODY_METHODS and not reads_own_body:
-                    request = await _with_capped_body(request)
-                return await handler(request)
-            except _BodyTooLarge:
-                limit = get_settings().payment_max_body_bytes
-                return _error(
-                    413,
-                    "payload_too_large",
-                    f"the body is larger than {limit} bytes",
-                    max_bytes=limit,
-                )
-            except RequestValidationError as error:
-                return validation_response(error)
-            except PaymentError as error:
-                return error_response(error)
-            except HTTPException as error:
-                if not _is_body_parse_error(error):
-                    # The host's own (its auth answering 401/403, its session dependency): its
-                    # status, detail and headers, rendered by the host app's handlers.
-                    raise
-                return _error(error.status_code, "bad_request", str(error.detail))
-            except DATABASE_ERRORS as error:
-                payment_logger.error(
-                    "Database unavailable", path=request.url.path, error=type(error).__name__
-                )
-                return error_response(PaymentStorageError("the payment database is unavailable"))
-
-        return route
-
-    def _authenticator(self, rule: _AuthRule) -> Callable[[Request], Awaitable[None]]:
-        """Runs the rule's dependencies (or their overrides) through FastAPI's own dependency
-        machinery, on probe routes without a body, and leaves the caller's identity and role in
-        ``request.state`` for the real endpoint. The first role whose dependency accepts the
-        caller wins; when none does, the last one's error is the answer."""
-        methods = list(self.methods or ["GET"])
-        # One probe per app and role: its dependency overrides (the app serving the request).
-        probes: weakref.WeakKeyDictionary[Any, list[Callable[[Request], Awaitable[Response]]]]
-        probes = weakref.WeakKeyDictionary()
-
-        def probe_route(auth: Callable[..., Any], role: str) -> Callable[..., Any]:
-            async def probe(request: Request, identity: Annotated[Any, Depends(auth)]) -> Response:
-                request.state.payments_actor = identity_of(identity)
-                request.state.payments_role = role
-                return Response(status_code=204)
-
-            return probe
-
-        def probes_for(app: Any) -> list[Callable[[Request], Awaitable[Response]]]:
-            handlers = probes.get(app)
-            if handlers is None:
-                handlers = probes[app] = [
-                    APIRoute(
-                        self.path,
-                        probe_route(auth, role),
-                        methods=methods,
-                        dependency_overrides_provider=app,
-                    ).get_route_handler()
-                    for auth, role in rule.roles
-                ]
-            return handlers
-
-        async def authenticate(request: Request) -> None:
-            if rule.only_with_flag is not None:
-                try:
-                    flag = request.query_params.get(rule.only_with_flag, "0")
-                    wanted = _FLAG.validate_python(flag)
-                except ValidationError:
-                    return  # the endpoint's own parameter check answers 422
-                if not wanted:
-                    return
-            app = request.scope.get("app") or _NO_APP
-            overrides = getattr(app, "dependency_overrides", {})
-            handlers: list[Callable[[Request], Awaitable[Response]]] | None = None
-            for index, (auth, role) in enumerate(rule.roles):
-                try:
-                    if auth is require_api_key and require_api_key not in overrides:
-                        # The default key check, not overridden: called as FastAPI would call
-                        # it (the header's first value), without a probe route's dependency
-                        # solving on every request.
-                        identity = await require_api_key(request.headers.get("x-api-key"))
-                        request.state.payments_actor = identity_of(identity)
-                        request.state.payments_role = role
-                        return
-                    if handlers is None:
-                        handlers = probes_for(app)
-                    await handlers[index](request)
-                    return
-                except (UnauthorizedError, HTTPException):
-                    if index == len(rule.roles) - 1:
-                        raise
-
-        return authenticate
-
-
-#: The longest identity that fits ``user_id`` and the audit trail's ``actor``.
-IDENTITY_MAX_LENGTH = 100
-
-
-def identity_of(value: Any) -> str:
-    """What an auth dependency returned, as the identity recorded on payments (``user_id``) and
-    audit entries (``actor``): a non-empty ``str`` of at most 100 characters (an ``int`` is
-    taken as its digits). ``None`` means "not authenticated"; anything else is the host's
-    mistake, answered 500 with a message saying so rather than guessed at."""
-    if value is None:
-        raise UnauthorizedError("not authenticated")
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    if not isinstance(value, str) or not value.strip() or len(value) > IDENTITY_MAX_LENGTH:
-        raise PaymentConfigurationError(
-            "the payments auth dependency must return the caller's identity as a non-empty str"
-            f" of at most {IDENTITY_MAX_LENGTH} characters (e.g. str(user.id)), not"
-            f" {type(value).__name__}",
-            details={"variable": "customer_auth/staff_auth"},
-        )
-    return value
-
-
-def _is_body_parse_error(error: HTTPException) -> bool:
-    """FastAPI's own answer to a body it could not read (``fastapi.routing`` raises it from the
-    parse error); every other ``HTTPException`` came from the host and passes through."""
-    return (
-        error.status_code == 400
-        and error.detail == "There was an error parsing the body"
-        and error.__cause__ is not None
-    )
-
-
-def _nul_in_request(request: Request) -> JSONResponse | None:
-    """NUL characters cannot be stored or looked up in PostgreSQL: an input error, found here,
-    not a storage alarm later."""
-    errors = [
-        {"field": name, "reason": "must not contain NUL characters"}
-        for name, value in request.path_params.items()
-        if "\x00" in str(value)
-    ]
-    errors += [
-        {"field": name, "reason": "must not contain NUL characters"}
-        for name, value in request.query_params.multi_items()
-        if "\x00" in value or "\x00" in name
-    ]
-    return _validation_errors(errors) if errors else None
-
-
-async def _with_capped_body(request: Request) -> Request:
-    """The request with its body read, at most ``PAYMENT_MAX_BODY_BYTES`` of it."""
-    limit = get_settings().payment_max_body_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-        raise _BodyTooLarge
-    body = await read_capped(request.stream(), limit)
-    if body is None:
-        raise _BodyTooLarge
-    delivered = False
-    receive = request.receive
-
-    async def replay() -> Message:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return Request(request.scope, replay)
-
-
-# -- dependencies (each replaceable with app.dependency_overrides) ------------------------------
-
-#: Documents the admin key as what it is; ``require_api_key`` does the checking.
-api_key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False)
-
-
-async def require_api_key(x_api_key: Annotated[str | None, Header()] = None) -> str:
-    """Default authorization: ``X-API-Key`` must equal ``PAYMENT_ADMIN_API_KEY``.
-
-    A coroutine only so that FastAPI calls it on the event loop, not through its thread pool.
-
-    Without a configured key everything is denied, in every environment (the demo gateway
-    generates one). Returns the actor name recorded in the audit trail."""
-    expected = get_settings().admin_api_key
-    if expected is None:
-        raise UnauthorizedError(
-            "PAYMENT_ADMIN_API_KEY is not configured: the payments API is closed"
-        )
-    if x_api_key is None or not hmac.compare_digest(x_api_key.encode(), expected.encode()):
-        raise UnauthorizedError("missing or wrong X-API-Key")
-    return "admin-api-key"
-
-
-@lru_cache(maxsize=1)
-def default_payment_service() -> PaymentService:
-    """The process's service (and so its one provider connection pool)."""
-    return PaymentService()
-
-
-async def get_payment_service() -> PaymentService:
-    """FastAPI dependency giving the service; override it to use a subclass with hooks.
-    (Async, so FastAPI calls it without a thread-pool hop per request.)"""
-    return default_payment_service()
-
-
-def _client_ip(request: Request, payments: PaymentService) -> str | None:
-    """The caller's valid address (through trusted proxies), or ``None``."""
-    return client_ip(
-        request.client.host if request.client else None, request.headers, payments.settings
-    )
-
-
-CUSTOMER = "customer"
-STAFF = "staff"
-
-
-def _actor_dependency(
-    roles: list[tuple[Callable[..., Any], str]], *, only_with_flag: str | None = None
-) -> Callable[..., Awaitable[str | None]]:
-    """The caller's identity, as ``PaymentRoute`` found it with the first of ``roles`` that
-    accepted the caller, before the body was read. Every route that declares this dependency is
-    authenticated first; ``only_with_flag``: only when that query flag is true
-    (``/health?deep=true``)."""
-
-    async def actor(request: Request) -> str | None:
-        found = getattr(request.state, "payments_actor", None)
-        if isinstance(found, str):
-            return found
-        if only_with_flag is not None:
-            return None
-        raise UnauthorizedError("not authenticated")
-
-    async def actor_with_key(
-        request: Request, _: Annotated[str | None, Security(api_key_scheme)] = None
-    ) -> str | None:
-        return await actor(request)
-
-    # The default key is declared as a security scheme in the OpenAPI document; a host's own
-    # auth documents itself.
-    uses_key = any(auth is require_api_key for auth, _ in roles)
-    dependency = actor_with_key if uses_key else actor
-    setattr(dependency, _AUTH_MARK, _AuthRule(roles, only_with_flag))
-    return dependency
-
-
-def _role(request: Request) -> str | None:
-    return getattr(request.state, "payments_role", None)
-
-
-def _not_blank(value: str | None) -> str | None:
-    if value is not None and not value.strip():
-        raise ValueError("must not be empty or whitespace")
-    return value.strip() if value is not None else None
-
-
-def _awaitable(factory: Callable[[], Any]) -> Callable[[], Any]:
-    """A plain factory (``lambda: my_service``) as an async dependency: FastAPI runs sync
-    dependencies in a thread pool, a hop per request for a value that is already there."""
-    if inspect.iscoroutinefunction(factory):
-        return factory
-
-    async def provide() -> Any:
-        return factory()
-
-    return provide
+# What hosts import from here; the names defined elsewhere moved out of this module.
+__all__ = [
+    "CALLBACK_RESPONSES",
+    "CUSTOMER",
+    "ERROR_STATUS",
+    "IDENTITY_MAX_LENGTH",
+    "MONEY_RESPONSES",
+    "STAFF",
+    "PaymentRoute",
+    "api_key_scheme",
+    "create_payment_router",
+    "default_payment_service",
+    "dispatcher_lifespan",
+    "error_response",
+    "get_payment_service",
+    "identity_of",
+    "payment_router",
+    "require_api_key",
+    "validation_response",
+]
 
 
 def _json(model: BaseModel) -> Response:
@@ -513,7 +133,7 @@ def create_payment_router(
         lifespan=dispatcher_lifespan(get_session=get_session, service=service),
     )
     Db = Annotated[DbSession, Depends(get_session)]
-    Actor = Annotated[str, Depends(_actor_dependency([(staff, STAFF)]))]
+    Actor = Annotated[str, Depends(actor_dependency([(staff, STAFF)]))]
     # A staff member's credentials are tried first, so staff read any payment's status with
     # their own; the same dependency for both roles means one call, as staff.
     either: list[tuple[Callable[..., Any], str]] = (
@@ -522,12 +142,13 @@ def create_payment_router(
     # One dependency for both roles (the admin key, or ``auth=``): its callers are staff, as
     # before the roles were split (replays and status reads are not limited to their own).
     customer_role = STAFF if customer is staff else CUSTOMER
-    CustomerActor = Annotated[str, Depends(_actor_dependency([(customer, customer_role)]))]
-    AnyActor = Annotated[str, Depends(_actor_dependency(either))]
-    Service = Annotated[PaymentService, Depends(_awaitable(service))]
-    IdempotencyHeader = Annotated[
-        str | None, Header(alias="Idempotency-Key", max_length=255), AfterValidator(_not_blank)
-    ]
+    CustomerActor = Annotated[str, Depends(actor_dependency([(customer, customer_role)]))]
+    AnyActor = Annotated[str, Depends(actor_dependency(either))]
+    service_dependency = as_async_dependency(service)
+    Service = Annotated[PaymentService, Depends(service_dependency)]
+
+    # Last among an endpoint's dependencies, where the header parameter was: same call order.
+    Origin = Annotated[RequestOrigin, Depends(request_origin_dependency(service_dependency))]
 
     @router.post("/initiate", response_model=PaymentResponse, responses=MONEY_RESPONSES)
     async def initiate_payment(
@@ -536,7 +157,7 @@ def create_payment_router(
         db: Db,
         actor: CustomerActor,
         payments: Service,
-        idempotency_key: IdempotencyHeader = None,
+        origin: Origin,
     ) -> Response:
         """C2B: the customer gets a PIN prompt; answers when they confirm (up to ~90 s)."""
         return _json(
@@ -544,65 +165,46 @@ def create_payment_router(
                 request=body,
                 db=db,
                 actor=actor,
-                idempotency_key=idempotency_key,
-                client_ip=_client_ip(request, payments),
-                owner=actor if _role(request) == CUSTOMER else None,
+                idempotency_key=origin.idempotency_key,
+                client_ip=origin.client_ip,
+                owner=actor if role_of(request) == CUSTOMER else None,
             )
         )
 
     @router.post("/payouts", response_model=PaymentResponse, responses=MONEY_RESPONSES)
     async def payout(
-        body: PayoutRequest,
-        request: Request,
-        db: Db,
-        actor: Actor,
-        payments: Service,
-        idempotency_key: IdempotencyHeader = None,
+        body: PayoutRequest, db: Db, actor: Actor, payments: Service, origin: Origin
     ) -> Response:
         """B2C: pay a customer's wallet."""
         return _json(
             await payments.payout(
-                body,
-                db,
-                actor,
-                idempotency_key=idempotency_key,
-                client_ip=_client_ip(request, payments),
+                body, db, actor, idempotency_key=origin.idempotency_key, client_ip=origin.client_ip
             )
         )
 
     @router.post("/transfers", response_model=PaymentResponse, responses=MONEY_RESPONSES)
     async def transfer(
-        body: TransferRequest,
-        request: Request,
-        db: Db,
-        actor: Actor,
-        payments: Service,
-        idempotency_key: IdempotencyHeader = None,
+        body: TransferRequest, db: Db, actor: Actor, payments: Service, origin: Origin
     ) -> Response:
         """B2B: pay another business's shortcode."""
         return _json(
             await payments.transfer(
-                body,
-                db,
-                actor,
-                idempotency_key=idempotency_key,
-                client_ip=_client_ip(request, payments),
+                body, db, actor, idempotency_key=origin.idempotency_key, client_ip=origin.client_ip
             )
         )
 
     @router.post(
         "/{transaction_id}/reverse",
         response_model=PaymentResponse,
-        responses=_responses(404, base=MONEY_RESPONSES),
+        responses=error_responses(404, base=MONEY_RESPONSES),
     )
     async def reverse(
         transaction_id: str,
-        request: Request,
         db: Db,
         actor: Actor,
         payments: Service,
+        origin: Origin,
         body: ReversalRequest | None = None,
-        idempotency_key: IdempotencyHeader = None,
     ) -> Response:
         """Reverse a completed payment (all of it, or ``amount``). Returns the reversal."""
         return _json(
@@ -611,15 +213,15 @@ def create_payment_router(
                 body or ReversalRequest(),
                 db,
                 actor,
-                idempotency_key=idempotency_key,
-                client_ip=_client_ip(request, payments),
+                idempotency_key=origin.idempotency_key,
+                client_ip=origin.client_ip,
             )
         )
 
     @router.post(
         "/{transaction_id}/refresh",
         response_model=PaymentResponse,
-        responses=_responses(404, 409, 413, 502, 504),
+        responses=error_responses(404, 409, 413, 502, 504),
     )
     async def refresh(transaction_id: str, db: Db, actor: Actor, payments: Service) -> Response:
         """Ask M-Pesa for the status now and apply it."""
@@ -628,7 +230,7 @@ def create_payment_router(
     @router.post(
         "/{transaction_id}/resolve",
         response_model=PaymentResponse,
-        responses=_responses(400, 404, 409, 413),
+        responses=error_responses(400, 404, 409, 413),
     )
     async def resolve(
         transaction_id: str, body: ResolveRequest, db: Db, actor: Actor, payments: Service
@@ -647,19 +249,19 @@ def create_payment_router(
         )
 
     @router.get(
-        "/status/{transaction_id}", response_model=PaymentResponse, responses=_responses(404)
+        "/status/{transaction_id}", response_model=PaymentResponse, responses=error_responses(404)
     )
     async def status(
         transaction_id: str, request: Request, db: Db, actor: AnyActor, payments: Service
     ) -> Response:
         """One payment. A customer sees only a payment they started (anyone else's is 404)."""
-        owner = actor if _role(request) == CUSTOMER else None
+        owner = actor if role_of(request) == CUSTOMER else None
         return _json(await payments.get(transaction_id, db, owner=owner))
 
     @router.get(
         "/",
         response_model=PaymentListResponse,
-        responses=_responses(
+        responses=error_responses(
             base={400: {"model": ErrorResponse, "description": "A cursor no page returned"}}
         ),
     )
@@ -685,7 +287,7 @@ def create_payment_router(
     @router.get(
         "/export.csv",
         response_class=StreamingResponse,
-        responses=_responses(
+        responses=error_responses(
             base={200: {"content": {"text/csv": {}}, "description": "One row per payment"}}
         ),
     )
@@ -703,7 +305,7 @@ def create_payment_router(
             headers={"Content-Disposition": 'attachment; filename="payments.csv"'},
         )
 
-    @router.get("/summary", response_model=PaymentSummary, responses=_responses())
+    @router.get("/summary", response_model=PaymentSummary, responses=error_responses())
     async def summary(
         db: Db,
         _: Actor,
@@ -714,7 +316,7 @@ def create_payment_router(
         return _json(await payments.summary(db, from_date, to_date))
 
     @router.get(
-        "/audit/{transaction_id}", response_model=AuditTrailResponse, responses=_responses(404)
+        "/audit/{transaction_id}", response_model=AuditTrailResponse, responses=error_responses(404)
     )
     async def audit(transaction_id: str, db: Db, _: Actor, payments: Service) -> Response:
         return _json(await payments.audit(transaction_id, db))
@@ -722,7 +324,7 @@ def create_payment_router(
     @router.get(
         "/customer-name",
         response_model=CustomerNameResponse,
-        responses=_responses(400, 402, 404, 502, 504),
+        responses=error_responses(400, 402, 404, 502, 504),
     )
     async def customer_name(
         phone_number: Annotated[str, Query(max_length=30, pattern=MSISDN_PATTERN)],
@@ -749,7 +351,7 @@ def create_payment_router(
         db: Db,
         payments: Service,
         _: Annotated[
-            str | None, Depends(_actor_dependency([(staff, STAFF)], only_with_flag="deep"))
+            str | None, Depends(actor_dependency([(staff, STAFF)], only_with_flag="deep"))
         ],
         deep: bool = False,
     ) -> JSONResponse:
@@ -777,9 +379,9 @@ def create_payment_router(
         )
         return JSONResponse(answer, status_code=status_code)
 
-    setattr(callback_c2b, _OWN_BODY_MARK, True)
+    reads_own_body(callback_c2b)
 
-    @router.get("/events", response_model=EventListResponse, responses=_responses())
+    @router.get("/events", response_model=EventListResponse, responses=error_responses())
     async def list_events(
         db: Db,
         _: Actor,
@@ -800,7 +402,7 @@ def create_payment_router(
             )
         )
 
-    @router.get("/events/{event_id}", response_model=EventResponse, responses=_responses(404))
+    @router.get("/events/{event_id}", response_model=EventResponse, responses=error_responses(404))
     async def get_event(event_id: str, db: Db, _: Actor, payments: Service) -> Response:
         """One event with its delivery state per consumer and every attempt."""
         return _json(await payments.get_event(event_id, db))
@@ -808,7 +410,7 @@ def create_payment_router(
     @router.post(
         "/events/{event_id}/redeliver",
         response_model=EventResponse,
-        responses=_responses(404, 413),
+        responses=error_responses(404, 413),
     )
     async def redeliver_event(event_id: str, db: Db, _: Actor, payments: Service) -> Response:
         """Deliver the event again to every configured endpoint (the hooks are not run again)."""
@@ -817,7 +419,7 @@ def create_payment_router(
     @router.get(
         "/metrics",
         response_class=Response,
-        responses=_responses()
+        responses=error_responses()
         | {
             200: {
                 "description": "Prometheus text format",
@@ -843,7 +445,7 @@ def create_payment_router(
             )
         )
 
-    @router.get("/webhooks", responses=_responses())
+    @router.get("/webhooks", responses=error_responses())
     async def list_webhooks(
         db: Db,
         _: Actor,
@@ -859,129 +461,13 @@ def create_payment_router(
     @router.post(
         "/webhooks/{webhook_id}/replay",
         response_model=ReplayResult,
-        responses=_responses(404, 413),
+        responses=error_responses(404, 413),
     )
     async def replay_webhook(webhook_id: int, db: Db, _: Actor, payments: Service) -> ReplayResult:
         """Process a stored notification again (after fixing whatever made it fail)."""
         return await NotificationProcessor(payments).replay(db, webhook_id)
 
     return router
-
-
-def dispatcher_lifespan(
-    *, get_session: Callable[..., Any], service: Callable[..., Any]
-) -> Callable[[Any], AbstractAsyncContextManager[None]]:
-    """The router's lifespan: FastAPI merges it into the app's when the app includes the
-    router, so the dispatcher starts and stops with the host's app."""
-
-    @asynccontextmanager
-    async def lifespan(app: Any) -> AsyncIterator[None]:
-        from .dispatcher import dispatch_forever
-
-        overrides = getattr(app, "dependency_overrides", {})
-        try:
-            payments = overrides.get(service, service)()
-            if inspect.isawaitable(payments):
-                payments = await payments
-            enabled = payments.settings.payment_dispatch_in_app
-        except Exception as exc:  # misconfigured: requests say so; the app still starts
-            payment_logger.error("Event dispatcher not started", error=str(exc))
-            enabled = False
-        if not enabled:
-            yield
-            return
-        sessions = _session_source(overrides.get(get_session, get_session))
-        stop = asyncio.Event()
-        task = asyncio.create_task(dispatch_forever(payments, sessions, stop=stop))
-        try:
-            yield
-        finally:
-            stop.set()
-            try:
-                await asyncio.wait_for(task, timeout=15)
-            except TimeoutError:
-                payment_logger.warning("Event dispatcher stopped mid-delivery")
-
-    return lifespan
-
-
-def _session_source(get_session: Callable[..., Any]) -> Callable[[], Any]:
-    """The sessions a dependency gives, as a context manager factory for the dispatcher: an
-    async or sync generator without parameters; anything else gets the module's database."""
-    from .database import get_database
-
-    required = [
-        p
-        for p in inspect.signature(get_session).parameters.values()
-        if p.default is inspect.Parameter.empty
-        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-    ]
-    if required:
-        payment_logger.warning(
-            "The session dependency takes parameters; the dispatcher uses PAYMENT_DATABASE_URL"
-        )
-        return get_database().session
-    if inspect.isasyncgenfunction(get_session):
-        return asynccontextmanager(get_session)
-    if inspect.isgeneratorfunction(get_session):
-        sync = contextmanager(get_session)
-
-        @asynccontextmanager
-        async def sessions() -> AsyncIterator[Any]:
-            with sync() as session:
-                yield session
-
-        return sessions
-    return get_database().session
-
-
-def _responses(*codes: int, base: dict[int | str, Any] | None = None) -> dict[int | str, Any]:
-    """The error answers an authenticated operation can give, besides its success."""
-    described = {
-        400: "Refused by M-Pesa as invalid",
-        401: "Missing or wrong X-API-Key",
-        402: "Refused by M-Pesa or the customer: no money moved",
-        404: "Not found",
-        409: "Conflict with the payment's state or an earlier request",
-        413: "Body larger than PAYMENT_MAX_BODY_BYTES",
-        422: "Invalid input",
-        500: "The module is misconfigured (names the variable)",
-        502: "M-Pesa answered something unexpected",
-        503: "Database or M-Pesa unavailable; nothing was sent",
-        504: "M-Pesa did not answer in time",
-    }
-    responses = dict(base or {})
-    for code in (401, 422, 500, 503, *codes):
-        responses[code] = {"model": ErrorResponse, "description": described[code]}
-    return responses
-
-
-MONEY_RESPONSES = _responses(
-    400,
-    402,
-    409,
-    413,
-    502,
-    504,
-    base={
-        202: {
-            "model": PaymentResponse,
-            "description": "Recorded, outcome not known yet (status unknown): never retry with"
-            " a new key; reconciliation settles it",
-        }
-    },
-)
-CALLBACK_RESPONSES: dict[int | str, Any] = {
-    code: {"model": ProviderAnswer, "description": description}
-    for code, description in {
-        400: "Not a JSON notification (stored)",
-        401: "Not authenticated (stored, small)",
-        413: "Body larger than PAYMENT_MAX_BODY_BYTES (stored truncated)",
-        429: "Too many rejected notifications from this source (not stored)",
-        500: "Stored, could not be applied yet: deliver again",
-        503: "Could not be stored or processed now: deliver again",
-    }.items()
-} | {422: {"model": ErrorResponse, "description": "Invalid token parameter"}}
 
 
 payment_router = create_payment_router()
