@@ -1,9 +1,10 @@
 """Async client for the Vodacom M-Pesa Mozambique API: wire fields in, typed results or errors out.
 
-The only module that builds requests: it knows hosts, ports and ``input_*`` names (``operations``
-lists the operations, ``results`` parses answers, ``answers`` decides what they mean). It knows
-nothing of the database or FastAPI. Each call is attempts, each attempt one exchange and its
-classification, repeated while the operation's retry policy allows.
+The only module that sends requests: the hosts, the headers and each operation's ``input_*``
+fields. ``operations`` lists the operations (ports, paths, retry policies), ``results`` parses
+answers and ``answers`` decides what they mean. A call is attempts, each one exchange and its
+classification, repeated while the operation's retry policy allows. It knows nothing of the
+database or FastAPI.
 """
 
 from __future__ import annotations
