@@ -1,4 +1,4 @@
-"""HTTP in and out: parse, authorize, call one service method, map errors to HTTP in one place.
+"""The endpoints: parse, authorize, call one service method (``routing.PaymentRoute`` maps errors).
 
 Mount it with ``app.include_router(payment_router, prefix="/api")``. Every endpoint except
 ``/payments/health`` and ``/payments/callback/c2b`` is authenticated. Two roles:
@@ -147,7 +147,7 @@ def create_payment_router(
     service_dependency = as_async_dependency(service)
     Service = Annotated[PaymentService, Depends(service_dependency)]
 
-    # Last among an endpoint's dependencies, where the header parameter was: same call order.
+    # Declared after Db, Actor and Service in each endpoint: FastAPI solves those first, in order.
     Origin = Annotated[RequestOrigin, Depends(request_origin_dependency(service_dependency))]
 
     @router.post("/initiate", response_model=PaymentResponse, responses=MONEY_RESPONSES)
