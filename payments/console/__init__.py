@@ -40,7 +40,15 @@ from .listing import ListQuery, parse_flag, parse_page
 from .rendering import TEMPLATES, render, run_page
 from .signin import add_sign_in_routes
 from .totals import chart_series, period_totals
-from .views import OPEN_STATUSES, audit_view, detail_fields, event_view, payment_row, webhook_view
+from .views import (
+    OPEN_STATUSES,
+    SUCCEEDED_STATUSES,
+    audit_view,
+    detail_fields,
+    event_view,
+    payment_row,
+    webhook_view,
+)
 
 __all__ = [
     "ACTIONS",
@@ -258,10 +266,7 @@ def create_console_router(
                 and (
                     record.status in OPEN_STATUSES
                     or record.attention_required
-                    or (
-                        record.status in ("completed", "partially_reversed", "reversed")
-                        and not record.provider_transaction_id
-                    )
+                    or (record.status in SUCCEEDED_STATUSES and not record.provider_transaction_id)
                 ),
                 notice=request.query_params.get("done"),
                 failure=request.query_params.get("failed"),
