@@ -28,7 +28,7 @@ from .views import event_view
 ACTIONS = ("refresh", "reverse", "resolve")
 
 
-async def audit_action(
+async def _audit_action(
     db: DbSession, transaction_id: str, operator: Operator, body: dict[str, Any]
 ) -> None:
     """Record on the payment who asked for what, before it is done."""
@@ -60,7 +60,7 @@ async def _run_action(
 ) -> str:
     """Do one confirmed action; returns what to tell the operator."""
     if action == "refresh":
-        await audit_action(db, transaction_id, operator, {"action": "refresh"})
+        await _audit_action(db, transaction_id, operator, {"action": "refresh"})
         result = await payments.refresh(transaction_id, db, actor=operator.actor)
         return f"Refreshed from M-Pesa: {result.status}"
     if action == "resolve":
@@ -83,7 +83,7 @@ async def _run_action(
     except ValidationError as error:
         problems = "; ".join(str(e.get("msg", "")) for e in error.errors())
         raise PaymentValidationError(f"invalid reversal: {problems}", field="amount") from None
-    await audit_action(
+    await _audit_action(
         db,
         transaction_id,
         operator,
@@ -182,7 +182,7 @@ def add_action_routes(
                     target=f"{console_path(request)}events/{event_id}/redeliver",
                     back=back.url,
                 )
-            await audit_action(
+            await _audit_action(
                 db,
                 event.transaction_id,
                 operator,
@@ -220,7 +220,7 @@ def add_action_routes(
                 raise PaymentNotFoundError(f"notification {webhook_id} not found")
             result = await NotificationProcessor(payments).process(db, webhook_id, replay=True)
             if result.transaction_id is not None:
-                await audit_action(
+                await _audit_action(
                     db,
                     result.transaction_id,
                     operator,

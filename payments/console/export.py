@@ -52,7 +52,7 @@ def csv_response(db: DbSession, query: ListQuery) -> StreamingResponse:
         while sent < CSV_MAX_ROWS:
             batch = await run_db(db, partial(_csv_batch, query, after))
             for record in batch:
-                writer.writerow(csv_row(record))
+                writer.writerow(_csv_row(record))
             sent += len(batch)
             yield buffer.getvalue()
             buffer.seek(0)
@@ -85,16 +85,16 @@ def _csv_batch(
     )
 
 
-def spreadsheet_cell(value: Any) -> str:
+def _spreadsheet_cell(value: Any) -> str:
     """Text a spreadsheet will not run as a formula."""
     text = "" if value is None else str(value)
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
-def csv_row(record: repo.PaymentRecord) -> list[str]:
+def _csv_row(record: repo.PaymentRecord) -> list[str]:
     """One payment as CSV cells, in ``CSV_COLUMNS`` order."""
     return [
-        spreadsheet_cell(value)
+        _spreadsheet_cell(value)
         for value in (
             record.transaction_id,
             record.created_at.astimezone(UTC).isoformat(),

@@ -66,11 +66,11 @@ def payment_row(record: repo.PaymentRecord, now: datetime) -> dict[str, Any]:
         "operator_hold": record.operator_hold,
         "created_at": record.created_at,
         "age": format_age(record.created_at, now),
-        "reason": queue_reason(record),
+        "reason": _queue_reason(record),
     }
 
 
-def queue_reason(record: repo.PaymentRecord) -> str:
+def _queue_reason(record: repo.PaymentRecord) -> str:
     """Why a payment is in the work queue ("" when it needs no one)."""
     if record.operator_hold:
         return "held for an operator"
@@ -84,7 +84,7 @@ def queue_reason(record: repo.PaymentRecord) -> str:
 
 
 #: What the detail page lists, in order. The phone number is shown masked; keys never.
-DETAIL_FIELDS = (
+_DETAIL_FIELDS = (
     "transaction_id",
     "operation",
     "status",
@@ -121,9 +121,9 @@ DETAIL_FIELDS = (
 
 
 def detail_fields(record: repo.PaymentRecord) -> list[tuple[str, str]]:
-    """The detail page's (name, text) pairs, in ``DETAIL_FIELDS`` order."""
+    """The detail page's (name, text) pairs, in ``_DETAIL_FIELDS`` order."""
     shown = []
-    for name in DETAIL_FIELDS:
+    for name in _DETAIL_FIELDS:
         value = getattr(record, name)
         if name == "phone_number":
             text = mask_msisdn(value) if value else ""
@@ -148,8 +148,8 @@ def audit_view(entry: Any) -> dict[str, Any]:
         "action": entry.action,
         "status_before": entry.status_before,
         "status_after": entry.status_after,
-        "request_body": pretty_json(entry.request_body),
-        "response_body": pretty_json(entry.response_body),
+        "request_body": _pretty_json(entry.request_body),
+        "response_body": _pretty_json(entry.response_body),
         "http_status": entry.http_status,
         "error_message": sanitize_text(entry.error_message) if entry.error_message else None,
         "response_time_ms": entry.response_time_ms,
@@ -158,7 +158,7 @@ def audit_view(entry: Any) -> dict[str, Any]:
     }
 
 
-def pretty_json(body: Any) -> str | None:
+def _pretty_json(body: Any) -> str | None:
     """A stored body, sanitised and indented, cut short for the page."""
     if body is None:
         return None
@@ -192,7 +192,7 @@ def event_view(event: EventResponse) -> dict[str, Any]:
         "type": event.type,
         "transaction_id": event.transaction_id,
         "created_at": event.created_at,
-        "data": pretty_json(event.data),
+        "data": _pretty_json(event.data),
         "deliveries": [
             {
                 "kind": d.kind,
