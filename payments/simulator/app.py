@@ -115,6 +115,13 @@ class ProviderRoute:
         return self.method != "GET"
 
 
+_CUSTOMER_PAYMENT_FIELDS = (
+    "input_TransactionReference",
+    "input_CustomerMSISDN",
+    "input_Amount",
+    "input_ThirdPartyReference",
+    "input_ServiceProviderCode",
+)
 _MONEY_REFUSAL = ("TransactionID", "ConversationID", "ThirdPartyReference")
 _QUERY_REFUSAL = ("ConversationID", "ThirdPartyReference")
 
@@ -123,13 +130,7 @@ PROVIDER_ROUTES: tuple[ProviderRoute, ...] = (
         Operation.C2B,
         "/ipg/v1x/c2bPayment/singleStage/",
         "POST",
-        (
-            "input_TransactionReference",
-            "input_CustomerMSISDN",
-            "input_Amount",
-            "input_ThirdPartyReference",
-            "input_ServiceProviderCode",
-        ),
+        _CUSTOMER_PAYMENT_FIELDS,
         operations.customer_payment,
         _MONEY_REFUSAL,
     ),
@@ -137,13 +138,7 @@ PROVIDER_ROUTES: tuple[ProviderRoute, ...] = (
         Operation.B2C,
         "/ipg/v1x/b2cPayment/",
         "POST",
-        (
-            "input_TransactionReference",
-            "input_CustomerMSISDN",
-            "input_Amount",
-            "input_ThirdPartyReference",
-            "input_ServiceProviderCode",
-        ),
+        _CUSTOMER_PAYMENT_FIELDS,
         operations.customer_payment,
         _MONEY_REFUSAL,
     ),

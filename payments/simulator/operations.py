@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from decimal import Decimal
 
 from fastapi.responses import JSONResponse, Response
 
@@ -48,17 +49,21 @@ Handler = Callable[[SimulatorState, Operation, Mapping[str, object]], Awaitable[
 _INVALID_RECEIVER = "999999"
 
 
-def _third_party_reference(fields: Mapping[str, object]) -> str:
-    return check(REFERENCE, text(fields["input_ThirdPartyReference"]), "INS-19")
+def _reference_to_us(
+    state: SimulatorState,
+    fields: Mapping[str, object],
+    shortcode: str = "input_ServiceProviderCode",
+) -> str:
+    """The request's third-party reference (else INS-19), once its shortcode is found to be
+    the simulator's (else INS-13)."""
+    reference = check(REFERENCE, text(fields["input_ThirdPartyReference"]), "INS-19")
+    if text(fields[shortcode]) != state.config.service_provider_code:
+        raise ProviderError("INS-13")
+    return reference
 
 
 def _transaction_reference(fields: Mapping[str, object]) -> str:
     return check(REFERENCE, text(fields["input_TransactionReference"]), "INS-17")
-
-
-def _check_shortcode(state: SimulatorState, value: object) -> None:
-    if text(value) != state.config.service_provider_code:
-        raise ProviderError("INS-13")
 
 
 def _check_secret(value: object, expected: str, code: str) -> None:
@@ -69,6 +74,34 @@ def _check_secret(value: object, expected: str, code: str) -> None:
 def _claim(state: SimulatorState, reference: str, transaction_reference: str | None) -> None:
     if state.is_claimed(reference, transaction_reference):
         raise ProviderError("INS-10")
+
+
+def _record_completed(
+    state: SimulatorState,
+    operation: Operation,
+    reference: str,
+    amount: Decimal,
+    *,
+    msisdn: str | None = None,
+    transaction_reference: str | None = None,
+    receiver_party_code: str | None = None,
+    original_transaction_id: str | None = None,
+) -> SimulatedTransaction:
+    """Records what B2B and reversals record: a Completed transaction, at once."""
+    return state.record(
+        SimulatedTransaction(
+            operation=operation,
+            transaction_id=new_transaction_id(),
+            conversation_id=state.conversation_id(),
+            third_party_reference=reference,
+            msisdn=msisdn,
+            amount=amount,
+            status="Completed",
+            transaction_reference=transaction_reference,
+            receiver_party_code=receiver_party_code,
+            original_transaction_id=original_transaction_id,
+        )
+    )
 
 
 def _accepted(transaction: SimulatedTransaction, *, status: int) -> JSONResponse:
@@ -92,8 +125,7 @@ async def customer_payment(
     msisdn = check(MSISDN, text(fields["input_CustomerMSISDN"]), "INS-2051")
     amount = parse_amount(fields["input_Amount"])
     transaction_reference = _transaction_reference(fields)
-    reference = _third_party_reference(fields)
-    _check_shortcode(state, fields["input_ServiceProviderCode"])
+    reference = _reference_to_us(state, fields)
     _claim(state, reference, transaction_reference)
 
     script = SCRIPTED_OUTCOMES.get(msisdn, SUCCESS)
@@ -152,24 +184,18 @@ async def business_payment(
     """B2B: always accepted once valid; receiver ``999999`` is the invalid one (INS-2002)."""
     amount = parse_amount(fields["input_Amount"])
     transaction_reference = _transaction_reference(fields)
-    reference = _third_party_reference(fields)
-    _check_shortcode(state, fields["input_PrimaryPartyCode"])
+    reference = _reference_to_us(state, fields, shortcode="input_PrimaryPartyCode")
     receiver = text(fields["input_ReceiverPartyCode"])
     if not PARTY_CODE.fullmatch(receiver) or receiver == _INVALID_RECEIVER:
         raise ProviderError("INS-2002")
     _claim(state, reference, transaction_reference)
-    transaction = state.record(
-        SimulatedTransaction(
-            operation=operation,
-            transaction_id=new_transaction_id(),
-            conversation_id=state.conversation_id(),
-            third_party_reference=reference,
-            msisdn=None,
-            amount=amount,
-            status="Completed",
-            transaction_reference=transaction_reference,
-            receiver_party_code=receiver,
-        )
+    transaction = _record_completed(
+        state,
+        operation,
+        reference,
+        amount,
+        transaction_reference=transaction_reference,
+        receiver_party_code=receiver,
     )
     return _accepted(transaction, status=201)
 
@@ -178,9 +204,8 @@ async def reverse(
     state: SimulatorState, operation: Operation, fields: Mapping[str, object]
 ) -> Response:
     """A reversal of (part of) what remains of a Completed C2B/B2C/B2B payment."""
+    reference = _reference_to_us(state, fields)
     config = state.config
-    reference = _third_party_reference(fields)
-    _check_shortcode(state, fields["input_ServiceProviderCode"])
     _check_secret(fields["input_InitiatorIdentifier"], config.initiator_identifier, "INS-24")
     _check_secret(fields["input_SecurityCredential"], config.security_credential, "INS-25")
     raw_amount = fields.get("input_ReversalAmount")
@@ -197,17 +222,13 @@ async def reverse(
     if amount <= 0 or amount > original.remaining_amount:
         raise ProviderError("INS-15")
     original.reversed_amount += amount
-    reversal = state.record(
-        SimulatedTransaction(
-            operation=operation,
-            transaction_id=new_transaction_id(),
-            conversation_id=state.conversation_id(),
-            third_party_reference=reference,
-            msisdn=original.msisdn,
-            amount=amount,
-            status="Completed",
-            original_transaction_id=original.transaction_id,
-        )
+    reversal = _record_completed(
+        state,
+        operation,
+        reference,
+        amount,
+        msisdn=original.msisdn,
+        original_transaction_id=original.transaction_id,
     )
     return _accepted(reversal, status=200)
 
@@ -215,13 +236,17 @@ async def reverse(
 # ---------------------------------------------------------------------------------- queries
 
 
+def _answered(**outputs: str) -> JSONResponse:
+    body, _ = answer_body("INS-0", **outputs)
+    return JSONResponse(body, status_code=200)
+
+
 async def query_status(
     state: SimulatorState, operation: Operation, fields: Mapping[str, object]
 ) -> Response:
     """The status of a recorded transaction; ``N/A`` when there is none."""
     config = state.config
-    echo = _third_party_reference(fields)
-    _check_shortcode(state, fields["input_ServiceProviderCode"])
+    echo = _reference_to_us(state, fields)
     found = state.find(
         text(fields["input_QueryReference"]),
         by_third_party_reference=config.query_by_third_party_reference,
@@ -233,13 +258,11 @@ async def query_status(
         if found is not None and not config.status_answer_own_conversation_id
         else state.conversation_id()
     )
-    body, _ = answer_body(
-        "INS-0",
+    return _answered(
         ResponseTransactionStatus=found.status if found else "N/A",
         ConversationID=conversation_id,
         ThirdPartyReference=echo,
     )
-    return JSONResponse(body, status_code=200)
 
 
 async def query_customer_name(
@@ -247,17 +270,14 @@ async def query_customer_name(
 ) -> Response:
     """A made-up, masked name for any valid number."""
     msisdn = check(MSISDN, text(fields["input_CustomerMSISDN"]), "INS-2051")
-    echo = _third_party_reference(fields)
-    _check_shortcode(state, fields["input_ServiceProviderCode"])
+    echo = _reference_to_us(state, fields)
     if state.config.customer_name_not_authorized:
         raise ProviderError("INS-26")
-    body, _ = answer_body(
-        "INS-0",
+    return _answered(
         ConversationID=state.conversation_id(),
         ThirdPartyReference=echo,
         CustomerName=masked_customer_name(msisdn),
     )
-    return JSONResponse(body, status_code=200)
 
 
 _FIRST_NAMES = ("Joao", "Maria", "Carlos", "Ana", "Jose", "Fatima", "Antonio", "Lurdes", "Paulo")
