@@ -54,7 +54,7 @@ def _reference_to_us(
     fields: Mapping[str, object],
     shortcode: str = "input_ServiceProviderCode",
 ) -> str:
-    """The request's third-party reference (else INS-19), once its shortcode is found to be
+    """The request's third-party reference (INS-19 if malformed); then its shortcode must be
     the simulator's (else INS-13)."""
     reference = check(REFERENCE, text(fields["input_ThirdPartyReference"]), "INS-19")
     if text(fields[shortcode]) != state.config.service_provider_code:
