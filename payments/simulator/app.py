@@ -64,7 +64,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from ..mpesa.client import Operation
+from ..mpesa.operations import Operation
 from ..mpesa.values import mask_msisdn
 from . import operations
 from .auth import ALLOWED_ORIGINS, BearerTokens, auth_refusal, public_key_base64

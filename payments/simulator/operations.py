@@ -15,7 +15,7 @@ from decimal import Decimal
 
 from fastapi.responses import JSONResponse, Response
 
-from ..mpesa.client import Operation
+from ..mpesa.operations import Operation
 from .faults import fault_response
 from .scripts import SCRIPTED_OUTCOMES, SERVER_TIMEOUT, SUCCESS, ScriptedOutcome
 from .state import SimulatedTransaction, SimulatorState, new_transaction_id

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from ..mpesa.client import Operation
+from ..mpesa.operations import Operation
 from .config import SimulatorConfig
 from .scripts import TransactionStatus
 
