@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from .database import DbSession, committing, run_db
 from .models import PaymentOperation
 from .money_flow import NewPayment, actor_of
-from .mpesa.client import ProviderResult
+from .mpesa.results import ProviderResult
 from .operators import OperatorActions
 from .outcomes import to_response
 from .reads import PaymentReads, record_loader
