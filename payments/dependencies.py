@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Header, Request
 from pydantic import AfterValidator
 
-from .notifications import client_ip
+from .notification_limits import client_ip
 from .service import PaymentService
 
 

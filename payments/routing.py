@@ -17,7 +17,7 @@ from .database import DATABASE_ERRORS
 from .exceptions import PaymentError, PaymentStorageError
 from .http_errors import error_json, error_response, validation_errors_response, validation_response
 from .logger import payment_logger
-from .notifications import read_capped
+from .notification_limits import read_capped
 
 #: Endpoints that read (and bound) their body themselves: the callback.
 _OWN_BODY_MARK = "_payments_reads_own_body"
