@@ -103,20 +103,21 @@ def _checked_columns() -> tuple[str, ...]:
     expected = {column.name for column in PAYMENTS_TABLE.columns} - _NOT_IN_RECORD
     if set(names) != expected:
         raise TypeError(
-            "PaymentRecord's fields differ from payment_transactions' columns:"
-            f" missing {sorted(expected - set(names))}, extra {sorted(set(names) - expected)}"
+            "PaymentRecord's fields differ from payment_transactions' columns: columns without"
+            f" a field {sorted(expected - set(names))}, fields without a column"
+            f" {sorted(set(names) - expected)}"
         )
     for name in names:
         column = PAYMENTS_TABLE.columns[name]
         hint = hints[name]
         members = get_args(hint) if isinstance(hint, UnionType) else (hint,)
         present = [member for member in members if member is not NoneType]
-        python_type = get_origin(present[0]) or present[0]
-        if (
-            len(present) != 1
-            or (NoneType in members) != column.nullable
-            or not issubclass(python_type, column.type.python_type)
-        ):
+        fits = (
+            len(present) == 1
+            and (NoneType in members) == column.nullable
+            and issubclass(get_origin(present[0]) or present[0], column.type.python_type)
+        )
+        if not fits:
             raise TypeError(f"PaymentRecord.{name}: {hint} does not fit the column {column!r}")
     return names
 
