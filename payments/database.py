@@ -190,30 +190,30 @@ class ModuleDatabase:
             self.sync_engine.dispose()
 
 
-@lru_cache(maxsize=1)
-def get_database() -> ModuleDatabase:
-    """The module's own database (hosts may bring their own sessions instead)."""
+def _configured() -> tuple[str, dict[str, Any]]:
+    """``PAYMENT_DATABASE_URL`` and its engine options, as the settings give them."""
     from .config import get_settings
 
     settings = get_settings()
-    return ModuleDatabase(
-        settings.payment_database_url,
-        pool_size=settings.payment_database_pool_size,
-        pre_ping=settings.payment_database_pre_ping,
-    )
+    options = {
+        "pool_size": settings.payment_database_pool_size,
+        "pre_ping": settings.payment_database_pre_ping,
+    }
+    return settings.payment_database_url, options
+
+
+@lru_cache(maxsize=1)
+def get_database() -> ModuleDatabase:
+    """The module's own database (hosts may bring their own sessions instead)."""
+    url, options = _configured()
+    return ModuleDatabase(url, **options)
 
 
 @lru_cache(maxsize=1)
 def get_engine() -> AsyncEngine:
     """An async engine on ``PAYMENT_DATABASE_URL``, for hosts and scripts that want one."""
-    from .config import get_settings
-
-    settings = get_settings()
-    return create_engine_for(
-        settings.payment_database_url,
-        pool_size=settings.payment_database_pool_size,
-        pre_ping=settings.payment_database_pre_ping,
-    )
+    url, options = _configured()
+    return create_engine_for(url, **options)
 
 
 async def get_db() -> AsyncIterator[DbSession]:

@@ -1,13 +1,13 @@
 """The dispatcher: delivers payment events to their consumers, at least once.
 
-A pass claims due deliveries (``events.claim_due``: ``FOR UPDATE SKIP LOCKED`` plus a lease in
-``next_attempt_at``, so several dispatchers on one PostgreSQL never deliver one event to one
+A pass claims due deliveries (``deliveries.claim_due``: ``FOR UPDATE SKIP LOCKED`` plus a lease
+in ``next_attempt_at``, so several dispatchers on one PostgreSQL never deliver one event to one
 endpoint at once; on SQLite run one), delivers each without holding a database connection, and
 records the attempt: a webhook is POSTed, signed as Standard Webhooks defines; a hook event runs
 the service's hook. 2xx (or a hook that returns) is delivered; ``410 Gone`` stops retries to that
 endpoint for that event; anything else, a timeout or a refused connection is retried after
-``events.retry_delay`` until ``PAYMENT_WEBHOOK_RETRY_WINDOW_SECONDS`` have passed since the event,
-then marked failed and logged at ERROR (flagged). Events older than
+``deliveries.retry_delay`` until ``PAYMENT_WEBHOOK_RETRY_WINDOW_SECONDS`` have passed since the
+event, then marked failed and logged at ERROR (flagged). Events older than
 ``PAYMENT_EVENT_RETENTION_DAYS`` are pruned as part of the work.
 
 It runs as a background task of an app that mounts the router (see ``router.py``; switched off by
@@ -28,10 +28,10 @@ from typing import Any
 import aiohttp
 from sqlalchemy.orm import Session
 
-from . import events, metrics
+from . import deliveries, events, metrics, webhooks
 from . import repository as repo
 from .database import DATABASE_ERRORS, DbSession, committing, run_db
-from .events import AttemptResult, Claimed
+from .deliveries import AttemptResult, Claimed
 from .logger import payment_logger
 from .models import HOOKS_CONSUMER, ConsumerKind, DeliveryStatus, PaymentOperation, utcnow
 from .outcomes import error_for_record
@@ -79,7 +79,7 @@ def next_state(
     if result.status_code == 410:
         return DeliveryStatus.GONE, None
     settings = service.settings
-    due = now + events.retry_delay(attempt, settings.payment_webhook_retry_base_seconds)
+    due = now + deliveries.retry_delay(attempt, settings.payment_webhook_retry_base_seconds)
     if (due - created_at).total_seconds() > settings.payment_webhook_retry_window_seconds:
         return DeliveryStatus.FAILED, None
     return DeliveryStatus.PENDING, due
@@ -138,10 +138,10 @@ async def _record(
     decided = [(item, *_outcome_of(service, item, now)) for item in done]
 
     def write(session: Session) -> None:
-        events.record_attempts(
+        deliveries.record_attempts(
             session,
             [
-                events.AttemptRecord(item.delivery_id, item.attempt, item.result, status, due)
+                deliveries.AttemptRecord(item.delivery_id, item.attempt, item.result, status, due)
                 for item, status, due in decided
             ],
             now,
@@ -242,7 +242,7 @@ async def _run_claimed_hook(
 async def post_event(
     http: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str], timeout: float
 ) -> AttemptResult:
-    """One POST; the answer's body is read up to ``events.RESPONSE_BODY_LIMIT`` bytes."""
+    """One POST; the answer's body is read up to ``deliveries.RESPONSE_BODY_LIMIT`` bytes."""
     started = time.perf_counter()
 
     def elapsed() -> int:
@@ -251,7 +251,7 @@ async def post_event(
     try:
         async with asyncio.timeout(timeout):
             async with http.post(url, data=body, headers=headers, allow_redirects=False) as answer:
-                kept = await answer.content.read(events.RESPONSE_BODY_LIMIT)
+                kept = await answer.content.read(deliveries.RESPONSE_BODY_LIMIT)
                 code = answer.status
         text = kept.decode("utf-8", "replace")
         error = None if 200 <= code < 300 else f"HTTP {code}"
@@ -269,9 +269,9 @@ async def _deliver_webhook(
     secret = settings.webhook_secret
     if secret is None:
         return AttemptResult(None, 0, "PAYMENT_WEBHOOK_SECRET is not configured")
-    body = events.payload(claimed.event_id, claimed.event_type, claimed.created_at, claimed.data)
-    headers = events.webhook_headers(
-        events.signing_key(secret), claimed.event_id, body, int(time.time())
+    body = webhooks.payload(claimed.event_id, claimed.event_type, claimed.created_at, claimed.data)
+    headers = webhooks.webhook_headers(
+        webhooks.signing_key(secret), claimed.event_id, body, int(time.time())
     )
     return await post_event(http, claimed.consumer, body, headers, settings.payment_webhook_timeout)
 
@@ -346,7 +346,7 @@ async def dispatch_once(
                     def claim(
                         session: Session, kind: ConsumerKind = kind, started: datetime = started
                     ) -> list[Claimed]:
-                        return events.claim_due(
+                        return deliveries.claim_due(
                             session,
                             kind=kind,
                             now=started,
@@ -366,7 +366,7 @@ async def dispatch_once(
             cutoff = now() - timedelta(days=settings.payment_event_retention_days)
             async with sessions() as db:
                 while pruned := await run_db(
-                    db, committing(lambda s: events.prune(s, cutoff)), write=True
+                    db, committing(lambda s: deliveries.prune(s, cutoff)), write=True
                 ):
                     report.pruned += pruned
     finally:

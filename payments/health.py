@@ -13,7 +13,7 @@ from .config import PROVIDER_HOSTS
 from .database import DbSession, run_db
 from .exceptions import PaymentConfigurationError
 from .logger import payment_logger
-from .mpesa.client import OPERATIONS
+from .mpesa.operations import OPERATIONS
 from .service import PaymentService
 
 

@@ -1,4 +1,5 @@
-"""The payment state machine: the one place that says which status may follow which.
+"""Statuses, operations and the other kinds a row can be; the state machine: the one place that
+says which status may follow which.
 
     pending → processing → completed | failed | cancelled | expired | unknown
     unknown → completed | failed | cancelled | expired
@@ -10,8 +11,72 @@ and a contradicting one (completed → failed) is refused.
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from .exceptions import InvalidStateTransitionError
-from .models import PaymentStatus
+
+
+class PaymentStatus(StrEnum):
+    PENDING = "pending"  # recorded, not yet sent
+    PROCESSING = "processing"  # sent (or about to be): the provider has not answered yet
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+    UNKNOWN = "unknown"  # the answer was lost or ambiguous: only a status query settles it
+    PARTIALLY_REVERSED = "partially_reversed"
+    REVERSED = "reversed"
+
+
+class PaymentOperation(StrEnum):
+    C2B = "c2b"
+    B2C = "b2c"
+    B2B = "b2b"
+    REVERSAL = "reversal"
+
+
+class AuditAction(StrEnum):
+    INITIATED = "initiated"
+    API_REQUEST = "api_request"
+    API_RESPONSE = "api_response"
+    STATUS_CHANGED = "status_changed"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    REVERSED = "reversed"
+    CALLBACK_RECEIVED = "callback_received"
+    RECONCILED = "reconciled"
+    ATTENTION_REQUIRED = "attention_required"
+    HOOK_FAILED = "hook_failed"
+    OPERATOR_RESOLVED = "operator_resolved"
+    #: An operator started an action from the console (refresh, reverse, replay, redeliver).
+    OPERATOR_ACTION = "operator_action"
+
+
+class EventType(StrEnum):
+    """What a payment event says happened (``payment_events.type``)."""
+
+    PAYMENT_COMPLETED = "payment.completed"
+    PAYMENT_FAILED = "payment.failed"
+    PAYMENT_CANCELLED = "payment.cancelled"
+    PAYMENT_EXPIRED = "payment.expired"
+    PAYMENT_UNKNOWN = "payment.unknown"
+    PAYMENT_ATTENTION_REQUIRED = "payment.attention_required"
+    PAYMENT_RESOLVED = "payment.resolved"
+    REVERSAL_COMPLETED = "reversal.completed"
+    REVERSAL_FAILED = "reversal.failed"
+
+
+class ConsumerKind(StrEnum):
+    HOOKS = "hooks"  # the host's in-process hooks (PaymentService.on_payment_completed, …)
+    WEBHOOK = "webhook"  # one PAYMENT_WEBHOOK_URLS endpoint
+
+
+class DeliveryStatus(StrEnum):
+    PENDING = "pending"  # due at next_attempt_at (or being delivered under a lease until then)
+    DELIVERED = "delivered"
+    FAILED = "failed"  # retried for the whole retry window without success: flagged
+    GONE = "gone"  # the endpoint answered 410 Gone: no more attempts for this event
+
 
 S = PaymentStatus
 

@@ -14,6 +14,9 @@ to structured data (the audit trail's request/response JSON).
 
 The logger configures itself from the settings on first use; :func:`configure_logging` does it
 explicitly (and may be called again: it replaces its own handlers, never duplicates them).
+
+The formatters are in ``log_formats.py`` and the background writer thread in ``log_writer.py``;
+the handlers this module installs, and its public names, stay here.
 """
 
 from __future__ import annotations
@@ -22,16 +25,23 @@ import atexit
 import json
 import logging
 import os
-import queue
 import sys
 import threading
-import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 from .exceptions import PaymentConfigurationError
+from .log_formats import DATE_FORMAT as DATE_FORMAT
+from .log_formats import TEXT_FORMAT as TEXT_FORMAT
+from .log_formats import (
+    JsonLinesFormatter,
+    SanitizingFilter,
+    SanitizingFormatter,
+    formatted_lines,
+)
+from .log_writer import LogWriter
 from .redaction import MASK, is_secret_key, register_secret, sanitize, sanitize_text
 
 __all__ = [
@@ -44,8 +54,6 @@ __all__ = [
     "shutdown_logging",
 ]
 
-TEXT_FORMAT = "%(asctime)s - PAYMENT - %(levelname)s - %(message)s"
-DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEFAULT_LOG_DIR = "logs"
@@ -57,75 +65,8 @@ FILE_PREFIX = "payment_"
 _OWNED = "_payments_owned_handler"
 
 # --------------------------------------------------------------------------------------------------
-# Formatters and handlers
+# Handlers
 # --------------------------------------------------------------------------------------------------
-
-
-_LINE = "_payments_line"
-
-
-def _formatted_once(
-    formatter: logging.Formatter, record: logging.LogRecord, build: Callable[[], str]
-) -> str:
-    """The file and console handlers share one formatter: format and sanitise a record once."""
-    cached = record.__dict__.get(_LINE)
-    if cached is not None and cached[0] is formatter:
-        return str(cached[1])
-    line = build()
-    record.__dict__[_LINE] = (formatter, line)
-    return line
-
-
-class SanitizingFormatter(logging.Formatter):
-    """The text line format; sanitises the whole formatted record, traceback included."""
-
-    def __init__(self) -> None:
-        super().__init__(TEXT_FORMAT, DATE_FORMAT)
-
-    def format(self, record: logging.LogRecord) -> str:
-        return _formatted_once(self, record, lambda: self._sanitized(record))
-
-    def _sanitized(self, record: logging.LogRecord) -> str:
-        return sanitize_text(super().format(record))
-
-
-_JSON_RESERVED = frozenset({"timestamp", "level", "logger", "message", "exception", "stack"})
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, set | frozenset):
-        return list(value)
-    return sanitize_text(str(value))
-
-
-class JsonLinesFormatter(logging.Formatter):
-    """One JSON object per line: timestamp, level, logger, message, the fields, any exception."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return _formatted_once(self, record, lambda: self._json_line(record))
-
-    def _json_line(self, record: logging.LogRecord) -> str:
-        message = getattr(record, "payment_message", None)
-        payload: dict[str, Any] = {
-            "timestamp": datetime.fromtimestamp(record.created)
-            .astimezone()
-            .isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": message if isinstance(message, str) else record.getMessage(),
-        }
-        fields = getattr(record, "payment_fields", None)
-        if isinstance(fields, Mapping):
-            for key, value in fields.items():
-                name = str(key)
-                payload[f"field_{name}" if name in _JSON_RESERVED else name] = value
-        if record.exc_info and not record.exc_text:
-            record.exc_text = self.formatException(record.exc_info)
-        if record.exc_text:
-            payload["exception"] = record.exc_text
-        if record.stack_info:
-            payload["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(sanitize(payload), ensure_ascii=False, default=_json_default)
 
 
 class DailyFileHandler(logging.Handler):
@@ -164,7 +105,7 @@ class DailyFileHandler(logging.Handler):
     def emit_batch(self, records: list[logging.LogRecord]) -> None:
         """Write ``records`` with one write and one flush (the writer thread hands over whatever
         queued up meanwhile)."""
-        lines = _formatted_lines(self, records)
+        lines = formatted_lines(self, records)
         if not lines:
             return
         try:
@@ -209,7 +150,7 @@ class _ConsoleHandler(logging.StreamHandler[TextIO]):
         super().emit(record)
 
     def emit_batch(self, records: list[logging.LogRecord]) -> None:
-        lines = _formatted_lines(self, records)
+        lines = formatted_lines(self, records)
         if not lines:
             return
         try:
@@ -220,22 +161,6 @@ class _ConsoleHandler(logging.StreamHandler[TextIO]):
             raise
         except Exception:
             self.handleError(records[0])
-
-
-def _formatted_lines(handler: logging.Handler, records: list[logging.LogRecord]) -> list[str]:
-    """The lines of the records ``handler`` takes (its level and filters), each formatted (and
-    sanitised) on its own, so one record that cannot be formatted costs only its own line."""
-    lines = []
-    for record in records:
-        if record.levelno < handler.level or not handler.filter(record):
-            continue
-        try:
-            lines.append(handler.format(record))
-        except RecursionError:
-            raise
-        except Exception:
-            handler.handleError(record)
-    return lines
 
 
 class _BootstrapHandler(logging.Handler):
@@ -282,9 +207,10 @@ def _install(handlers: list[logging.Handler]) -> None:
 
 
 class _BackgroundHandler(logging.Handler):
-    """Hands records to a writer thread, which formats, sanitises and writes them with the real
-    handlers: the event loop only builds the record (sanitised, as every handler sees it). The
-    writer takes whatever queued up meanwhile as one batch: one write and one flush per handler.
+    """Hands records to a writer thread (``log_writer.LogWriter``), which formats, sanitises and
+    writes them with the real handlers: the event loop only builds the record (sanitised, as every
+    handler sees it). The writer takes whatever queued up meanwhile as one batch: one write and
+    one flush per handler.
 
     ERROR and CRITICAL records are written before ``emit`` returns (after everything queued
     before them): such a line may be the last place an answer of M-Pesa's survives. Closing
@@ -292,96 +218,29 @@ class _BackgroundHandler(logging.Handler):
     killed outright may lose the last few milliseconds of INFO/WARNING lines (the database, not
     the log, is the record of payments). A forked child starts its own writer."""
 
-    _STOP = object()
-    #: Records per batch, so one write stays small and a flood never holds lines back for long.
-    BATCH = 256
     #: Records at or above this level are written before ``emit`` returns.
     SYNC_LEVEL = logging.ERROR
 
     def __init__(self, handlers: list[logging.Handler]) -> None:
         super().__init__()
-        self._handlers = handlers
-        self._start()
+        self._writer = LogWriter(handlers)
         atexit.register(self.close)
-        _writers.add(self)
-
-    def _start(self) -> None:
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._write, name="payments-log", daemon=True)
-        self._thread.start()
 
     def emit(self, record: logging.LogRecord) -> None:
-        self._queue.put(record)
+        self._writer.put(record)
         if record.levelno >= self.SYNC_LEVEL:
             self.flush()
 
-    def _write(self) -> None:
-        source = self._queue
-        while True:
-            batch = [source.get()]
-            while len(batch) < self.BATCH:
-                try:
-                    batch.append(source.get_nowait())
-                except queue.Empty:
-                    break
-            records: list[logging.LogRecord] = []
-            for item in batch:
-                if isinstance(item, logging.LogRecord):
-                    records.append(item)
-                    continue
-                self._write_records(records)  # everything queued before a marker, first
-                records = []
-                if item is self._STOP:
-                    return
-                if isinstance(item, threading.Event):
-                    item.set()
-            self._write_records(records)
-
-    def _write_records(self, records: list[logging.LogRecord]) -> None:
-        if not records:
-            return
-        for handler in self._handlers:
-            batch_writer = getattr(handler, "emit_batch", None)
-            if batch_writer is None:
-                for record in records:
-                    if record.levelno >= handler.level:
-                        handler.handle(record)
-                continue
-            handler.acquire()
-            try:
-                batch_writer(records)
-            finally:
-                handler.release()
-
     def flush(self) -> None:
         """Wait until every record queued so far is written."""
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            written = threading.Event()
-            self._queue.put(written)
-            written.wait(timeout=5)
+        self._writer.flush()
 
     def close(self) -> None:
-        _writers.discard(self)
-        if self._thread.is_alive():
-            self._queue.put(self._STOP)
-            self._thread.join(timeout=5)
-        for handler in self._handlers:
+        self._writer.stop()
+        for handler in self._writer.handlers:
             handler.close()
         atexit.unregister(self.close)
         super().close()
-
-
-#: Writers not closed yet; a forked child restarts theirs (threads do not survive a fork).
-_writers: weakref.WeakSet[_BackgroundHandler] = weakref.WeakSet()
-
-
-def _restart_writers_after_fork() -> None:
-    for writer in list(_writers):
-        writer._start()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_restart_writers_after_fork)
 
 
 def _from_settings() -> tuple[str, str, str, list[str], bool]:
@@ -471,25 +330,6 @@ def configure_logging(
             _state.configuring = False
 
 
-class _SanitizingFilter(logging.Filter):
-    """Masks records of other libraries' loggers before any handler (the host's) sees them."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str):
-            record.msg = sanitize_text(record.msg)
-        # Masked one by one, keeping their shape: formatters (uvicorn's) unpack args themselves.
-        if isinstance(record.args, tuple):
-            record.args = tuple(
-                sanitize_text(arg) if isinstance(arg, str) else arg for arg in record.args
-            )
-        elif isinstance(record.args, Mapping):
-            record.args = {
-                key: sanitize_text(arg) if isinstance(arg, str) else arg
-                for key, arg in record.args.items()
-            }
-        return True
-
-
 _TRANSPORT_LOGGERS = ("httpx", "httpcore", "uvicorn.access")
 
 
@@ -498,8 +338,8 @@ def _guard_transport_loggers() -> None:
     query string: mask those records too, whoever's handler writes them."""
     for name in _TRANSPORT_LOGGERS:
         target = logging.getLogger(name)
-        if not any(isinstance(f, _SanitizingFilter) for f in target.filters):
-            target.addFilter(_SanitizingFilter())
+        if not any(isinstance(f, SanitizingFilter) for f in target.filters):
+            target.addFilter(SanitizingFilter())
 
 
 def shutdown_logging() -> None:

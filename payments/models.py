@@ -36,6 +36,15 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+# The statuses and kinds live with the state machine; they are re-exported here, where hosts
+# and older code import them from.
+from .lifecycle import AuditAction as AuditAction
+from .lifecycle import ConsumerKind as ConsumerKind
+from .lifecycle import DeliveryStatus as DeliveryStatus
+from .lifecycle import EventType as EventType
+from .lifecycle import PaymentOperation as PaymentOperation
+from .lifecycle import PaymentStatus as PaymentStatus
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -75,42 +84,6 @@ class Base(DeclarativeBase):
     """The module's own declarative base; hosts add ``Base.metadata`` to their Alembic target."""
 
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-
-
-class PaymentStatus(StrEnum):
-    PENDING = "pending"  # recorded, not yet sent
-    PROCESSING = "processing"  # sent (or about to be): the provider has not answered yet
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    EXPIRED = "expired"
-    UNKNOWN = "unknown"  # the answer was lost or ambiguous: only a status query settles it
-    PARTIALLY_REVERSED = "partially_reversed"
-    REVERSED = "reversed"
-
-
-class PaymentOperation(StrEnum):
-    C2B = "c2b"
-    B2C = "b2c"
-    B2B = "b2b"
-    REVERSAL = "reversal"
-
-
-class AuditAction(StrEnum):
-    INITIATED = "initiated"
-    API_REQUEST = "api_request"
-    API_RESPONSE = "api_response"
-    STATUS_CHANGED = "status_changed"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    REVERSED = "reversed"
-    CALLBACK_RECEIVED = "callback_received"
-    RECONCILED = "reconciled"
-    ATTENTION_REQUIRED = "attention_required"
-    HOOK_FAILED = "hook_failed"
-    OPERATOR_RESOLVED = "operator_resolved"
-    #: An operator started an action from the console (refresh, reverse, replay, redeliver).
-    OPERATOR_ACTION = "operator_action"
 
 
 def _in(values: type[StrEnum]) -> str:
@@ -293,32 +266,6 @@ class PaymentWebhookLog(Base):
         Index("ix_payment_webhook_logs_is_processed_received_at", "is_processed", "received_at"),
         Index("ix_payment_webhook_logs_transaction_id", "transaction_id"),
     )
-
-
-class EventType(StrEnum):
-    """What a payment event says happened (``payment_events.type``)."""
-
-    PAYMENT_COMPLETED = "payment.completed"
-    PAYMENT_FAILED = "payment.failed"
-    PAYMENT_CANCELLED = "payment.cancelled"
-    PAYMENT_EXPIRED = "payment.expired"
-    PAYMENT_UNKNOWN = "payment.unknown"
-    PAYMENT_ATTENTION_REQUIRED = "payment.attention_required"
-    PAYMENT_RESOLVED = "payment.resolved"
-    REVERSAL_COMPLETED = "reversal.completed"
-    REVERSAL_FAILED = "reversal.failed"
-
-
-class ConsumerKind(StrEnum):
-    HOOKS = "hooks"  # the host's in-process hooks (PaymentService.on_payment_completed, …)
-    WEBHOOK = "webhook"  # one PAYMENT_WEBHOOK_URLS endpoint
-
-
-class DeliveryStatus(StrEnum):
-    PENDING = "pending"  # due at next_attempt_at (or being delivered under a lease until then)
-    DELIVERED = "delivered"
-    FAILED = "failed"  # retried for the whole retry window without success: flagged
-    GONE = "gone"  # the endpoint answered 410 Gone: no more attempts for this event
 
 
 #: ``payment_event_deliveries.consumer`` of the hooks; a webhook's consumer is its URL.

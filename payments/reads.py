@@ -12,7 +12,7 @@ from functools import partial
 
 from sqlalchemy.orm import Session
 
-from . import events
+from . import deliveries, event_reads, events
 from . import repository as repo
 from .database import DbSession, committing, run_db
 from .exceptions import PaymentNotFoundError, PaymentValidationError
@@ -221,7 +221,7 @@ class PaymentReads(ServiceBase):
             raise PaymentValidationError("limit must be between 1 and 100", field="limit")
         return await run_db(
             db,
-            lambda s: events.list_events(
+            lambda s: event_reads.list_events(
                 s,
                 after=after,
                 event_type=event_type,
@@ -233,7 +233,7 @@ class PaymentReads(ServiceBase):
     async def get_event(self, event_id: str, db: DbSession) -> EventResponse:
         """One event with its deliveries (the hooks, each endpoint) and every attempt."""
         found = (
-            await run_db(db, lambda s: events.get_event(s, event_id))
+            await run_db(db, lambda s: event_reads.get_event(s, event_id))
             if len(event_id) <= 64
             else None
         )
@@ -245,7 +245,7 @@ class PaymentReads(ServiceBase):
         """Make an event due again at every endpoint configured now; the hooks do not run again."""
         urls = self.settings.webhook_urls()
         found = len(event_id) <= 64 and await run_db(
-            db, committing(lambda s: events.redeliver(s, event_id, urls)), write=True
+            db, committing(lambda s: deliveries.redeliver(s, event_id, urls)), write=True
         )
         if not found:
             raise PaymentNotFoundError(f"event {event_id} not found")

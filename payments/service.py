@@ -19,10 +19,12 @@ The class is assembled by job (a host imports and subclasses only ``PaymentServi
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from .database import DbSession, committing, run_db
 from .models import PaymentOperation
-from .money_flow import actor_of
-from .mpesa.client import ProviderResult
+from .money_flow import NewPayment, actor_of
+from .mpesa.results import ProviderResult
 from .operators import OperatorActions
 from .outcomes import to_response
 from .reads import PaymentReads, record_loader
@@ -68,15 +70,7 @@ class PaymentService(OperatorActions, PaymentReads):
         is a conflict that shows nothing of the payment it made.
         """
         new = self._new_payment(PaymentOperation.C2B, request, idempotency_key)
-
-        async def send(record: PaymentRecord) -> ProviderResult:
-            return await self.client.c2b_payment(
-                msisdn=request.phone_number,
-                amount=new.amount,
-                transaction_reference=record.transaction_reference or record.transaction_id,
-                third_party_reference=record.third_party_reference,
-            )
-
+        send = _sender(self.client.c2b_payment, new, msisdn=request.phone_number)
         return await self._move_money(
             db, new, send, actor=actor_of(actor, user_id), client_ip=client_ip, owner=owner
         )
@@ -93,15 +87,7 @@ class PaymentService(OperatorActions, PaymentReads):
     ) -> PaymentResponse:
         """B2C: pay a customer's wallet from the business's shortcode."""
         new = self._new_payment(PaymentOperation.B2C, request, idempotency_key)
-
-        async def send(record: PaymentRecord) -> ProviderResult:
-            return await self.client.b2c_payment(
-                msisdn=request.phone_number,
-                amount=new.amount,
-                transaction_reference=record.transaction_reference or record.transaction_id,
-                third_party_reference=record.third_party_reference,
-            )
-
+        send = _sender(self.client.b2c_payment, new, msisdn=request.phone_number)
         return await self._move_money(
             db, new, send, actor=actor_of(actor, user_id), client_ip=client_ip
         )
@@ -118,15 +104,9 @@ class PaymentService(OperatorActions, PaymentReads):
     ) -> PaymentResponse:
         """B2B: pay another business's shortcode."""
         new = self._new_payment(PaymentOperation.B2B, request, idempotency_key)
-
-        async def send(record: PaymentRecord) -> ProviderResult:
-            return await self.client.b2b_payment(
-                receiver_party_code=request.receiver_party_code,
-                amount=new.amount,
-                transaction_reference=record.transaction_reference or record.transaction_id,
-                third_party_reference=record.third_party_reference,
-            )
-
+        send = _sender(
+            self.client.b2b_payment, new, receiver_party_code=request.receiver_party_code
+        )
         return await self._move_money(
             db, new, send, actor=actor_of(actor, user_id), client_ip=client_ip
         )
@@ -140,3 +120,20 @@ class PaymentService(OperatorActions, PaymentReads):
         outcome = await self.query_outcome(record)
         record, _ = await self.apply_outcome(db, record, outcome, actor=actor or "refresh")
         return to_response(record)
+
+
+def _sender(
+    call: Callable[..., Awaitable[ProviderResult]], new: NewPayment, **party: str
+) -> Callable[[PaymentRecord], Awaitable[ProviderResult]]:
+    """The one provider call of a money-moving use case, made once the intent is recorded: the
+    party (a wallet or a shortcode), the amount, and the references the record was given."""
+
+    async def send(record: PaymentRecord) -> ProviderResult:
+        return await call(
+            **party,
+            amount=new.amount,
+            transaction_reference=record.transaction_reference or record.transaction_id,
+            third_party_reference=record.third_party_reference,
+        )
+
+    return send

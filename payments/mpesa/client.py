@@ -1,48 +1,56 @@
 """Async client for the Vodacom M-Pesa Mozambique API: wire fields in, typed results or errors out.
 
-The only module that knows hosts, ports, paths and ``input_*``/``output_*`` names. It knows nothing
-of the database or FastAPI. Every HTTP exchange is described by a ``ProviderExchange`` (sanitised),
-attached to the result or the error, so callers can audit it.
-
-Retries follow business semantics: queries retry with capped, jittered backoff;
-C2B/B2C/B2B retry only when the request provably never left (connect failure); a reversal never
-retries. A timeout or dropped connection on a money-moving call is ``PaymentOutcomeUnknownError``.
+The only module that sends requests: the hosts, the headers and each operation's ``input_*``
+fields. ``operations`` lists the operations (ports, paths, retry policies), ``results`` parses
+answers and ``answers`` decides what they mean. A call is attempts, each one exchange and its
+classification, repeated while the operation's retry policy allows. It knows nothing of the
+database or FastAPI.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 
 from .. import metrics
 from ..config import PROVIDER_HOSTS, PaymentSettings
 from ..exceptions import (
-    DuplicateTransactionError,
-    InsufficientFundsError,
     InvalidPaymentRequestError,
-    PaymentCancelledError,
     PaymentConfigurationError,
-    PaymentOutcomeUnknownError,
     PaymentProviderError,
-    ProviderUnavailableError,
 )
 from ..logger import payment_logger
 from ..redaction import sanitize
+from .answers import Undecided, classify, error_for_answer, refusal_error, transport_error
 from .auth import MpesaAuth
-from .codes import AUTH_CODES, NOT_FOUND_CODES, Disposition, ResponseCode, ResponseCodeTable
+from .codes import AUTH_CODES, ResponseCodeTable
+from .operations import (
+    NEVER_SENT,
+    OPERATIONS,
+    Operation,
+    OperationSpec,
+    RetryPolicy,
+    backoff_delay,
+    should_retry,
+)
+from .results import (
+    CustomerNameResult,
+    ProviderExchange,
+    ProviderResult,
+    R,
+    TransactionStatusResult,
+    parse_body,
+)
 from .transport import AiohttpTransport
 from .values import (
-    PROVIDER_ID,
     Msisdn,
     format_amount,
     parse_amount,
@@ -51,113 +59,27 @@ from .values import (
     validate_shortcode,
 )
 
+# The names hosts and tests import from here, wherever they are defined now.
+__all__ = [
+    "OPERATIONS",
+    "USER_AGENT",
+    "ClientConfig",
+    "CustomerNameResult",
+    "MpesaClient",
+    "Operation",
+    "OperationSpec",
+    "ProviderExchange",
+    "ProviderResult",
+    "R",
+    "RetryPolicy",
+    "TransactionStatusResult",
+    "backoff_delay",
+    "error_for_answer",
+    "refusal_error",
+    "should_retry",
+]
+
 USER_AGENT = "payments-mpesa-mz/0.1"
-
-
-class Operation(StrEnum):
-    C2B = "c2b"
-    B2C = "b2c"
-    B2B = "b2b"
-    REVERSAL = "reversal"
-    QUERY_STATUS = "query_status"
-    QUERY_CUSTOMER_NAME = "query_customer_name"
-
-
-class RetryPolicy(StrEnum):
-    QUERY = "query"  # safe to repeat: retry transport errors, 5xx and overload
-    PRE_SEND_ONLY = "pre_send_only"  # money moves: retry only if the request never left
-    NEVER = "never"
-
-
-@dataclass(frozen=True, slots=True)
-class OperationSpec:
-    method: str
-    port: int
-    path: str
-    retry: RetryPolicy
-
-    @property
-    def moves_money(self) -> bool:
-        return self.retry is not RetryPolicy.QUERY
-
-
-OPERATIONS: dict[Operation, OperationSpec] = {
-    Operation.C2B: OperationSpec(
-        "POST", 18352, "/ipg/v1x/c2bPayment/singleStage/", RetryPolicy.PRE_SEND_ONLY
-    ),
-    Operation.B2C: OperationSpec("POST", 18345, "/ipg/v1x/b2cPayment/", RetryPolicy.PRE_SEND_ONLY),
-    Operation.B2B: OperationSpec("POST", 18349, "/ipg/v1x/b2bPayment/", RetryPolicy.PRE_SEND_ONLY),
-    Operation.REVERSAL: OperationSpec("PUT", 18354, "/ipg/v1x/reversal/", RetryPolicy.NEVER),
-    Operation.QUERY_STATUS: OperationSpec(
-        "GET", 18353, "/ipg/v1x/queryTransactionStatus/", RetryPolicy.QUERY
-    ),
-    Operation.QUERY_CUSTOMER_NAME: OperationSpec(
-        "GET", 19323, "/ipg/v1x/queryCustomerName/", RetryPolicy.QUERY
-    ),
-}
-
-# Errors raised before a single byte of the request could reach the provider.
-_NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-
-
-#: What to check when the gateway refuses a request in its own words (``output_error``, no code).
-_REFUSAL_ACTION = (
-    "Check MPESA_API_KEY, MPESA_PUBLIC_KEY and MPESA_ORIGIN (the portal app's settings):"
-    " the gateway refused the request before processing it"
-)
-
-
-@dataclass(frozen=True, slots=True)
-class ProviderExchange:
-    """One HTTP attempt, sanitised, for logs and the audit trail."""
-
-    operation: Operation
-    method: str
-    url: str
-    attempt: int
-    request_fields: dict[str, Any]
-    http_status: int | None
-    response_body: Any
-    elapsed_ms: float
-    error: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ProviderResult:
-    """A successful (INS-0) answer."""
-
-    operation: Operation
-    response_code: str
-    response_description: str
-    http_status: int
-    #: M-Pesa's ``output_TransactionID``.
-    provider_transaction_id: str | None
-    conversation_id: str | None
-    third_party_reference: str | None
-    raw: dict[str, Any]
-    exchanges: tuple[ProviderExchange, ...] = field(default=())
-
-
-@dataclass(frozen=True, slots=True)
-class TransactionStatusResult(ProviderResult):
-    """A status answer: INS-0 with a status, or a not-found answer (``NOT_FOUND_CODES``)."""
-
-    #: ``Completed``, ``Cancelled``, ``Expired`` or ``N/A`` (documented values).
-    transaction_status: str | None = None
-
-    @property
-    def found(self) -> bool:
-        """False when M-Pesa says it cannot find the transaction asked for: a not-found code,
-        or a status of ``N/A`` (or none)."""
-        if self.response_code in NOT_FOUND_CODES:
-            return False
-        return (self.transaction_status or "").strip().upper() not in ("", "N/A")
-
-
-@dataclass(frozen=True, slots=True)
-class CustomerNameResult(ProviderResult):
-    #: The masked name as M-Pesa returns it (e.g. ``Jo*o Ma****``).
-    customer_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,91 +129,6 @@ class ClientConfig:
         if self.environment == "simulator":
             return f"http://simulator{spec.path}"
         return f"https://{PROVIDER_HOSTS[self.environment]}:{spec.port}{spec.path}"
-
-
-def backoff_delay(attempt: int, base: float, cap: float, jitter: float) -> float:
-    """Capped exponential backoff; ``jitter`` in [0, 1) scales it into [50 %, 100 %)."""
-    return min(cap, base * 2 ** (attempt - 1)) * (0.5 + jitter / 2)
-
-
-def should_retry(policy: RetryPolicy, *, attempt: int, max_attempts: int, never_sent: bool) -> bool:
-    """Whether a failed attempt may be repeated. ``never_sent``: provably not delivered."""
-    if attempt >= max_attempts or policy is RetryPolicy.NEVER:
-        return False
-    return policy is RetryPolicy.QUERY or never_sent
-
-
-_ERROR_BY_DISPOSITION: dict[Disposition, type[PaymentProviderError]] = {
-    Disposition.CUSTOMER_DECLINED: PaymentCancelledError,
-    Disposition.INSUFFICIENT_FUNDS: InsufficientFundsError,
-    Disposition.INVALID_REQUEST: InvalidPaymentRequestError,
-    Disposition.DUPLICATE: DuplicateTransactionError,
-}
-
-
-def error_for_answer(
-    operation: Operation,
-    entry: ResponseCode,
-    http_status: int,
-    description: str,
-    *,
-    body: Any = None,
-    exchanges: tuple[ProviderExchange, ...] = (),
-) -> PaymentProviderError:
-    """The one place that turns a non-success provider answer into an exception (with every ID
-    the answer carried and the exchanges that led to it)."""
-    error_type = _ERROR_BY_DISPOSITION.get(entry.disposition)
-    if error_type is None:  # overloaded or ambiguous
-        error_type = (
-            PaymentOutcomeUnknownError
-            if OPERATIONS[operation].moves_money
-            else ProviderUnavailableError
-        )
-    code = entry.code or None
-    message = f"M-Pesa answered {code or 'without a response code'}: {description}"
-    if error_type is PaymentOutcomeUnknownError:
-        message += " (the outcome is unknown until a status query settles it)"
-    return error_type(
-        message,
-        provider_code=code,
-        provider_description=description,
-        http_status=http_status,
-        details={"action": entry.action, "disposition": entry.disposition.value},
-        exchanges=exchanges,
-        **_ids_in(body),
-    )
-
-
-def refusal_error(
-    http_status: int,
-    text: str,
-    *,
-    body: Any = None,
-    exchanges: tuple[ProviderExchange, ...] = (),
-) -> InvalidPaymentRequestError:
-    """The gateway refused the request in its own words (``output_error``, no response code, a
-    4xx status: "Origin not allowed", a wrong API key on some gateways). Nothing was processed,
-    so the payment fails; the cause is this deployment's configuration, not the caller's input."""
-    return InvalidPaymentRequestError(
-        f"M-Pesa refused the request: {text}. {_REFUSAL_ACTION}",
-        provider_description=text,
-        http_status=http_status,
-        error_code="configuration_refused",
-        details={"action": _REFUSAL_ACTION, "disposition": Disposition.INVALID_REQUEST.value},
-        exchanges=exchanges,
-        **_ids_in(body),
-    )
-
-
-R = TypeVar("R", bound=ProviderResult)
-
-
-@dataclass(frozen=True, slots=True)
-class _Undecided:
-    """An answer that is not a result: the error it is, and whether repeating may help."""
-
-    error: PaymentProviderError
-    retryable: bool
 
 
 class MpesaClient:
@@ -353,17 +190,9 @@ class MpesaClient:
         third_party_reference: str,
     ) -> ProviderResult:
         """Customer pays the business. Blocks until the customer answers the PIN prompt."""
-        fields = {
-            "input_TransactionReference": validate_reference(
-                transaction_reference, field="transaction_reference"
-            ),
-            "input_CustomerMSISDN": msisdn.digits,
-            "input_Amount": format_amount(parse_amount(amount)),
-            "input_ThirdPartyReference": validate_reference(
-                third_party_reference, field="third_party_reference"
-            ),
-            "input_ServiceProviderCode": self.config.service_provider_code,
-        }
+        fields = self._wallet_payment_fields(
+            msisdn, amount, transaction_reference, third_party_reference
+        )
         return await self._call(Operation.C2B, fields, ProviderResult)
 
     async def b2c_payment(
@@ -375,7 +204,20 @@ class MpesaClient:
         third_party_reference: str,
     ) -> ProviderResult:
         """Business pays a customer's wallet."""
-        fields = {
+        fields = self._wallet_payment_fields(
+            msisdn, amount, transaction_reference, third_party_reference
+        )
+        return await self._call(Operation.B2C, fields, ProviderResult)
+
+    def _wallet_payment_fields(
+        self,
+        msisdn: Msisdn,
+        amount: Decimal,
+        transaction_reference: str,
+        third_party_reference: str,
+    ) -> dict[str, str]:
+        """C2B and B2C send the same fields, in this order, to their own paths."""
+        return {
             "input_TransactionReference": validate_reference(
                 transaction_reference, field="transaction_reference"
             ),
@@ -386,7 +228,6 @@ class MpesaClient:
             ),
             "input_ServiceProviderCode": self.config.service_provider_code,
         }
-        return await self._call(Operation.B2C, fields, ProviderResult)
 
     async def b2b_payment(
         self,
@@ -524,16 +365,16 @@ class MpesaClient:
             attempt += 1
             answer = await self._attempt(operation, fields, attempt, exchanges)
             if isinstance(answer, httpx.TransportError):
-                never_sent = isinstance(answer, _NEVER_SENT)
+                never_sent = isinstance(answer, NEVER_SENT)
                 if should_retry(
                     retry, attempt=attempt, max_attempts=max_attempts, never_sent=never_sent
                 ):
                     await self._backoff(attempt)
                     continue
-                raise self._transport_error(operation, answer, never_sent, exchanges) from answer
+                raise transport_error(operation, answer, never_sent, exchanges) from answer
             response, body = answer
-            decided = self._classify(operation, response, body, result_type, exchanges)
-            if not isinstance(decided, _Undecided):
+            decided = classify(operation, response, body, result_type, exchanges, self.config.codes)
+            if not isinstance(decided, Undecided):
                 return decided
             if decided.retryable and should_retry(
                 retry, attempt=attempt, max_attempts=max_attempts, never_sent=False
@@ -586,12 +427,12 @@ class MpesaClient:
                 operation=operation.value,
                 error=reason,
                 duration_ms=round(elapsed_ms),
-                request_sent=not isinstance(exc, _NEVER_SENT),
+                request_sent=not isinstance(exc, NEVER_SENT),
             )
             return exc
 
         elapsed_ms = (time.perf_counter() - started) * 1000
-        body = _parse_body(response)
+        body = parse_body(response)
         code = body.get("output_ResponseCode") if isinstance(body, dict) else None
         exchanges.append(
             ProviderExchange(
@@ -611,161 +452,8 @@ class MpesaClient:
         metrics.observe_mpesa_request(operation.value, code, elapsed_ms / 1000)
         return response, body
 
-    def _classify(
-        self,
-        operation: Operation,
-        response: httpx.Response,
-        body: Any,
-        result_type: type[R],
-        exchanges: list[ProviderExchange],
-    ) -> R | _Undecided:
-        """What an answer means: the result, or the error it is and whether a retry may help."""
-        code = body.get("output_ResponseCode") if isinstance(body, dict) else None
-        description = (body.get("output_ResponseDesc") if isinstance(body, dict) else None) or ""
-        entry = self.config.codes.lookup(
-            code if isinstance(code, str) else None, response.status_code
-        )
-        refusal = _refusal_text(body)
-        if refusal is not None:
-            description = refusal  # the provider's own words, whatever is decided below
-            if 400 <= response.status_code < 500:
-                refused = refusal_error(
-                    response.status_code, refusal, body=body, exchanges=tuple(exchanges)
-                )
-                return _Undecided(refused, retryable=False)
-        if not isinstance(body, dict):
-            entry = self.config.codes.lookup(None, response.status_code)
-            description = "The response was not a JSON object"
-        elif response.status_code >= 500 and entry.disposition is not Disposition.OVERLOADED:
-            entry = _as_ambiguous(entry)
-        if entry.disposition is Disposition.SUCCESS and response.is_success:
-            return _build_result(result_type, operation, response.status_code, body, exchanges)
-        if (
-            operation is Operation.QUERY_STATUS
-            and entry.code in NOT_FOUND_CODES
-            and response.status_code < 500
-        ):  # a definite answer about what was asked for: no retry, the caller decides
-            return _build_result(result_type, operation, response.status_code, body, exchanges)
-        if entry.disposition is Disposition.SUCCESS:  # INS-0 with an error status: untrusted
-            entry = _as_ambiguous(entry)
-        error = error_for_answer(
-            operation,
-            entry,
-            response.status_code,
-            description or entry.description,
-            body=body,
-            exchanges=tuple(exchanges),
-        )
-        retryable = entry.disposition in (Disposition.OVERLOADED, Disposition.AMBIGUOUS)
-        return _Undecided(error, retryable=retryable)
-
     async def _backoff(self, attempt: int) -> None:
         config = self.config
         await self._sleep(
             backoff_delay(attempt, config.backoff_base, config.backoff_max, self._jitter())
         )
-
-    def _transport_error(
-        self,
-        operation: Operation,
-        exc: httpx.TransportError,
-        never_sent: bool,
-        exchanges: list[ProviderExchange],
-    ) -> PaymentProviderError:
-        error: PaymentProviderError
-        if never_sent:
-            error = ProviderUnavailableError(
-                f"could not reach M-Pesa ({type(exc).__name__}); the request was not sent."
-                " If this persists, check that outbound port"
-                f" {OPERATIONS[operation].port} is open",
-                details={"reason": type(exc).__name__},
-                exchanges=tuple(exchanges),
-            )
-        elif OPERATIONS[operation].moves_money:
-            error = PaymentOutcomeUnknownError(
-                f"no answer from M-Pesa ({type(exc).__name__}) after the request was sent;"
-                " the outcome is unknown until a status query settles it",
-                details={"reason": type(exc).__name__},
-                exchanges=tuple(exchanges),
-            )
-        else:
-            error = ProviderUnavailableError(
-                f"M-Pesa did not answer the {operation.value} request ({type(exc).__name__})",
-                details={"reason": type(exc).__name__},
-                exchanges=tuple(exchanges),
-            )
-        return error
-
-
-def _parse_body(response: httpx.Response) -> Any:
-    """JSON object when the body is one, otherwise the (truncated) text: HTML pages happen."""
-    try:
-        return response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return response.text[:2000]
-
-
-def _refusal_text(body: Any) -> str | None:
-    """The text of an ``output_error`` answer that carries no response code."""
-    if not isinstance(body, dict) or body.get("output_ResponseCode") not in (None, ""):
-        return None
-    text = body.get("output_error")
-    if not isinstance(text, str) or not text.strip():
-        return None
-    return text.strip()[:255]
-
-
-def _ids_in(body: Any) -> dict[str, str | None]:
-    """Every ID an answer carried (error answers count too), for the error built from it."""
-    if not isinstance(body, dict):
-        return {}
-    return {
-        "provider_transaction_id": _id_in(body, "output_TransactionID"),
-        "conversation_id": _id_in(body, "output_ConversationID"),
-    }
-
-
-def _id_in(body: dict[str, Any], key: str) -> str | None:
-    value = body.get(key)
-    text = value.strip() if isinstance(value, str) else ""
-    return text if PROVIDER_ID.fullmatch(text) else None
-
-
-def _as_ambiguous(entry: ResponseCode) -> ResponseCode:
-    return ResponseCode(
-        entry.code,
-        entry.http_status,
-        entry.description,
-        "Query the status; the outcome is unknown",
-        Disposition.AMBIGUOUS,
-    )
-
-
-def _build_result(
-    result_type: type[R],
-    operation: Operation,
-    http_status: int,
-    body: dict[str, Any],
-    exchanges: list[ProviderExchange],
-) -> R:
-    def text(key: str) -> str | None:
-        value = body.get(key)
-        return str(value) if value not in (None, "") else None
-
-    extra: dict[str, Any] = {}
-    if result_type is TransactionStatusResult:
-        extra["transaction_status"] = text("output_ResponseTransactionStatus")
-    elif result_type is CustomerNameResult:
-        extra["customer_name"] = text("output_CustomerName")
-    return result_type(
-        operation=operation,
-        response_code=str(body.get("output_ResponseCode")),
-        response_description=text("output_ResponseDesc") or "",
-        http_status=http_status,
-        provider_transaction_id=text("output_TransactionID"),
-        conversation_id=text("output_ConversationID"),
-        third_party_reference=text("output_ThirdPartyReference"),
-        raw=body,
-        exchanges=tuple(exchanges),
-        **extra,
-    )

@@ -8,7 +8,8 @@ import httpx
 from fastapi import FastAPI
 from starlette.types import ASGIApp
 
-from .app import MpesaSimulator, SimulatedDisconnect
+from .app import MpesaSimulator
+from .faults import SimulatedDisconnect
 
 
 class SimulatorTransport(httpx.AsyncBaseTransport):
