@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import and_, false, func, or_, select, true
 from sqlalchemy.orm import Session
 
+from ..deliveries import pending_events
 from ..lifecycle import IN_FLIGHT, UNSETTLED
 from ..models import PaymentAuditLog, PaymentStatus, PaymentTransaction, PaymentWebhookLog, as_utc
 from .payments import audit_trail, get, record_of
@@ -47,14 +48,8 @@ def metrics_state(session: Session, *, now: datetime, hooks: bool = False) -> di
         "in_flight": in_flight,
         "oldest_open_age_seconds": max(0.0, (now - oldest).total_seconds()) if oldest else 0.0,
         "attention_required": int(attention or 0),
-        "events_pending": _events_pending(session, hooks),
+        "events_pending": pending_events(session, hooks=hooks),
     }
-
-
-def _events_pending(session: Session, hooks: bool) -> int:
-    from ..events import pending_events  # events imports this package
-
-    return pending_events(session, hooks=hooks)
 
 
 def activity(
