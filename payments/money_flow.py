@@ -115,21 +115,20 @@ class MoneyFlow(PaymentHooks):
         return body_key or header_key
 
     def _intent_values(self, new: NewPayment, actor: str | None) -> dict[str, Any]:
-        """Every column of the new payment's row, as it is committed before M-Pesa is called."""
+        """The new payment's row as it is committed before M-Pesa is called: what the request
+        and this deployment set; ``repo.insert_payment`` gives every other column the model's
+        default (no IDs from M-Pesa yet, not flagged, version 1, …)."""
         now = utcnow()
         transaction_id = new_transaction_id(now)
         third_party_reference = self.reference_for(new.operation, new.idempotency_key)
         return {
             "transaction_id": transaction_id,
             "operation": new.operation.value,
-            "status": S.PROCESSING.value,
+            "status": S.PROCESSING.value,  # sent (or about to be) once this commits
             "amount": new.amount,
             "currency": self.settings.payment_default_currency,
-            "reversed_amount": Decimal("0"),
             "phone_number": new.phone.digits if new.phone else None,
             "receiver_party_code": new.receiver_party_code,
-            "conversation_id": None,
-            "provider_transaction_id": None,
             "third_party_reference": third_party_reference,
             "transaction_reference": transaction_reference_for(
                 new.account_reference, third_party_reference
@@ -143,20 +142,12 @@ class MoneyFlow(PaymentHooks):
             "user_id": actor,
             "idempotency_key": new.idempotency_key,
             "request_fingerprint": fingerprint(new.operation, new.request_body),
-            "response_code": None,
-            "response_description": None,
             "status_description": STATUS_MESSAGES[S.PROCESSING],
-            "error_code": None,
             "original_id": new.original_id,
             "metadata": new.metadata,
-            "attention_required": False,
-            "operator_hold": False,
-            "reconcile_attempts": 0,
-            "next_reconcile_at": None,
-            "version": 1,
+            # One clock reading for both (the model's default would read it twice).
             "created_at": now,
             "updated_at": now,
-            "completed_at": None,
         }
 
     @staticmethod

@@ -8,8 +8,9 @@ written (status, IDs, the audit trail) in one short transaction, and what a call
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
+from operator import attrgetter
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -88,35 +89,33 @@ class Outcome:
     answered_conversation_id: str | None = None
 
 
+#: The response's fields ``to_response`` computes; every other one is the record's field of
+#: that name, as it is.
+_COMPUTED_FIELDS = frozenset({"success", "status", "message", "phone_number"})
+
+
+def _copied_fields() -> tuple[str, ...]:
+    names = tuple(name for name in PaymentResponse.model_fields if name not in _COMPUTED_FIELDS)
+    if missing := set(names) - {field.name for field in fields(PaymentRecord)}:
+        raise TypeError(f"PaymentResponse fields PaymentRecord lacks: {sorted(missing)}")
+    return names
+
+
+_COPIED_FIELDS = _copied_fields()
+_copied_values = attrgetter(*_COPIED_FIELDS)  # one call reads them all
+#: ``PaymentResponse.model_validate`` without its Python wrapper (every payment's answer).
+_validate_response = PaymentResponse.__pydantic_validator__.validate_python
+
+
 def to_response(record: PaymentRecord) -> PaymentResponse:
     status = PaymentStatus(record.status)
-    return PaymentResponse(
-        success=status in SUCCEEDED,
-        transaction_id=record.transaction_id,
-        operation=record.operation,
-        status=status.value,
-        message=record.status_description or STATUS_MESSAGES[status],
-        provider_transaction_id=record.provider_transaction_id,
-        conversation_id=record.conversation_id,
-        third_party_reference=record.third_party_reference,
-        account_reference=record.account_reference,
-        phone_number=mask_msisdn(record.phone_number) if record.phone_number else None,
-        receiver_party_code=record.receiver_party_code,
-        amount=record.amount,
-        reversed_amount=record.reversed_amount,
-        currency=record.currency,
-        response_code=record.response_code,
-        response_description=record.response_description,
-        status_description=record.status_description,
-        entity_type=record.entity_type,
-        entity_id=record.entity_id,
-        original_transaction_id=record.original_transaction_id,
-        attention_required=record.attention_required,
-        operator_hold=record.operator_hold,
-        created_at=record.created_at,
-        updated_at=record.updated_at,
-        completed_at=record.completed_at,
-    )
+    values = dict(zip(_COPIED_FIELDS, _copied_values(record), strict=True))
+    values["success"] = status in SUCCEEDED
+    values["status"] = status.value
+    values["message"] = record.status_description or STATUS_MESSAGES[status]
+    values["phone_number"] = mask_msisdn(record.phone_number) if record.phone_number else None
+    response: PaymentResponse = _validate_response(values)
+    return response
 
 
 async def query_outcome(
