@@ -288,7 +288,6 @@ async def reconcile(
         )
 
 
-
 async def prune(host: Host, *, dry_run: bool) -> None:
     from .retention import prune as prune_once
 

@@ -1,7 +1,7 @@
 """Database plumbing: URL normalisation, the module's own engine, and running ORM work from async
 code on either a host's synchronous ``Session`` or an ``AsyncSession``.
 
-Persistence functions (``repository.py``) are written once against the synchronous ``Session``
+Persistence functions (``repository/``) are written once against the synchronous ``Session``
 API. ``run_db`` runs them on an ``AsyncSession`` through ``run_sync`` (no thread), or on a
 synchronous ``Session`` in a worker thread, so blocking database work never blocks the event loop.
 

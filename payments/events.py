@@ -17,7 +17,7 @@ without its event, and no event without its transition. Consumers are then serve
 Every hook call and delivery carries the event id (``webhook-id``; ``current_event_id`` or an
 ``event_id`` keyword in a hook), so a host can dedupe.
 
-The statements on the outbox tables live with the outbox rather than in ``repository.py``: they
+The statements on the outbox tables live with the outbox rather than in ``repository/``: they
 are its own, and nothing else reads these tables. This module writes events and runs hooks; the
 delivery queue is ``deliveries.py``, the Standard Webhooks wire format ``webhooks.py``, and the
 events API's reads ``event_reads.py`` (their names stay importable from here).

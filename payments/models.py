@@ -179,7 +179,7 @@ class PaymentTransaction(Base):
         CheckConstraint(
             "reversed_amount >= 0 AND reversed_amount <= amount", name="reversed_amount"
         ),
-        # Each index serves a query of repository.py (the list's filters meet its order,
+        # Each index serves a query of repository/ (the list's filters meet its order,
         # ``created_at DESC, id DESC``); an index no query uses only costs writes and disk.
         Index("ix_payment_transactions_status_created_at", "status", "created_at"),
         Index("ix_payment_transactions_created_at_id", "created_at", "id"),
