@@ -37,6 +37,7 @@ from .models import HOOKS_CONSUMER, ConsumerKind, DeliveryStatus, PaymentOperati
 from .outcomes import error_for_record
 from .reconciliation import SessionSource
 from .redaction import sanitize_text
+from .reports import PassReport
 from .repository import PaymentRecord
 from .service import PaymentService
 
@@ -51,19 +52,13 @@ PRUNE_EVERY = timedelta(hours=1)
 
 
 @dataclass
-class DispatchReport:
+class DispatchReport(PassReport):
     delivered: int = 0
     retried: int = 0
     failed: int = 0
     gone: int = 0
     hooks: int = 0
     pruned: int = 0
-
-    def __str__(self) -> str:
-        return (
-            f"delivered={self.delivered} retried={self.retried} failed={self.failed}"
-            f" gone={self.gone} hooks={self.hooks} pruned={self.pruned}"
-        )
 
 
 def next_state(

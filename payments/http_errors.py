@@ -6,43 +6,27 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from .exceptions import (
-    DuplicateTransactionError,
-    IdempotencyConflictError,
-    InsufficientFundsError,
-    InvalidCursorError,
-    InvalidPaymentRequestError,
-    InvalidStateTransitionError,
-    PaymentCancelledError,
-    PaymentConfigurationError,
-    PaymentError,
-    PaymentInitiationError,
-    PaymentNotFoundError,
-    PaymentOutcomeUnknownError,
-    PaymentStorageError,
-    PaymentValidationError,
-    ProviderUnavailableError,
-    UnauthorizedError,
-)
+from . import exceptions
+from .exceptions import PaymentError
 from .schemas import PaymentResponse
 
 #: Exception type → HTTP status; the most specific class listed first wins.
 ERROR_STATUS: tuple[tuple[type[PaymentError], int], ...] = (
-    (UnauthorizedError, 401),
-    (PaymentValidationError, 422),
-    (InvalidCursorError, 400),
-    (PaymentNotFoundError, 404),
-    (IdempotencyConflictError, 409),
-    (InvalidStateTransitionError, 409),
-    (DuplicateTransactionError, 409),
-    (PaymentCancelledError, 402),
-    (InsufficientFundsError, 402),
-    (InvalidPaymentRequestError, 400),
-    (PaymentInitiationError, 402),
-    (PaymentOutcomeUnknownError, 504),
-    (ProviderUnavailableError, 503),
-    (PaymentStorageError, 503),
-    (PaymentConfigurationError, 500),
+    (exceptions.UnauthorizedError, 401),
+    (exceptions.PaymentValidationError, 422),
+    (exceptions.InvalidCursorError, 400),
+    (exceptions.PaymentNotFoundError, 404),
+    (exceptions.IdempotencyConflictError, 409),
+    (exceptions.InvalidStateTransitionError, 409),
+    (exceptions.DuplicateTransactionError, 409),
+    (exceptions.PaymentCancelledError, 402),
+    (exceptions.InsufficientFundsError, 402),
+    (exceptions.InvalidPaymentRequestError, 400),
+    (exceptions.PaymentInitiationError, 402),
+    (exceptions.PaymentOutcomeUnknownError, 504),
+    (exceptions.ProviderUnavailableError, 503),
+    (exceptions.PaymentStorageError, 503),
+    (exceptions.PaymentConfigurationError, 500),
     (PaymentError, 502),
 )
 
@@ -57,9 +41,9 @@ def error_response(error: PaymentError) -> JSONResponse:
         return JSONResponse(payment.model_dump(mode="json"), status_code=202)
     status = next(code for kind, code in ERROR_STATUS if isinstance(error, kind))
     body = error.to_dict()
-    if isinstance(error, PaymentConfigurationError):
+    if isinstance(error, exceptions.PaymentConfigurationError):
         body["details"] = {"variable": error.details.get("variable")}
-    if isinstance(error, PaymentValidationError):
+    if isinstance(error, exceptions.PaymentValidationError):
         # One shape for every 422, whether FastAPI or the module found the problem.
         details = {key: value for key, value in body["details"].items() if key != "field"}
         details["errors"] = [{"field": error.field or "", "reason": error.message}]

@@ -156,37 +156,43 @@ class _Snapshot:
 
 def database_families(state: dict[str, Any]) -> list[Metric]:
     """The gauges of ``repository.metrics_state(...)`` as metric families."""
-    in_flight = GaugeMetricFamily(
-        "payments_in_flight",
-        "Payments sent (or about to be) whose answer has not arrived: pending or processing",
-        labels=["operation"],
-    )
-    for operation, count in sorted(state["in_flight"].items()):
-        in_flight.add_metric([operation], count)
-    open_ = GaugeMetricFamily(
-        "payments_open",
-        "Payments whose outcome is still open, by status",
-        labels=["status"],
-    )
-    for status, count in sorted(state["open"].items()):
-        open_.add_metric([status], count)
-    oldest = GaugeMetricFamily(
-        "payments_open_oldest_age_seconds",
-        "Age of the oldest open payment (0 when none is open)",
-        value=state["oldest_open_age_seconds"],
-    )
-    attention = GaugeMetricFamily(
-        "payments_attention_required",
-        "Payments flagged for an operator",
-        value=state["attention_required"],
-    )
-    pending = GaugeMetricFamily(
-        "events_pending",
-        "Payment events with a delivery still to make: to a webhook endpoint, or to the host's"
-        " hooks when its service has hooks",
-        value=state["events_pending"],
-    )
-    return [in_flight, open_, oldest, attention, pending]
+    return [
+        _gauge_by(
+            "payments_in_flight",
+            "Payments sent (or about to be) whose answer has not arrived: pending or processing",
+            "operation",
+            state["in_flight"],
+        ),
+        _gauge_by(
+            "payments_open",
+            "Payments whose outcome is still open, by status",
+            "status",
+            state["open"],
+        ),
+        GaugeMetricFamily(
+            "payments_open_oldest_age_seconds",
+            "Age of the oldest open payment (0 when none is open)",
+            value=state["oldest_open_age_seconds"],
+        ),
+        GaugeMetricFamily(
+            "payments_attention_required",
+            "Payments flagged for an operator",
+            value=state["attention_required"],
+        ),
+        GaugeMetricFamily(
+            "events_pending",
+            "Payment events with a delivery still to make: to a webhook endpoint, or to the host's"
+            " hooks when its service has hooks",
+            value=state["events_pending"],
+        ),
+    ]
+
+
+def _gauge_by(name: str, documentation: str, label: str, counts: dict[str, int]) -> Metric:
+    family = GaugeMetricFamily(name, documentation, labels=[label])
+    for value, count in sorted(counts.items()):
+        family.add_metric([value], count)
+    return family
 
 
 def exposition(state: dict[str, Any]) -> bytes:

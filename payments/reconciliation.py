@@ -30,6 +30,7 @@ from .database import DbSession, SessionSource, as_session_source, committing, r
 from .logger import payment_logger
 from .models import AuditAction, PaymentOperation, PaymentStatus, utcnow
 from .outcomes import Outcome
+from .reports import PassReport
 from .repository import PaymentRecord
 from .retention import PRUNE_EVERY, prune
 from .service import PaymentService
@@ -53,19 +54,13 @@ FLAGGED_POLL_MAX = timedelta(days=1)
 
 
 @dataclass
-class ReconcileReport:
+class ReconcileReport(PassReport):
     examined: int = 0
     settled: int = 0
     unresolved: int = 0
     flagged: int = 0
     errors: int = 0
     settled_ids: list[str] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        return (
-            f"examined={self.examined} settled={self.settled} unresolved={self.unresolved}"
-            f" flagged={self.flagged} errors={self.errors}"
-        )
 
 
 def query_budget(settings: PaymentSettings) -> timedelta:

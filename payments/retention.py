@@ -30,6 +30,7 @@ from .config import PaymentSettings
 from .database import DbSession, committing, run_db
 from .logger import payment_logger
 from .models import PaymentAuditLog, PaymentStatus, PaymentTransaction, PaymentWebhookLog, utcnow
+from .reports import PassReport
 
 SessionSource = Callable[[], AbstractAsyncContextManager[DbSession]]
 
@@ -41,19 +42,12 @@ _OPEN = (PaymentStatus.PENDING, PaymentStatus.PROCESSING, PaymentStatus.UNKNOWN)
 
 
 @dataclass
-class PruneReport:
+class PruneReport(PassReport):
     rejected_notices: int = 0
     processed_notices: int = 0
     audit_rows: int = 0
     #: Rows of ``payment_daily_totals`` folded away (past days' shards into one; no data lost).
     daily_total_rows: int = 0
-
-    def __str__(self) -> str:
-        return (
-            f"rejected_notices={self.rejected_notices}"
-            f" processed_notices={self.processed_notices} audit_rows={self.audit_rows}"
-            f" daily_total_rows={self.daily_total_rows}"
-        )
 
 
 @dataclass(frozen=True)
