@@ -1264,41 +1264,34 @@ def ratios(results: dict[str, Result]) -> tuple[list[str], list[str]]:
         ours = results.get(key)
         if ours is None or "burst_cpu_ms" not in ours.numbers:
             continue
-        cells = []
-        if floor is not None and "burst_cpu_ms" in floor.numbers:
-            ratio = ours.numbers["burst_cpu_ms"] / floor.numbers["burst_cpu_ms"]
-            cells.append(
-                f"**{ratio:.2f}×** ({ours.numbers['burst_cpu_ms']:.2f} /"
-                f" {floor.numbers['burst_cpu_ms']:.2f} ms)"
-            )
-            if key != "demo" and ratio > TARGET_CPU_RATIO:
-                failures.append(f"{ours.label}: CPU {ratio:.2f}× the pass-through's")
-        else:
-            cells.append("—")
-        if bare is not None and "wall" in bare.numbers:
-            ratio = ours.numbers["burst_wall"] / bare.numbers["wall"]
-            cells.append(
-                f"**{ratio:.2f}×** ({ours.numbers['burst_wall']:.2f} /"
-                f" {bare.numbers['wall']:.2f} s)"
-            )
-            if key != "demo" and ratio > TARGET_WALL_RATIO:
-                failures.append(f"{ours.label}: burst wall {ratio:.2f}× the bare client's")
-        else:
-            cells.append("—")
-        if floor is not None and "c2b_cpu_ms" in floor.numbers and "c2b_cpu_ms" in ours.numbers:
-            ratio = ours.numbers["c2b_cpu_ms"] / floor.numbers["c2b_cpu_ms"]
-            cells.append(
-                f"{ratio:.2f}× ({ours.numbers['c2b_cpu_ms']:.2f} /"
-                f" {floor.numbers['c2b_cpu_ms']:.2f} ms)"
-            )
-        else:
-            cells.append("—")
+        checked = key != "demo"
+        cell, cpu = _ratio_cell(ours, "burst_cpu_ms", floor, "burst_cpu_ms", "ms")
+        cells = [cell]
+        if checked and cpu is not None and cpu > TARGET_CPU_RATIO:
+            failures.append(f"{ours.label}: CPU {cpu:.2f}× the pass-through's")
+        cell, wall = _ratio_cell(ours, "burst_wall", bare, "wall", "s")
+        cells.append(cell)
+        if checked and wall is not None and wall > TARGET_WALL_RATIO:
+            failures.append(f"{ours.label}: burst wall {wall:.2f}× the bare client's")
+        cells.append(_ratio_cell(ours, "c2b_cpu_ms", floor, "c2b_cpu_ms", "ms", bold=False)[0])
         added = ours.numbers.get("added_median")
         cells.append("—" if added is None else f"{added:.2f} ms")
-        if key != "demo" and added is not None and added > TARGET_OVERHEAD_MEDIAN_MS:
+        if checked and added is not None and added > TARGET_OVERHEAD_MEDIAN_MS:
             failures.append(f"{ours.label}: added median {added:.2f} ms")
         lines.append(f"| {ours.label} | " + " | ".join(cells) + " |")
     return lines, failures
+
+
+def _ratio_cell(
+    ours: Result, key: str, floor: Result | None, floor_key: str, unit: str, *, bold: bool = True
+) -> tuple[str, float | None]:
+    """``ratio× (ours / floor unit)`` and the ratio, or ``—`` when either figure is missing."""
+    if key not in ours.numbers or floor is None or floor_key not in floor.numbers:
+        return "—", None
+    mine, base = ours.numbers[key], floor.numbers[floor_key]
+    ratio = mine / base
+    shown = f"**{ratio:.2f}×**" if bold else f"{ratio:.2f}×"
+    return f"{shown} ({mine:.2f} / {base:.2f} {unit})", ratio
 
 
 def throughput_beside(results: dict[str, Result], multi: list[Result]) -> list[str]:
