@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from ..models import PaymentDailyTotal, PaymentTransaction
 from ..paging import PageCursor
 from ..schemas import PaymentFilters
+from .filtering import where_equal
 from .record import PaymentRecord
 from .totals import totals_can_count, totals_filtered
 
@@ -25,18 +26,10 @@ def _day_start(day: date) -> datetime:
 
 def _filtered(query: Select[Any], filters: PaymentFilters) -> Select[Any]:
     table = PaymentTransaction
-    if filters.status:
-        query = query.where(table.status == filters.status)
-    if filters.operation:
-        query = query.where(table.operation == filters.operation)
+    query = where_equal(query, table, filters, ("status", "operation"))
     if filters.phone_number is not None:
         query = query.where(table.phone_number == filters.phone_number.digits)
-    if filters.entity_type:
-        query = query.where(table.entity_type == filters.entity_type)
-    if filters.entity_id:
-        query = query.where(table.entity_id == filters.entity_id)
-    if filters.user_id:
-        query = query.where(table.user_id == filters.user_id)
+    query = where_equal(query, table, filters, ("entity_type", "entity_id", "user_id"))
     if filters.attention_required is not None:
         # ``= true`` as a literal: PostgreSQL matches it to the partial index (``IS true`` or a
         # bound parameter would not).

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from ..models import PaymentDailyTotal
 from ..schemas import PaymentFilters
+from .filtering import where_equal
 
 
 def totals_can_count(filters: PaymentFilters) -> bool:
@@ -28,10 +29,7 @@ def totals_can_count(filters: PaymentFilters) -> bool:
 
 def totals_filtered(query: Select[Any], filters: PaymentFilters) -> Select[Any]:
     totals = PaymentDailyTotal
-    if filters.status:
-        query = query.where(totals.status == filters.status)
-    if filters.operation:
-        query = query.where(totals.operation == filters.operation)
+    query = where_equal(query, totals, filters, ("status", "operation"))
     if filters.from_date:
         query = query.where(totals.day >= filters.from_date)
     if filters.to_date:
