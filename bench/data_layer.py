@@ -56,6 +56,9 @@ sys.path.insert(0, str(ROOT))
 from payments import repository as repo  # noqa: E402
 from payments.config import load_settings  # noqa: E402
 from payments.database import create_engine_for  # noqa: E402
+from payments.migrations.payment_003_data_layer import (  # noqa: E402
+    _PG_BACKFILL as DAILY_TOTALS_BACKFILL,  # the migration's own, so the two never differ
+)
 from payments.mpesa.client import ClientConfig, MpesaClient  # noqa: E402
 from payments.router import create_payment_router  # noqa: E402
 from payments.service import PaymentService  # noqa: E402
@@ -164,14 +167,6 @@ SELECT 'c2b',
 FROM payment_transactions p
 WHERE p.id BETWEEN %(first)s AND %(last)s AND p.id %% 5 = 0
 """
-_TOTALS = """
-INSERT INTO payment_daily_totals
-    (day, operation, status, shard, count, amount_cents, flagged, reversed_cents)
-SELECT (created_at AT TIME ZONE 'UTC')::date, operation, status, 0,
-       count(*), sum(round(amount * 100)::bigint), count(*) FILTER (WHERE attention_required),
-       sum(round(reversed_amount * 100)::bigint)
-FROM payment_transactions GROUP BY 1, 2, 3, 4
-"""
 
 
 def seed(url: str, first: int, last: int, start: datetime, end: datetime, now: datetime) -> float:
@@ -187,7 +182,7 @@ def seed(url: str, first: int, last: int, start: datetime, end: datetime, now: d
         connection.execute(_AUDITS, values)
         connection.execute(_NOTICES, values)
         connection.execute("DELETE FROM payment_daily_totals")
-        connection.execute(_TOTALS)
+        connection.execute(DAILY_TOTALS_BACKFILL)
         connection.execute(
             "SELECT setval(pg_get_serial_sequence('payment_transactions', 'id'),"
             " (SELECT max(id) FROM payment_transactions))"
