@@ -247,12 +247,10 @@ async def _settle_one(
         raised = flag and not row.attention_required
         if raised:
             row.attention_required = True
-            repo.add_audit(
+            repo.add_note(
                 session,
-                row.id,
+                row,
                 AuditAction.ATTENTION_REQUIRED,
-                status_before=row.status,
-                status_after=row.status,
                 error_message=f"outcome still unknown after {round(age.total_seconds())} s;"
                 f" last answer: {outcome.status_description}"[:2000],
                 actor="reconciler",

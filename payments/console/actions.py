@@ -36,12 +36,10 @@ async def _audit_action(
     def write(session: Any) -> None:
         row = repo.get(session, transaction_id)
         if row is not None:
-            repo.add_audit(
+            repo.add_note(
                 session,
-                row.id,
+                row,
                 AuditAction.OPERATOR_ACTION,
-                status_before=row.status,
-                status_after=row.status,
                 request_body=body | {"via": "console"},
                 actor=operator.actor,
             )

@@ -33,6 +33,7 @@ from .operator_views import (
 from .payments import (
     add_audit,
     add_audits,
+    add_note,
     audit_entry,
     audit_trail,
     get,
@@ -58,6 +59,7 @@ __all__ = [
     "activity",
     "add_audit",
     "add_audits",
+    "add_note",
     "add_notification",
     "audit_entry",
     "audit_trail",

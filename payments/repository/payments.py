@@ -118,6 +118,11 @@ def add_audit(session: Session, payment_id: int, action: AuditAction, **fields: 
     add_audits(session, [audit_entry(payment_id, action, **fields)])
 
 
+def add_note(session: Session, row: PaymentTransaction, action: AuditAction, **fields: Any) -> None:
+    """An audit row that records something about the payment without changing its status."""
+    add_audit(session, row.id, action, status_before=row.status, status_after=row.status, **fields)
+
+
 def insert_payment(session: Session, values: Mapping[str, Any]) -> PaymentRecord:
     """Insert a payment from its column values (the model's defaults for those left out); the
     hot path, so a plain INSERT."""
