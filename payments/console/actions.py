@@ -28,6 +28,16 @@ from .views import event_view
 ACTIONS = ("refresh", "reverse", "resolve")
 
 
+def _confirmation(
+    request: Request, operator: Operator, action: str, target: str, back: str, **page: Any
+) -> Response:
+    """The page that asks the operator to confirm ``action``: it posts again to ``target`` with
+    ``confirmed=yes``; ``back`` cancels."""
+    return render(
+        request, "confirm.html", operator=operator, action=action, target=target, back=back, **page
+    )
+
+
 async def _audit_action(
     db: DbSession, transaction_id: str, operator: Operator, body: dict[str, Any]
 ) -> None:
@@ -142,15 +152,14 @@ def add_action_routes(
                 if action == "reverse" and not form.get("idempotency_key"):
                     # One key per confirmation: a form sent twice reverses once.
                     form["idempotency_key"] = "console-" + security.secrets.token_urlsafe(18)
-                return render(
+                return _confirmation(
                     request,
-                    "confirm.html",
-                    operator=operator,
-                    action=action,
+                    operator,
+                    action,
+                    detail + "/" + action,
+                    detail,
                     transaction_id=transaction_id[:64],
                     form={k: v for k, v in form.items() if k != security.CSRF_FIELD},
-                    target=detail + "/" + action,
-                    back=detail,
                 )
             return await _run_action(db, payments, operator, transaction_id, action, form)
 
@@ -168,17 +177,17 @@ def add_action_routes(
             if after == "detail":
                 back.url = console_path(request) + "payments/" + event.transaction_id
             if form.get("confirmed") != "yes":
-                return render(
+                target = f"{console_path(request)}events/{event_id}/redeliver"
+                return _confirmation(
                     request,
-                    "confirm.html",
-                    operator=operator,
-                    action="redeliver",
+                    operator,
+                    "redeliver",
+                    target,
+                    back.url,
                     transaction_id=event.transaction_id,
                     event=event_view(event),
                     endpoints=payments.settings.webhook_urls(),
                     form={"back": after},
-                    target=f"{console_path(request)}events/{event_id}/redeliver",
-                    back=back.url,
                 )
             await _audit_action(
                 db,
@@ -203,16 +212,16 @@ def add_action_routes(
         async def act() -> Response | str:
             operator, form = await access.checked_post(request, payments)
             if form.get("confirmed") != "yes":
-                return render(
+                target = f"{back}/{webhook_id}/replay"
+                return _confirmation(
                     request,
-                    "confirm.html",
-                    operator=operator,
-                    action="replay",
+                    operator,
+                    "replay",
+                    target,
+                    back,
                     transaction_id=None,
                     webhook_id=webhook_id,
                     form={},
-                    target=f"{back}/{webhook_id}/replay",
-                    back=back,
                 )
             if not 1 <= webhook_id <= 2**31 - 1:
                 raise PaymentNotFoundError(f"notification {webhook_id} not found")
