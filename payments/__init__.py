@@ -26,6 +26,7 @@ from .logger import payment_logger
 from .models import (
     Base,
     PaymentAuditLog,
+    PaymentNotification,
     PaymentOperation,
     PaymentStatus,
     PaymentTransaction,
@@ -78,6 +79,7 @@ __all__ = [
     "PaymentStorageError",
     "PaymentTransaction",
     "PaymentValidationError",
+    "PaymentNotification",
     "PaymentWebhookLog",
     "PayoutRequest",
     "ProviderUnavailableError",

@@ -238,7 +238,7 @@ class PaymentAuditLog(Base):
     )
 
 
-class PaymentWebhookLog(Base):
+class PaymentNotification(Base):
     """Every inbound notification, stored raw before it is trusted or processed."""
 
     __tablename__ = "payment_webhook_logs"
@@ -266,6 +266,10 @@ class PaymentWebhookLog(Base):
         Index("ix_payment_webhook_logs_is_processed_received_at", "is_processed", "received_at"),
         Index("ix_payment_webhook_logs_transaction_id", "transaction_id"),
     )
+
+
+#: The shipped name of ``PaymentNotification`` (its table keeps it: ``payment_webhook_logs``).
+PaymentWebhookLog = PaymentNotification
 
 
 #: ``payment_event_deliveries.consumer`` of the hooks; a webhook's consumer is its URL.

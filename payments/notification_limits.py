@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from .config import PaymentSettings
 from .database import DATABASE_ERRORS, DbSession, committing, run_db
 from .logger import payment_logger
-from .models import PaymentWebhookLog, utcnow
+from .models import PaymentNotification, utcnow
 from .redaction import sanitize
 
 if TYPE_CHECKING:
@@ -245,8 +245,8 @@ class NotificationGuard:
 def prune_rejected_notifications(session: Session, older_than: Any) -> int:
     """Delete rejected notices received before ``older_than``; the number deleted."""
     result = session.execute(
-        delete(PaymentWebhookLog).where(
-            PaymentWebhookLog.is_valid.is_(False), PaymentWebhookLog.received_at < older_than
+        delete(PaymentNotification).where(
+            PaymentNotification.is_valid.is_(False), PaymentNotification.received_at < older_than
         )
     )
     return int(getattr(result, "rowcount", 0) or 0)

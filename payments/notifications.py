@@ -31,7 +31,7 @@ from .database import DATABASE_ERRORS, DbSession, committing, run_db
 from .exceptions import PaymentError, PaymentNotFoundError, PaymentStorageError
 from .lifecycle import SUCCEEDED, UNSETTLED, UNSUCCESSFUL
 from .logger import payment_logger
-from .models import MAX_ROW_ID, AuditAction, PaymentStatus, PaymentWebhookLog, utcnow
+from .models import MAX_ROW_ID, AuditAction, PaymentNotification, PaymentStatus, utcnow
 from .mpesa.client import ProviderExchange
 from .mpesa.codes import (
     CANCELLED_BY_CUSTOMER,
@@ -190,7 +190,7 @@ class NotificationProcessor:
             rejection = "body is not a JSON object"
         elif rejection is not None and not complete:
             rejection = f"{rejection} (stored cut at {limit} bytes)"
-        notification = PaymentWebhookLog(
+        notification = PaymentNotification(
             source=source,
             raw_body=text,
             headers=stored_headers(

@@ -29,7 +29,7 @@ from . import repository as repo
 from .config import PaymentSettings
 from .database import DbSession, committing, run_db
 from .logger import payment_logger
-from .models import PaymentAuditLog, PaymentStatus, PaymentTransaction, PaymentWebhookLog, utcnow
+from .models import PaymentAuditLog, PaymentNotification, PaymentStatus, PaymentTransaction, utcnow
 from .reports import PassReport
 
 SessionSource = Callable[[], AbstractAsyncContextManager[DbSession]]
@@ -76,12 +76,12 @@ def _delete_batch(session: Session, table: type, where: tuple[object, ...]) -> i
 
 
 def _rejected(cutoff: datetime) -> tuple[object, ...]:
-    notice = PaymentWebhookLog
+    notice = PaymentNotification
     return (notice.is_valid.is_(False), notice.received_at < cutoff)
 
 
 def _processed(cutoff: datetime) -> tuple[object, ...]:
-    notice = PaymentWebhookLog
+    notice = PaymentNotification
     return (
         notice.is_processed.is_(True),
         notice.is_valid.is_(True),
@@ -112,10 +112,12 @@ async def prune(
     cutoffs = Cutoffs.of(settings, now or utcnow())
     report = PruneReport()
     work: list[tuple[str, type, tuple[object, ...]]] = [
-        ("rejected_notices", PaymentWebhookLog, _rejected(cutoffs.rejected_notices))
+        ("rejected_notices", PaymentNotification, _rejected(cutoffs.rejected_notices))
     ]
     if cutoffs.processed_notices is not None:
-        work.append(("processed_notices", PaymentWebhookLog, _processed(cutoffs.processed_notices)))
+        work.append(
+            ("processed_notices", PaymentNotification, _processed(cutoffs.processed_notices))
+        )
     if cutoffs.audit_rows is not None:
         work.append(("audit_rows", PaymentAuditLog, _audit(cutoffs.audit_rows)))
     async with sessions() as db:

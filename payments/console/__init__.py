@@ -46,8 +46,8 @@ from .views import (
     audit_view,
     detail_fields,
     event_view,
+    notification_view,
     payment_row,
-    webhook_view,
 )
 
 __all__ = [
@@ -254,7 +254,7 @@ def create_console_router(
                 fields=detail_fields(record),
                 trail=[audit_view(entry) for entry in trail],
                 reversals=[payment_row(r, now) for r in reversals],
-                webhooks=[webhook_view(w, record.transaction_id) for w in webhooks],
+                webhooks=[notification_view(w, record.transaction_id) for w in webhooks],
                 events=[event_view(event) for event in payment_events],
                 more_events=more_events,
                 runs_hooks=payments.runs_hooks,
@@ -332,7 +332,7 @@ def create_console_router(
             page_no = parse_page(params.get("page"))
             rows, total = await run_db(
                 db,
-                lambda s: repo.console_webhooks(
+                lambda s: repo.console_notifications(
                     s, is_valid=valid, is_processed=processed, page=page_no, per_page=PER_PAGE
                 ),
             )
@@ -345,7 +345,7 @@ def create_console_router(
                 request,
                 "notifications.html",
                 operator=operator,
-                rows=[webhook_view(w, tid) for w, tid in rows],
+                rows=[notification_view(w, tid) for w, tid in rows],
                 total=total,
                 page=page_no,
                 pages=max(1, math.ceil(total / PER_PAGE)),

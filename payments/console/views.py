@@ -165,23 +165,23 @@ def _pretty_json(body: Any) -> str | None:
     return json.dumps(sanitize(body), indent=1, ensure_ascii=False, default=str)[:4000]
 
 
-def webhook_view(webhook: Any, transaction_id: str | None) -> dict[str, Any]:
+def notification_view(notice: Any, transaction_id: str | None) -> dict[str, Any]:
     """A stored M-Pesa notification, with the payment it matched (if any)."""
     return {
-        "id": webhook.id,
-        "source": webhook.source,
-        "received_at": webhook.received_at,
-        "remote_ip": webhook.remote_ip,
-        "is_valid": webhook.is_valid,
-        "validation_error": webhook.validation_error,
-        "is_processed": webhook.is_processed,
-        "processed_at": webhook.processed_at,
-        "processing_error": sanitize_text(webhook.processing_error)
-        if webhook.processing_error
+        "id": notice.id,
+        "source": notice.source,
+        "received_at": notice.received_at,
+        "remote_ip": notice.remote_ip,
+        "is_valid": notice.is_valid,
+        "validation_error": notice.validation_error,
+        "is_processed": notice.is_processed,
+        "processed_at": notice.processed_at,
+        "processing_error": sanitize_text(notice.processing_error)
+        if notice.processing_error
         else None,
-        "attempts": webhook.attempts,
+        "attempts": notice.attempts,
         "transaction_id": transaction_id,
-        "body": sanitize_text(webhook.raw_body)[:2000],
+        "body": sanitize_text(notice.raw_body)[:2000],
     }
 
 

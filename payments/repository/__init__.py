@@ -25,7 +25,7 @@ from .notifications import (
 from .operator_views import (
     OPEN_STATUSES,
     activity,
-    console_webhooks,
+    console_notifications,
     metrics_state,
     payment_detail,
     work_queue,
@@ -68,7 +68,7 @@ __all__ = [
     "compact_daily_totals",
     "console_batch",
     "console_page",
-    "console_webhooks",
+    "console_notifications",
     "count_payments",
     "find_by_provider_reference",
     "get",

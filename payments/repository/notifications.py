@@ -7,10 +7,10 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ..models import PaymentTransaction, PaymentWebhookLog
+from ..models import PaymentNotification, PaymentTransaction
 
 
-def add_notification(session: Session, row: PaymentWebhookLog) -> int:
+def add_notification(session: Session, row: PaymentNotification) -> int:
     session.add(row)
     session.flush()
     return row.id
@@ -18,8 +18,8 @@ def add_notification(session: Session, row: PaymentWebhookLog) -> int:
 
 def get_notification(
     session: Session, notification_id: int, *, for_update: bool = False
-) -> PaymentWebhookLog | None:
-    query = select(PaymentWebhookLog).where(PaymentWebhookLog.id == notification_id)
+) -> PaymentNotification | None:
+    query = select(PaymentNotification).where(PaymentNotification.id == notification_id)
     if for_update:
         query = query.with_for_update()
     return session.scalars(query.execution_options(populate_existing=True)).one_or_none()
@@ -48,14 +48,14 @@ def find_by_provider_reference(
 
 def list_notifications(
     session: Session, *, is_processed: bool | None, page: int, per_page: int
-) -> tuple[list[PaymentWebhookLog], int]:
-    query = select(PaymentWebhookLog)
-    count = select(func.count(PaymentWebhookLog.id))
+) -> tuple[list[PaymentNotification], int]:
+    query = select(PaymentNotification)
+    count = select(func.count(PaymentNotification.id))
     if is_processed is not None:
-        query = query.where(PaymentWebhookLog.is_processed.is_(is_processed))
-        count = count.where(PaymentWebhookLog.is_processed.is_(is_processed))
+        query = query.where(PaymentNotification.is_processed.is_(is_processed))
+        count = count.where(PaymentNotification.is_processed.is_(is_processed))
     total = session.scalar(count) or 0
     rows = session.scalars(
-        query.order_by(PaymentWebhookLog.id.desc()).offset((page - 1) * per_page).limit(per_page)
+        query.order_by(PaymentNotification.id.desc()).offset((page - 1) * per_page).limit(per_page)
     )
     return list(rows), total

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from ..deliveries import pending_events
 from ..lifecycle import IN_FLIGHT, UNSETTLED
-from ..models import PaymentAuditLog, PaymentStatus, PaymentTransaction, PaymentWebhookLog, as_utc
+from ..models import PaymentAuditLog, PaymentNotification, PaymentStatus, PaymentTransaction, as_utc
 from .payments import audit_trail, get, record_of
 from .record import PaymentRecord
 
@@ -129,10 +129,17 @@ def work_queue(
     return [PaymentRecord.of(row) for row in rows], total
 
 
+#: A payment, its audit trail, its reversals and the notifications matched to it.
+PaymentDetail = tuple[
+    PaymentRecord, list[PaymentAuditLog], list[PaymentRecord], list[PaymentNotification]
+]
+
+
 def payment_detail(
     session: Session, transaction_id: str
 ) -> (
-    tuple[PaymentRecord, list[PaymentAuditLog], list[PaymentRecord], list[PaymentWebhookLog]] | None
+    tuple[PaymentRecord, list[PaymentAuditLog], list[PaymentRecord], list[PaymentNotification]]
+    | None
 ):
     """A payment, its audit trail, its reversals and the notifications matched to it."""
     row = get(session, transaction_id)
@@ -145,9 +152,9 @@ def payment_detail(
         .limit(200)
     )
     webhooks = session.scalars(
-        select(PaymentWebhookLog)
-        .where(PaymentWebhookLog.payment_id == row.id)
-        .order_by(PaymentWebhookLog.id)
+        select(PaymentNotification)
+        .where(PaymentNotification.payment_id == row.id)
+        .order_by(PaymentNotification.id)
         .limit(200)
     )
     return (
@@ -158,16 +165,16 @@ def payment_detail(
     )
 
 
-def console_webhooks(
+def console_notifications(
     session: Session,
     *,
     is_valid: bool | None,
     is_processed: bool | None,
     page: int,
     per_page: int,
-) -> tuple[list[tuple[PaymentWebhookLog, str | None]], int]:
+) -> tuple[list[tuple[PaymentNotification, str | None]], int]:
     """Stored notifications, newest first, with the payment each was matched to."""
-    table = PaymentWebhookLog
+    table = PaymentNotification
     conditions = []
     if is_valid is not None:
         conditions.append(table.is_valid.is_(is_valid))
