@@ -100,6 +100,8 @@ UNSETTLED = IN_FLIGHT | {S.UNKNOWN}
 SUCCEEDED = frozenset({S.COMPLETED, S.PARTIALLY_REVERSED, S.REVERSED})
 #: Settled without money moving.
 UNSUCCESSFUL = frozenset({S.FAILED, S.CANCELLED, S.EXPIRED})
+#: A payment that can (still) be reversed, in part or in full.
+REVERSIBLE = frozenset({S.COMPLETED, S.PARTIALLY_REVERSED})
 
 
 def can_transition(current: PaymentStatus, new: PaymentStatus) -> bool:

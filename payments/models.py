@@ -36,6 +36,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from .lifecycle import UNSETTLED
+
 # The statuses and kinds live with the state machine; they are re-exported here, where hosts
 # and older code import them from.
 from .lifecycle import AuditAction as AuditAction
@@ -95,7 +97,7 @@ def _in_values(values: Any) -> str:
 
 
 #: Statuses the reconciler works on (the claim's filter and its partial index's predicate).
-RECONCILABLE = _in_values(("pending", "processing", "unknown"))
+RECONCILABLE = _in_values(sorted(UNSETTLED))
 
 
 class PaymentTransaction(Base):

@@ -19,7 +19,7 @@ from .exceptions import (
     PaymentProviderError,
     PaymentValidationError,
 )
-from .lifecycle import IN_FLIGHT, SUCCEEDED, UNSUCCESSFUL
+from .lifecycle import IN_FLIGHT, REVERSIBLE, SUCCEEDED, UNSUCCESSFUL
 from .logger import payment_logger
 from .models import AuditAction, PaymentOperation, PaymentStatus, utcnow
 from .money_flow import (
@@ -83,7 +83,7 @@ class OperatorActions(MoneyFlow):
                 raise PaymentValidationError(
                     "a reversal cannot be reversed", field="transaction_id"
                 )
-            if PaymentStatus(original.status) not in (S.COMPLETED, S.PARTIALLY_REVERSED):
+            if PaymentStatus(original.status) not in REVERSIBLE:
                 already = original.status == S.REVERSED
                 raise InvalidStateTransitionError(
                     f"{transaction_id} is already fully reversed"

@@ -28,8 +28,9 @@ from sqlalchemy.orm import Session
 from . import repository as repo
 from .config import PaymentSettings
 from .database import DbSession, committing, run_db
+from .lifecycle import UNSETTLED
 from .logger import payment_logger
-from .models import PaymentAuditLog, PaymentNotification, PaymentStatus, PaymentTransaction, utcnow
+from .models import PaymentAuditLog, PaymentNotification, PaymentTransaction, utcnow
 from .reports import PassReport
 
 SessionSource = Callable[[], AbstractAsyncContextManager[DbSession]]
@@ -38,7 +39,7 @@ SessionSource = Callable[[], AbstractAsyncContextManager[DbSession]]
 BATCH_SIZE = 5000
 #: The reconciler's loop prunes at most this often.
 PRUNE_EVERY = timedelta(hours=1)
-_OPEN = (PaymentStatus.PENDING, PaymentStatus.PROCESSING, PaymentStatus.UNKNOWN)
+_OPEN = tuple(sorted(UNSETTLED))
 
 
 @dataclass

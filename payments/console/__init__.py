@@ -28,6 +28,7 @@ from .. import events
 from .. import repository as repo
 from ..database import DbSession, run_db
 from ..exceptions import PaymentNotFoundError
+from ..lifecycle import REVERSIBLE
 from ..models import EventType, PaymentOperation, utcnow
 from ..paging import PageCursor
 from ..redaction import sanitize_text
@@ -259,7 +260,7 @@ def create_console_router(
                 more_events=more_events,
                 runs_hooks=payments.runs_hooks,
                 reversible=reversible,
-                can_reverse=record.status in ("completed", "partially_reversed")
+                can_reverse=record.status in REVERSIBLE
                 and record.operation != "reversal"
                 and reversible > 0,
                 can_resolve=record.operation != "reversal"

@@ -11,15 +11,16 @@ from decimal import Decimal
 from typing import Any
 
 from .. import repository as repo
+from ..lifecycle import IN_FLIGHT, SUCCEEDED, UNSETTLED
 from ..models import utcnow
 from ..mpesa.values import mask_msisdn
 from ..redaction import sanitize, sanitize_text
 from ..schemas import EventResponse
 
 #: Statuses whose outcome is not known yet (the work queue's and the totals' "open").
-OPEN_STATUSES = ("pending", "processing", "unknown")
+OPEN_STATUSES = UNSETTLED
 #: Statuses of a payment whose money moved (whether or not some went back since).
-SUCCEEDED_STATUSES = ("completed", "partially_reversed", "reversed")
+SUCCEEDED_STATUSES = SUCCEEDED
 
 
 def format_money(value: Decimal | int | float | None) -> str:
@@ -78,7 +79,7 @@ def _queue_reason(record: repo.PaymentRecord) -> str:
         return "attention required"
     if record.status == "unknown":
         return "outcome unknown"
-    if record.status in ("pending", "processing"):
+    if record.status in IN_FLIGHT:
         return "stuck in " + record.status
     return ""
 

@@ -11,14 +11,15 @@ from typing import Any
 from sqlalchemy import Select, and_, bindparam, false, literal_column, or_, select, true, update
 from sqlalchemy.orm import Session
 
-from ..models import PaymentStatus, PaymentTransaction, as_utc
+from ..lifecycle import IN_FLIGHT, UNSETTLED
+from ..models import PaymentTransaction, as_utc
 from .payments import transaction_id_of
 from .record import PAYMENTS_TABLE, PaymentRecord
 
 _PAYMENTS = PAYMENTS_TABLE
 _LEASE = update(_PAYMENTS).where(_PAYMENTS.c.id == bindparam("b_pk"))
 #: What the reconciler works on (the partial index ``ix_payment_transactions_reconcile_due``).
-RECONCILABLE_STATUSES = (PaymentStatus.PENDING, PaymentStatus.PROCESSING, PaymentStatus.UNKNOWN)
+RECONCILABLE_STATUSES = tuple(sorted(UNSETTLED))
 
 
 def claim_queries(
@@ -30,7 +31,7 @@ def claim_queries(
 ) -> tuple[Select[Any], Select[Any]]:
     """The claim's two statements: never-polled payments by id, then due ones by due time."""
     table = PaymentTransaction
-    in_flight = table.status.in_([PaymentStatus.PENDING, PaymentStatus.PROCESSING])
+    in_flight = table.status.in_(sorted(IN_FLIGHT))
     call_over = (
         or_(
             *(
