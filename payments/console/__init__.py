@@ -28,7 +28,7 @@ from .. import events
 from .. import repository as repo
 from ..database import DbSession, run_db
 from ..exceptions import PaymentNotFoundError
-from ..lifecycle import REVERSIBLE
+from ..lifecycle import REVERSIBLE, SUCCEEDED, UNSETTLED
 from ..models import EventType, PaymentOperation, utcnow
 from ..paging import PageCursor
 from ..redaction import sanitize_text
@@ -42,8 +42,6 @@ from .rendering import TEMPLATES, render, run_page
 from .signin import add_sign_in_routes
 from .totals import chart_series, period_totals
 from .views import (
-    OPEN_STATUSES,
-    SUCCEEDED_STATUSES,
     audit_view,
     detail_fields,
     event_view,
@@ -245,7 +243,7 @@ def create_console_router(
             reversible = (
                 record.amount
                 - record.reversed_amount
-                - sum((r.amount for r in reversals if r.status in OPEN_STATUSES), Decimal("0"))
+                - sum((r.amount for r in reversals if r.status in UNSETTLED), Decimal("0"))
             )
             return render(
                 request,
@@ -265,9 +263,9 @@ def create_console_router(
                 and reversible > 0,
                 can_resolve=record.operation != "reversal"
                 and (
-                    record.status in OPEN_STATUSES
+                    record.status in UNSETTLED
                     or record.attention_required
-                    or (record.status in SUCCEEDED_STATUSES and not record.provider_transaction_id)
+                    or (record.status in SUCCEEDED and not record.provider_transaction_id)
                 ),
                 notice=request.query_params.get("done"),
                 failure=request.query_params.get("failed"),

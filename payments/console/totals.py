@@ -5,7 +5,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from .views import OPEN_STATUSES, SUCCEEDED_STATUSES
+from ..lifecycle import SUCCEEDED, UNSETTLED
 
 
 def chart_series(
@@ -18,8 +18,8 @@ def chart_series(
             continue
         bucket = buckets.setdefault(start, [0, 0, 0])
         bucket[0] += count
-        bucket[1] += count if status in SUCCEEDED_STATUSES else 0
-        bucket[2] += count if status not in OPEN_STATUSES else 0
+        bucket[1] += count if status in SUCCEEDED else 0
+        bucket[2] += count if status not in UNSETTLED else 0
     return [(start, *values) for start, values in sorted(buckets.items())]  # type: ignore[misc]
 
 
@@ -37,8 +37,8 @@ def period_totals(rows: list[tuple[str, str, int, Decimal]]) -> dict[str, Any]:
             c, a = bucket.get(key, (0, Decimal("0")))
             bucket[key] = (c + count, a + amount)
     payments = [row for row in rows if row[1] != "reversal"]
-    succeeded = sum(r[2] for r in payments if r[0] in SUCCEEDED_STATUSES)
-    settled = sum(r[2] for r in payments if r[0] not in OPEN_STATUSES)
+    succeeded = sum(r[2] for r in payments if r[0] in SUCCEEDED)
+    settled = sum(r[2] for r in payments if r[0] not in UNSETTLED)
     return {
         "cells": cells,
         "statuses": statuses,
@@ -47,7 +47,7 @@ def period_totals(rows: list[tuple[str, str, int, Decimal]]) -> dict[str, Any]:
         "count": sum(r[2] for r in payments),
         "amount": sum((r[3] for r in payments), Decimal("0")),
         "completed_amount": sum(
-            (r[3] for r in payments if r[0] in SUCCEEDED_STATUSES),
+            (r[3] for r in payments if r[0] in SUCCEEDED),
             Decimal("0"),
         ),
         "reversals": sum(r[2] for r in rows if r[1] == "reversal"),

@@ -11,16 +11,11 @@ from decimal import Decimal
 from typing import Any
 
 from .. import repository as repo
-from ..lifecycle import IN_FLIGHT, SUCCEEDED, UNSETTLED
+from ..lifecycle import IN_FLIGHT
 from ..models import utcnow
 from ..mpesa.values import mask_msisdn
 from ..redaction import sanitize, sanitize_text
 from ..schemas import EventResponse
-
-#: Statuses whose outcome is not known yet (the work queue's and the totals' "open").
-OPEN_STATUSES = UNSETTLED
-#: Statuses of a payment whose money moved (whether or not some went back since).
-SUCCEEDED_STATUSES = SUCCEEDED
 
 
 def format_money(value: Decimal | int | float | None) -> str:
