@@ -480,7 +480,7 @@ async def test_a_dependency_holding_a_session_keeps_a_connection_through_the_pin
 
     async def connections_during_the_pin(auth: Any) -> int:
         settings = load_settings(mpesa_environment="simulator")
-        simulator = MpesaSimulator(SimulatorConfig(pin_delay_seconds=1.0))
+        simulator = MpesaSimulator(SimulatorConfig(pin_delay_seconds=2.0))
         client = MpesaClient(
             ClientConfig.from_settings(settings), transport=SimulatorTransport(simulator)
         )
@@ -496,7 +496,14 @@ async def test_a_dependency_holding_a_session_keeps_a_connection_through_the_pin
                         "/api/payments/initiate", json={"phone_number": SUCCESS, "amount": 10}
                     )
                 )
-                await asyncio.sleep(0.5)  # the customer is typing the PIN
+                # Sample once the request is with the provider: the customer is typing the PIN.
+                # (Waiting for the call rather than a fixed time: on a loaded machine the
+                # request can take longer than any fixed sleep to get there.)
+                for _ in range(500):
+                    if simulator.calls("c2b"):
+                        break
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.05)
                 during = engine.pool.checkedout()
                 assert (await paying).status_code == 200
             return during
