@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from .deliveries import (
@@ -70,6 +69,7 @@ from .models import (
     utcnow,
 )
 from .repository import PaymentRecord
+from .repository.statements import RowInsert
 from .webhooks import iso, payload, sign, signing_key, webhook_headers
 
 __all__ = [
@@ -110,8 +110,8 @@ __all__ = [
     "webhook_headers",
 ]
 
-_INSERT_EVENT = insert(PaymentEvent.__table__)
-_INSERT_DELIVERY = insert(PaymentEventDelivery.__table__)
+_INSERT_EVENT = RowInsert(PaymentEvent.__table__)
+_INSERT_DELIVERY = RowInsert(PaymentEventDelivery.__table__)
 
 #: The event id of the hook call in progress (``None`` outside one). Hooks that keep the old
 #: signature read it; hooks that declare an ``event_id`` parameter get it as a keyword.
@@ -250,9 +250,8 @@ def add_events(
             delivery_row(event_id, ConsumerKind.WEBHOOK, url, now) for url in sink.webhook_urls
         ]
         written.append(WrittenEvent(event_id, event_type.value, has_hook))
-    session.execute(_INSERT_EVENT, events)
-    if deliveries:
-        session.execute(_INSERT_DELIVERY, deliveries)
+    _INSERT_EVENT.many(session, events)
+    _INSERT_DELIVERY.many(session, deliveries)
     return written
 
 

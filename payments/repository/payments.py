@@ -8,28 +8,22 @@ from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
 from ..lifecycle import UNSETTLED
 from ..models import AuditAction, PaymentAuditLog, PaymentTransaction, utcnow
 from .record import PAYMENTS_TABLE, PaymentRecord, with_defaults
+from .statements import GuardedUpdate, RowInsert
 
 _PAYMENTS = PAYMENTS_TABLE
 _AUDIT_LOGS = PaymentAuditLog.__table__
-# Built once: the hot path's statements, with every value passed as a parameter, so SQLAlchemy
-# compiles each of them once instead of per payment.
-_INSERT_PAYMENT = insert(_PAYMENTS)
-_INSERT_AUDIT = insert(_AUDIT_LOGS)
+# Built once: the hot path's statements (see statements.py).
+_INSERT_PAYMENT = RowInsert(_PAYMENTS)
+_INSERT_AUDIT = RowInsert(_AUDIT_LOGS)
+_GUARDED_UPDATE = GuardedUpdate(_PAYMENTS)
 _LOCK_PAYMENT = select(_PAYMENTS).where(_PAYMENTS.c.id == bindparam("b_pk")).with_for_update()
-#: Parameters name the columns to set.
-_GUARDED_UPDATE = update(_PAYMENTS).where(
-    _PAYMENTS.c.id == bindparam("b_pk"),
-    _PAYMENTS.c.version == bindparam("b_version"),
-    # The status too: a hand-made UPDATE (an operator's SQL) may not bump the version.
-    _PAYMENTS.c.status == bindparam("b_status"),
-)
 
 
 def get(
@@ -109,9 +103,8 @@ def audit_entry(
 
 
 def add_audits(session: Session, entries: Sequence[dict[str, Any]]) -> None:
-    """Append audit rows (plain INSERTs: the trail is append-only, nothing to track)."""
-    if entries:
-        session.execute(_INSERT_AUDIT, list(entries))
+    """Append audit rows (one INSERT: the trail is append-only, nothing to track)."""
+    _INSERT_AUDIT.many(session, entries)
 
 
 def add_audit(session: Session, payment_id: int, action: AuditAction, **fields: Any) -> None:
@@ -127,8 +120,7 @@ def insert_payment(session: Session, values: Mapping[str, Any]) -> PaymentRecord
     """Insert a payment from its column values (the model's defaults for those left out); the
     hot path, so a plain INSERT."""
     row = with_defaults(values)
-    result = session.execute(_INSERT_PAYMENT, row)
-    pk = result.inserted_primary_key[0] if result.inserted_primary_key else None
+    pk = _INSERT_PAYMENT.one(session, row)
     return PaymentRecord.from_columns(
         {**row, "id": pk}, transaction_id_of(session, row["original_id"])
     )
@@ -148,17 +140,10 @@ def update_payment(
 ) -> None:
     """Write ``changes`` if nobody changed the payment since it was read (at
     ``expected_version``, in ``expected_status``); else ``StaleDataError``."""
-    result = session.execute(
-        _GUARDED_UPDATE,
-        {
-            **changes,
-            "version": expected_version + 1,
-            "b_pk": pk,
-            "b_version": expected_version,
-            "b_status": expected_status,
-        },
+    changed = _GUARDED_UPDATE.run(
+        session, pk, expected_version, expected_status, {**changes, "version": expected_version + 1}
     )
-    if result.rowcount != 1:
+    if changed != 1:
         raise StaleDataError(f"payment {pk} changed concurrently")
 
 

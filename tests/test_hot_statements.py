@@ -1,0 +1,216 @@
+"""The money path's INSERTs and guarded UPDATE (``repository/statements.py``): on SQLite they run
+on the driver and write exactly the rows SQLAlchemy writes; on a payment they are the only
+statements that bypass SQLAlchemy, and SQLAlchemy still sees the rest."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, event, insert, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from payments import repository as repo
+from payments.config import load_settings
+from payments.database import ModuleDatabase, create_sync_sqlite_engine
+from payments.events import EventSink, add_events
+from payments.lifecycle import EventType
+from payments.models import (
+    AuditAction,
+    Base,
+    PaymentAuditLog,
+    PaymentEvent,
+    PaymentEventDelivery,
+    PaymentTransaction,
+)
+from payments.repository.record import with_defaults
+from payments.repository.statements import GuardedUpdate, RowInsert
+from payments.schemas import PaymentInitiateRequest
+from payments.service import PaymentService
+
+MOMENT = datetime(2026, 12, 3, 14, 5, 6, 789012, tzinfo=UTC)
+
+
+def _engine(path: Path) -> Engine:
+    engine = create_sync_sqlite_engine(f"sqlite:///{path}")
+    Base.metadata.create_all(engine)
+    return engine
+
+
+def _rows(path: Path, table: str) -> list[tuple[Any, ...]]:
+    """Every stored value with its SQLite storage class, as the file holds it."""
+    with sqlite3.connect(path) as connection:
+        names = [row[1] for row in connection.execute(f"PRAGMA table_info({table})")]
+        columns = ", ".join(f"{name}, typeof({name})" for name in names)
+        return connection.execute(f"SELECT {columns} FROM {table} ORDER BY 1").fetchall()
+
+
+def _payment_values(transaction_id: str) -> dict[str, Any]:
+    return with_defaults(
+        {
+            "transaction_id": transaction_id,
+            "operation": "c2b",
+            "status": "processing",
+            "amount": Decimal("1234.50"),
+            "phone_number": "258841234567",
+            "third_party_reference": "A1B2C3D4E5F6A7B8C9D0",
+            "transaction_reference": "ORDER-1",
+            "metadata": {"order": 17, "note": "ção"},
+            "request_fingerprint": "f" * 64,
+            "created_at": MOMENT,
+            "updated_at": MOMENT,
+        }
+    )
+
+
+def _write_every_kind(session: Session, *, driver: bool) -> None:
+    """One payment, its audit rows, an event with a delivery, and a guarded update: through the
+    driver (``RowInsert``/``GuardedUpdate``) or through SQLAlchemy Core."""
+    payments = PaymentTransaction.__table__
+    if driver:
+        pk = RowInsert(payments).one(session, _payment_values("TXN-1"))
+    else:
+        pk = session.execute(insert(payments), _payment_values("TXN-1")).inserted_primary_key[0]
+    audits = [
+        repo.audit_entry(pk, AuditAction.INITIATED, status_after="processing", actor="alice"),
+        repo.audit_entry(
+            pk, AuditAction.API_RESPONSE, response_body={"code": "INS-0"}, response_time_ms=12.6
+        ),
+    ]
+    for entry in audits:
+        entry["created_at"] = MOMENT
+    event_row = {
+        "id": "evt_1",
+        "type": "payment.completed",
+        "transaction_id": "TXN-1",
+        "data": {"amount": "1234.50", "flags": [True, None]},
+        "created_at": MOMENT,
+    }
+    delivery = {
+        "event_id": "evt_1",
+        "kind": "webhook",
+        "consumer": "https://shop.example/hooks",
+        "status": "pending",
+        "attempts": 0,
+        "next_attempt_at": MOMENT,
+        "last_attempt_at": None,
+        "delivered_at": None,
+        "last_status_code": None,
+        "last_error": None,
+        "created_at": MOMENT,
+    }
+    changes = {
+        "status": "completed",
+        "provider_transaction_id": "ABC123",
+        "reversed_amount": Decimal("0.10"),
+        "attention_required": True,
+        "updated_at": MOMENT,
+        "version": 2,
+    }
+    if driver:
+        RowInsert(PaymentAuditLog.__table__).many(session, audits)
+        RowInsert(PaymentEvent.__table__).many(session, [event_row])
+        RowInsert(PaymentEventDelivery.__table__).many(session, [delivery])
+        assert GuardedUpdate(payments).run(session, pk, 1, "processing", changes) == 1
+        assert GuardedUpdate(payments).run(session, pk, 1, "processing", changes) == 0  # stale
+    else:
+        session.execute(insert(PaymentAuditLog.__table__), audits)
+        session.execute(insert(PaymentEvent.__table__), [event_row])
+        session.execute(insert(PaymentEventDelivery.__table__), [delivery])
+        session.execute(update(payments).where(payments.c.id == pk), changes)
+    session.commit()
+
+
+def test_the_driver_writes_the_rows_sqlalchemy_writes(tmp_path: Path) -> None:
+    written = {}
+    for driver in (True, False):
+        path = tmp_path / f"{'driver' if driver else 'core'}.db"
+        engine = _engine(path)
+        try:
+            with sessionmaker(engine)() as session:
+                _write_every_kind(session, driver=driver)
+        finally:
+            engine.dispose()
+        written[driver] = {
+            table: _rows(path, table)
+            for table in (
+                "payment_transactions",
+                "payment_audit_logs",
+                "payment_events",
+                "payment_event_deliveries",
+                "payment_daily_totals",
+            )
+        }
+    assert written[True] == written[False]
+    assert written[True]["payment_transactions"]  # something was compared
+    assert written[True]["payment_daily_totals"]  # the triggers ran on the driver's rows too
+
+
+def test_a_rollback_takes_the_drivers_rows_back(tmp_path: Path) -> None:
+    """The driver's statements are in the session's transaction, not committed on their own."""
+    engine = _engine(tmp_path / "p.db")
+    try:
+        with sessionmaker(engine)() as session:
+            RowInsert(PaymentTransaction.__table__).one(session, _payment_values("TXN-9"))
+            session.rollback()
+            assert repo.get(session, "TXN-9") is None
+    finally:
+        engine.dispose()
+    assert _rows(tmp_path / "p.db", "payment_transactions") == []
+
+
+async def test_a_payment_on_sqlite_sends_its_writes_to_the_driver(tmp_path: Path) -> None:
+    """A C2B payment's INSERTs and UPDATE reach SQLite without SQLAlchemy's execution (which cost
+    as much CPU as SQLite itself); nothing else changes: the row is complete and read back."""
+    database = ModuleDatabase(f"sqlite:///{tmp_path}/p.db")
+    await database.create_all(Base.metadata)
+    through_sqlalchemy: list[str] = []
+    assert database.sync_engine is not None
+
+    @event.listens_for(database.sync_engine, "before_cursor_execute")
+    def seen(*args: Any) -> None:
+        through_sqlalchemy.append(args[2].split()[0].upper())
+
+    service = PaymentService(load_settings(mpesa_environment="simulator"))
+    try:
+        async with database.session() as db:
+            payment = await service.initiate_payment(
+                request=PaymentInitiateRequest(phone_number="841234567", amount="10"), db=db
+            )
+    finally:
+        await service.aclose()
+        await database.dispose()
+    assert payment.status == "completed"
+    assert not {"INSERT", "UPDATE"} & set(through_sqlalchemy), through_sqlalchemy
+    stored = _rows(tmp_path / "p.db", "payment_transactions")
+    assert len(stored) == 1 and "completed" in stored[0]
+    assert len(_rows(tmp_path / "p.db", "payment_audit_logs")) >= 3
+    assert len(_rows(tmp_path / "p.db", "payment_events")) == 1
+
+
+@pytest.mark.parametrize("driver", [True, False])
+def test_events_written_either_way_read_back_alike(tmp_path: Path, driver: bool) -> None:
+    engine = _engine(tmp_path / "p.db")
+    try:
+        with sessionmaker(engine)() as session:
+            if driver:
+                pk = RowInsert(PaymentTransaction.__table__).one(session, _payment_values("T-1"))
+            else:
+                pk = repo.insert_payment(session, _payment_values("T-1")).id
+            record = repo.record_of(session, repo.get_by_id(session, pk))
+            written = add_events(
+                session,
+                record,
+                [EventType.PAYMENT_COMPLETED],
+                EventSink(webhook_urls=("https://a.example/h",)),
+            )
+            session.commit()
+            stored = session.get(PaymentEvent, written[0].id)
+            assert stored is not None and stored.data["transaction_id"] == "T-1"
+            assert stored.created_at is not None
+    finally:
+        engine.dispose()
