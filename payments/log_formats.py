@@ -1,5 +1,6 @@
 """How the payment logger turns a record into a line: the text and JSON formatters (each line
-sanitised after it is formatted), and the filter that masks other libraries' records."""
+sanitised after it is formatted, unless the payment logger built it from sanitised parts), and
+the filter that masks other libraries' records."""
 
 from __future__ import annotations
 
@@ -15,6 +16,21 @@ TEXT_FORMAT = "%(asctime)s - PAYMENT - %(levelname)s - %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 _LINE = "_payments_line"
+#: Set by ``PaymentLogger``: the line it composed from sanitised parts (see ``composed_clean``).
+COMPOSED = "payment_line"
+
+
+def composed_clean(record: logging.LogRecord) -> bool:
+    """Whether ``record`` is still what the payment logger composed from sanitised parts (its
+    message and each field masked on their own): no arguments, no traceback or stack, and a
+    message nobody replaced since. Sanitising its line again would find nothing to mask."""
+    return (
+        record.__dict__.get(COMPOSED) is record.msg
+        and not record.args
+        and not record.exc_info
+        and not record.exc_text
+        and not record.stack_info
+    )
 
 
 def _formatted_once(
@@ -39,7 +55,8 @@ class SanitizingFormatter(logging.Formatter):
         return _formatted_once(self, record, lambda: self._sanitized(record))
 
     def _sanitized(self, record: logging.LogRecord) -> str:
-        return sanitize_text(super().format(record))
+        line = super().format(record)
+        return line if composed_clean(record) else sanitize_text(line)
 
 
 _JSON_RESERVED = frozenset({"timestamp", "level", "logger", "message", "exception", "stack"})
@@ -78,7 +95,8 @@ class JsonLinesFormatter(logging.Formatter):
             payload["exception"] = record.exc_text
         if record.stack_info:
             payload["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(sanitize(payload), ensure_ascii=False, default=_json_default)
+        clean = payload if composed_clean(record) else sanitize(payload)
+        return json.dumps(clean, ensure_ascii=False, default=_json_default)
 
 
 def formatted_lines(handler: logging.Handler, records: list[logging.LogRecord]) -> list[str]:

@@ -33,14 +33,15 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .exceptions import PaymentConfigurationError
-from .log_formats import DATE_FORMAT as DATE_FORMAT
-from .log_formats import TEXT_FORMAT as TEXT_FORMAT
 from .log_formats import (
+    COMPOSED,
     JsonLinesFormatter,
     SanitizingFilter,
     SanitizingFormatter,
     formatted_lines,
 )
+from .log_formats import DATE_FORMAT as DATE_FORMAT
+from .log_formats import TEXT_FORMAT as TEXT_FORMAT
 from .log_writer import LogWriter
 from .redaction import MASK, is_secret_key, register_secret, sanitize, sanitize_text
 
@@ -468,7 +469,11 @@ class PaymentLogger:
             line,
             exc_info=exc_info,  # type: ignore[arg-type]
             stacklevel=3,  # the caller of info()/api_request()/..., not this module
-            extra={"payment_fields": {**extra_fields, **clean}, "payment_message": text},
+            extra={
+                "payment_fields": {**extra_fields, **clean},
+                "payment_message": text,
+                COMPOSED: line,
+            },
         )
 
 

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Mapping
 from datetime import date, datetime, time
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 from urllib.parse import quote
 
@@ -79,6 +80,7 @@ class _SecretRegistry:
             self.shortest = min(len(item) for item in self._values)
             ordered = sorted(self._values, key=len, reverse=True)
             self._pattern = re.compile("|".join(re.escape(item) for item in ordered))
+        _clean_key.cache_clear()  # a key cleaned before may hold the new secret
 
     def redact(self, text: str) -> str:
         pattern = self._pattern  # one read: a concurrent add() swaps in a new pattern whole
@@ -95,9 +97,17 @@ def register_secret(value: str) -> None:
     _secrets.add(value)
 
 
+@lru_cache(maxsize=4096)
 def is_secret_key(key: str) -> bool:
     """Whether a field or header name looks secret (``api_key``, ``Authorization``, …)."""
     return _SECRET_KEY_WORD.search(key) is not None
+
+
+@lru_cache(maxsize=4096)
+def _clean_key(key: str) -> tuple[str, bool]:
+    """A mapping's key, sanitised, and whether its value is secret. Cached: the same few field
+    names come by on every payment (and the cache is cleared when a secret is registered)."""
+    return sanitize_text(key), is_secret_key(key)
 
 
 def _masked_msisdn(match: re.Match[str]) -> str:
@@ -176,14 +186,14 @@ def sanitize(value: Any) -> Any:
     if isinstance(value, datetime | date | time):
         return value.isoformat()
     if isinstance(value, Mapping):
-        return {
-            sanitize(key): (
-                MASK
-                if isinstance(key, str) and is_secret_key(key) and item is not None
-                else sanitize(item)
-            )
-            for key, item in value.items()
-        }
+        clean: dict[Any, Any] = {}
+        for key, item in value.items():
+            if isinstance(key, str):
+                name, secret = _clean_key(key)
+                clean[name] = MASK if secret and item is not None else sanitize(item)
+            else:
+                clean[sanitize(key)] = sanitize(item)
+        return clean
     if isinstance(value, list):
         return [sanitize(item) for item in value]
     if isinstance(value, tuple):

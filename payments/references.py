@@ -20,10 +20,21 @@ _REFERENCE_ALPHABET = string.ascii_uppercase + string.digits
 _NOT_ALNUM = re.compile(r"[^A-Za-z0-9]")
 
 
+_SUFFIX_LENGTH = 8
+_SUFFIXES = len(_REFERENCE_ALPHABET) ** _SUFFIX_LENGTH
+
+
 def new_transaction_id(now: datetime | None = None) -> str:
     """``TXN-20250115123456-ABC12345``."""
     stamp = (now or utcnow()).strftime("%Y%m%d%H%M%S")
-    return f"TXN-{stamp}-{''.join(secrets.choice(_REFERENCE_ALPHABET) for _ in range(8))}"
+    # One draw for the whole suffix: a choice per character reads the system's randomness
+    # (a system call) eight times per payment.
+    number = secrets.randbelow(_SUFFIXES)
+    suffix = []
+    for _ in range(_SUFFIX_LENGTH):
+        number, digit = divmod(number, len(_REFERENCE_ALPHABET))
+        suffix.append(_REFERENCE_ALPHABET[digit])
+    return f"TXN-{stamp}-{''.join(suffix)}"
 
 
 def third_party_reference_for(operation: str, idempotency_key: str | None, secret: str) -> str:

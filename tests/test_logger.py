@@ -438,6 +438,47 @@ def test_records_are_sanitised_before_any_handler_sees_them(tmp_path: Path) -> N
     assert record.funcName == "test_records_are_sanitised_before_any_handler_sees_them"
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_composed_line_is_not_sanitised_a_second_time(
+    tmp_path: Path, log_format: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The payment logger masks the message and each field as it builds the record; the writer
+    does not scan the finished line again (four lines per payment, each a few regex passes)."""
+    from payments import log_formats
+
+    configure_logging(
+        log_dir=str(tmp_path), log_format=log_format, console=False, clock=fixed_clock()
+    )
+    scans: list[str] = []
+    original = log_formats.sanitize_text
+    monkeypatch.setattr(log_formats, "sanitize_text", lambda t: scans.append(t) or original(t))
+    monkeypatch.setattr(log_formats, "sanitize", lambda v: scans.append(repr(v)) or sanitize(v))
+    payment_logger.info(f"paid by {FULL}", phone=FULL, api_key="k-123456")
+    shutdown_logging()
+    content = written(tmp_path)
+    assert FULL not in content and "k-123456" not in content and MASKED in content
+    assert scans == []
+
+
+def test_a_record_changed_after_it_was_composed_is_sanitised_again(tmp_path: Path) -> None:
+    """A filter (the host's, say) that rewrites the message makes the line unknown again."""
+
+    class Rewrite(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.msg = f"rewritten with {FULL}"
+            return True
+
+    configure_logging(log_dir=str(tmp_path), console=False, clock=fixed_clock())
+    rewrite = Rewrite()
+    payment_logger.logger.addFilter(rewrite)
+    try:
+        payment_logger.info("paid")
+    finally:
+        payment_logger.logger.removeFilter(rewrite)
+    shutdown_logging()
+    assert rests(written(tmp_path)) == [f"rewritten with {MASKED}"]
+
+
 # --------------------------------------------------------------------------------------------------
 # JSON lines
 # --------------------------------------------------------------------------------------------------
