@@ -214,3 +214,37 @@ def test_events_written_either_way_read_back_alike(tmp_path: Path, driver: bool)
             assert stored.created_at is not None
     finally:
         engine.dispose()
+
+
+def test_the_drivers_errors_are_raised_as_sqlalchemys(tmp_path: Path) -> None:
+    """Callers catch SQLAlchemy's errors: a key used before must be its IntegrityError."""
+    from sqlalchemy.exc import IntegrityError
+
+    engine = _engine(tmp_path / "p.db")
+    try:
+        with sessionmaker(engine)() as session:
+            insert_row = RowInsert(PaymentTransaction.__table__)
+            insert_row.one(session, _payment_values("TXN-1"))
+            with pytest.raises(IntegrityError, match="UNIQUE"):
+                insert_row.one(session, _payment_values("TXN-1"))
+    finally:
+        engine.dispose()
+
+
+async def test_a_replayed_key_on_the_modules_sqlite_gets_the_first_payment(tmp_path: Path) -> None:
+    """The intent's INSERT fails on the key's unique constraint, and that is how a replay is
+    found (no lookup first): the driver's error must reach the service as SQLAlchemy's."""
+    database = ModuleDatabase(f"sqlite:///{tmp_path}/p.db")
+    await database.create_all(Base.metadata)
+    service = PaymentService(load_settings(mpesa_environment="simulator"))
+    body = {"phone_number": "841234567", "amount": "10", "idempotency_key": "order-7"}
+    try:
+        async with database.session() as db:
+            first = await service.initiate_payment(request=PaymentInitiateRequest(**body), db=db)
+        async with database.session() as db:
+            again = await service.initiate_payment(request=PaymentInitiateRequest(**body), db=db)
+    finally:
+        await service.aclose()
+        await database.dispose()
+    assert again.transaction_id == first.transaction_id
+    assert len(_rows(tmp_path / "p.db", "payment_transactions")) == 1

@@ -9,11 +9,13 @@ SQLite itself. On any other database they are ordinary Core statements on the se
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Connection, Table, bindparam, insert, update
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 #: The columns whose values need converting, by position: (index, the type's bind processor).
@@ -28,6 +30,19 @@ def _driver_connection(session: Session) -> tuple[Connection, Any | None]:
     if dialect.name == "sqlite" and dialect.driver == "pysqlite":
         return connection, connection.connection.driver_connection
     return connection, None
+
+
+@contextmanager
+def _as_sqlalchemy_errors(connection: Connection, sql: str, values: Any) -> Iterator[None]:
+    """The driver's errors as SQLAlchemy raises them (``IntegrityError`` for a key used before,
+    ``OperationalError`` for a locked file, …), which is what callers catch."""
+    dbapi_error = connection.dialect.loaded_dbapi.Error
+    try:
+        yield
+    except dbapi_error as error:
+        raise DBAPIError.instance(
+            sql, values, error, dbapi_error, dialect=connection.dialect
+        ) from error
 
 
 def _processors(table: Table, names: Sequence[str], dialect: Dialect) -> _Processors:
@@ -62,7 +77,9 @@ class RowInsert:
             result = connection.execute(self.statement, dict(row))
             return result.inserted_primary_key[0] if result.inserted_primary_key else None
         sql, processors = self._for(connection)
-        cursor = driver.execute(sql, _converted(row, self.names, processors))
+        values = _converted(row, self.names, processors)
+        with _as_sqlalchemy_errors(connection, sql, values):
+            cursor = driver.execute(sql, values)
         return cursor.lastrowid if len(self.names) < len(self.table.columns) else None
 
     def many(self, session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -73,7 +90,9 @@ class RowInsert:
             connection.execute(self.statement, [dict(row) for row in rows])
             return
         sql, processors = self._for(connection)
-        driver.executemany(sql, [_converted(row, self.names, processors) for row in rows])
+        values = [_converted(row, self.names, processors) for row in rows]
+        with _as_sqlalchemy_errors(connection, sql, values):
+            driver.executemany(sql, values)
 
     def _for(self, connection: Connection) -> tuple[str, _Processors]:
         if self._prepared is None:
@@ -139,7 +158,8 @@ class GuardedUpdate:
         keys = {"id": pk, "version": expected_version, "status": expected_status}
         values = _converted(changes, names, processors)
         values += _converted(keys, ("id", "version", "status"), self._key_processors)
-        return driver.execute(sql, values).rowcount
+        with _as_sqlalchemy_errors(connection, sql, values):
+            return int(driver.execute(sql, values).rowcount)
 
 
 def _is_int(column: Any) -> bool:
