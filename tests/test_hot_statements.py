@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, insert, update
+from sqlalchemy import Engine, event, func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from payments import repository as repo
 from payments.config import load_settings
-from payments.database import ModuleDatabase, create_sync_sqlite_engine
+from payments.database import ModuleDatabase, create_sync_sqlite_engine, run_db
 from payments.events import EventSink, add_events
 from payments.lifecycle import EventType
 from payments.models import (
@@ -57,7 +57,7 @@ def _payment_values(transaction_id: str) -> dict[str, Any]:
             "status": "processing",
             "amount": Decimal("1234.50"),
             "phone_number": "258841234567",
-            "third_party_reference": "A1B2C3D4E5F6A7B8C9D0",
+            "third_party_reference": f"REF{transaction_id}",
             "transaction_reference": "ORDER-1",
             "metadata": {"order": 17, "note": "ção"},
             "request_fingerprint": "f" * 64,
@@ -163,15 +163,16 @@ def test_a_rollback_takes_the_drivers_rows_back(tmp_path: Path) -> None:
     assert _rows(tmp_path / "p.db", "payment_transactions") == []
 
 
-async def test_a_payment_on_sqlite_sends_its_writes_to_the_driver(tmp_path: Path) -> None:
-    """A C2B payment's INSERTs and UPDATE reach SQLite without SQLAlchemy's execution (which cost
-    as much CPU as SQLite itself); nothing else changes: the row is complete and read back."""
-    database = ModuleDatabase(f"sqlite:///{tmp_path}/p.db")
+async def test_a_payment_sends_its_writes_to_the_driver(database_url: str) -> None:
+    """A C2B payment's INSERTs and UPDATE reach the driver without SQLAlchemy's execution (which
+    cost as much CPU as SQLite itself); the payment, its audit trail and its event are whole."""
+    database = ModuleDatabase(database_url)
     await database.create_all(Base.metadata)
     through_sqlalchemy: list[str] = []
-    assert database.sync_engine is not None
+    engine = database.sync_engine or (database.async_engine and database.async_engine.sync_engine)
+    assert engine is not None
 
-    @event.listens_for(database.sync_engine, "before_cursor_execute")
+    @event.listens_for(engine, "before_cursor_execute")
     def seen(*args: Any) -> None:
         through_sqlalchemy.append(args[2].split()[0].upper())
 
@@ -181,15 +182,19 @@ async def test_a_payment_on_sqlite_sends_its_writes_to_the_driver(tmp_path: Path
             payment = await service.initiate_payment(
                 request=PaymentInitiateRequest(phone_number="841234567", amount="10"), db=db
             )
+            record = await run_db(db, lambda s: repo.get(s, payment.transaction_id))
+            trail = await run_db(db, lambda s: repo.audit_trail(s, record.id) if record else [])
+            events = await run_db(db, lambda s: s.scalars(select(PaymentEvent)).all())
     finally:
         await service.aclose()
         await database.dispose()
     assert payment.status == "completed"
     assert not {"INSERT", "UPDATE"} & set(through_sqlalchemy), through_sqlalchemy
-    stored = _rows(tmp_path / "p.db", "payment_transactions")
-    assert len(stored) == 1 and "completed" in stored[0]
-    assert len(_rows(tmp_path / "p.db", "payment_audit_logs")) >= 3
-    assert len(_rows(tmp_path / "p.db", "payment_events")) == 1
+    assert record is not None and record.status == "completed" and record.version == 2
+    assert record.amount == Decimal("10.00") and record.provider_transaction_id
+    assert [a.action for a in trail][:1] == ["initiated"] and len(trail) >= 3
+    assert [e.type for e in events] == ["payment.completed"]
+    assert events[0].data["transaction_id"] == payment.transaction_id
 
 
 @pytest.mark.parametrize("driver", [True, False])
@@ -231,10 +236,10 @@ def test_the_drivers_errors_are_raised_as_sqlalchemys(tmp_path: Path) -> None:
         engine.dispose()
 
 
-async def test_a_replayed_key_on_the_modules_sqlite_gets_the_first_payment(tmp_path: Path) -> None:
+async def test_a_replayed_key_gets_the_first_payment(database_url: str) -> None:
     """The intent's INSERT fails on the key's unique constraint, and that is how a replay is
     found (no lookup first): the driver's error must reach the service as SQLAlchemy's."""
-    database = ModuleDatabase(f"sqlite:///{tmp_path}/p.db")
+    database = ModuleDatabase(database_url)
     await database.create_all(Base.metadata)
     service = PaymentService(load_settings(mpesa_environment="simulator"))
     body = {"phone_number": "841234567", "amount": "10", "idempotency_key": "order-7"}
@@ -243,8 +248,51 @@ async def test_a_replayed_key_on_the_modules_sqlite_gets_the_first_payment(tmp_p
             first = await service.initiate_payment(request=PaymentInitiateRequest(**body), db=db)
         async with database.session() as db:
             again = await service.initiate_payment(request=PaymentInitiateRequest(**body), db=db)
+            count = await run_db(db, lambda s: s.scalar(select(func.count(PaymentTransaction.id))))
     finally:
         await service.aclose()
         await database.dispose()
     assert again.transaction_id == first.transaction_id
-    assert len(_rows(tmp_path / "p.db", "payment_transactions")) == 1
+    assert count == 1
+
+
+async def test_either_way_the_database_holds_the_same_values(database_url: str) -> None:
+    """On SQLite and on PostgreSQL: a payment inserted and updated through the driver reads back
+    exactly like one written by SQLAlchemy Core (every column but its keys)."""
+    database = ModuleDatabase(database_url)
+    await database.create_all(Base.metadata)
+    payments = PaymentTransaction.__table__
+    changes = {"status": "completed", "provider_transaction_id": None, "updated_at": MOMENT}
+
+    def write(session: Session) -> list[dict[str, Any]]:
+        driver_pk = RowInsert(payments).one(session, _payment_values("TXN-D"))
+        assert (
+            GuardedUpdate(payments).run(
+                session,
+                driver_pk,
+                1,
+                "processing",
+                changes | {"provider_transaction_id": "P-D", "version": 2},
+            )
+            == 1
+        )
+        core_pk = session.execute(insert(payments), _payment_values("TXN-C")).inserted_primary_key[
+            0
+        ]
+        session.execute(
+            update(payments).where(payments.c.id == core_pk),
+            changes | {"provider_transaction_id": "P-C", "version": 2},
+        )
+        session.commit()
+        rows = session.execute(select(payments).order_by(payments.c.id)).mappings().all()
+        ignored = {"id", "transaction_id", "provider_transaction_id", "third_party_reference"}
+        return [{k: v for k, v in row.items() if k not in ignored} for row in rows]
+
+    try:
+        async with database.session() as db:
+            driver_row, core_row = await run_db(db, write)
+    finally:
+        await database.dispose()
+    assert driver_row == core_row
+    assert driver_row["metadata"] == {"order": 17, "note": "ção"}
+    assert driver_row["amount"] == Decimal("1234.50") and driver_row["status"] == "completed"

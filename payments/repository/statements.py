@@ -1,127 +1,166 @@
-"""The money path's INSERTs and version-guarded UPDATE, run once per payment.
+"""The money path's INSERTs and version-guarded UPDATE, run once or twice per payment.
 
-On SQLite (the stdlib driver) they go to the driver itself, inside the session's transaction:
-SQL built once per table, each value converted by its column type's own bind processor, so the
-rows are byte for byte what SQLAlchemy would write. That skips SQLAlchemy's execution machinery
-(compiled-cache lookup, execution context, result set), which cost as much CPU per statement as
-SQLite itself. On any other database they are ordinary Core statements on the session.
+On the module's two drivers (the stdlib ``sqlite3``, and asyncpg through SQLAlchemy's adapter)
+they go to the driver's cursor, inside the session's transaction: the SQL is SQLAlchemy's own,
+compiled once per dialect and set of columns, and each value is converted by its type's own bind
+processor, so the rows are exactly what SQLAlchemy writes. That skips SQLAlchemy's execution
+machinery (compiled-cache lookup, execution context, result set), which cost as much CPU per
+statement as SQLite itself. Errors are raised as SQLAlchemy raises them. On any other driver
+they are ordinary Core statements on the session.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Table, bindparam, insert, update
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import ValuesBase
+from sqlalchemy.sql.elements import ClauseElement
 
-#: The columns whose values need converting, by position: (index, the type's bind processor).
-_Processors = tuple[tuple[int, Callable[[Any], Any]], ...]
+#: Drivers whose cursor takes SQLAlchemy's compiled SQL as it is (positional parameters).
+_DIRECT_DRIVERS = {("sqlite", "pysqlite"), ("postgresql", "asyncpg")}
 
 
-def _driver_connection(session: Session) -> tuple[Connection, Any | None]:
-    """The session's connection (its transaction begun), and the stdlib ``sqlite3`` connection
-    under it when that is what it is."""
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    sql: str
+    #: The parameters' names, in the order the SQL takes them.
+    order: tuple[str, ...]
+    #: The parameters that need converting, by position: (index, the type's bind processor).
+    processors: tuple[tuple[int, Callable[[Any], Any]], ...]
+
+    @classmethod
+    def of(cls, statement: ClauseElement, dialect: Dialect, names: Sequence[str]) -> _Compiled:
+        compiled = statement.compile(dialect=dialect, column_keys=list(names))
+        order = tuple(compiled.positiontup or ())
+        found = [
+            compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
+            for name in order
+        ]
+        processors = tuple((i, process) for i, process in enumerate(found) if process is not None)
+        return cls(compiled.string, order, processors)
+
+    def values(self, parameters: Mapping[str, Any]) -> list[Any]:
+        """The parameters in the SQL's order, converted (``KeyError`` if one is missing: say an
+        ``onupdate`` column the caller left to SQLAlchemy; the caller then lets Core run it)."""
+        values = [parameters[name] for name in self.order]
+        for index, process in self.processors:
+            values[index] = process(values[index])
+        return values
+
+
+def _direct(session: Session) -> tuple[Connection, bool]:
+    """The session's connection (its transaction begun), and whether its driver is one of ours."""
     connection = session.connection()
     dialect = connection.dialect
-    if dialect.name == "sqlite" and dialect.driver == "pysqlite":
-        return connection, connection.connection.driver_connection
-    return connection, None
+    return connection, (dialect.name, dialect.driver) in _DIRECT_DRIVERS
 
 
 @contextmanager
-def _as_sqlalchemy_errors(connection: Connection, sql: str, values: Any) -> Iterator[None]:
-    """The driver's errors as SQLAlchemy raises them (``IntegrityError`` for a key used before,
-    ``OperationalError`` for a locked file, …), which is what callers catch."""
+def _cursor(connection: Connection, sql: str, values: Any) -> Iterator[Any]:
+    """A cursor of the connection's driver; its errors raised as SQLAlchemy raises them
+    (``IntegrityError`` for a key used before, ``OperationalError`` for a locked file, …)."""
     dbapi_error = connection.dialect.loaded_dbapi.Error
+    cursor = connection.connection.cursor()
     try:
-        yield
+        yield cursor
     except dbapi_error as error:
         raise DBAPIError.instance(
             sql, values, error, dbapi_error, dialect=connection.dialect
         ) from error
+    finally:
+        cursor.close()
 
 
-def _processors(table: Table, names: Sequence[str], dialect: Dialect) -> _Processors:
-    found = [table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names]
-    return tuple((index, process) for index, process in enumerate(found) if process is not None)
+class _Shapes:
+    """Compiled forms of one statement, per dialect and set of columns (a handful occur)."""
 
+    def __init__(self, statement: ClauseElement) -> None:
+        self.statement = statement
+        self._compiled: dict[tuple[str, tuple[str, ...]], _Compiled] = {}
 
-def _converted(row: Mapping[str, Any], names: Sequence[str], processors: _Processors) -> list[Any]:
-    values = [row[name] for name in names]
-    for index, process in processors:
-        values[index] = process(values[index])
-    return values
+    def get(self, dialect: Dialect, names: tuple[str, ...]) -> _Compiled:
+        key = (dialect.name, names)
+        found = self._compiled.get(key)
+        if found is None:
+            found = self._compiled[key] = _Compiled.of(self.statement, dialect, names)
+        return found
 
 
 class RowInsert:
-    """``INSERT INTO table`` of complete rows: every column but an autoincrement key."""
+    """``INSERT INTO table`` of complete rows (every column but an autoincrement key)."""
 
     def __init__(self, table: Table) -> None:
-        self.table = table
-        self.statement = insert(table)
-        self.names = tuple(
-            column.name
-            for column in table.columns
-            if not (column.primary_key and column.autoincrement is not False and _is_int(column))
+        self.statement: ValuesBase = insert(table)
+        autoincrement = table.autoincrement_column
+        self.key = autoincrement.name if autoincrement is not None else None
+        self.names = tuple(c.name for c in table.columns if c.name != self.key)
+        self._rows = _Shapes(self.statement)
+        self._row_with_key = _Shapes(
+            self.statement.returning(table.c[self.key]) if self.key else self.statement
         )
-        self._prepared: tuple[str, _Processors] | None = None
 
     def one(self, session: Session, row: Mapping[str, Any]) -> Any:
-        """Insert one row; its new primary key (an autoincrement one, else ``None``)."""
-        connection, driver = _driver_connection(session)
-        if driver is None:
+        """Insert one row; its new autoincrement key (``None`` for a table without one)."""
+        connection, direct = _direct(session)
+        if not direct:
             result = connection.execute(self.statement, dict(row))
-            return result.inserted_primary_key[0] if result.inserted_primary_key else None
-        sql, processors = self._for(connection)
-        values = _converted(row, self.names, processors)
-        with _as_sqlalchemy_errors(connection, sql, values):
-            cursor = driver.execute(sql, values)
-        return cursor.lastrowid if len(self.names) < len(self.table.columns) else None
+            return result.inserted_primary_key[0] if self.key else None
+        dialect = connection.dialect
+        # SQLite reports the new key itself; PostgreSQL returns it.
+        returning = self.key is not None and dialect.name != "sqlite"
+        compiled = (self._row_with_key if returning else self._rows).get(dialect, self.names)
+        try:
+            values = compiled.values(row)
+        except KeyError:
+            result = connection.execute(self.statement, dict(row))
+            return result.inserted_primary_key[0] if self.key else None
+        with _cursor(connection, compiled.sql, values) as cursor:
+            cursor.execute(compiled.sql, values)
+            if self.key is None:
+                return None
+            return cursor.fetchone()[0] if returning else cursor.lastrowid
 
     def many(self, session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows:
             return
-        connection, driver = _driver_connection(session)
-        if driver is None:
+        connection, direct = _direct(session)
+        if not direct:
             connection.execute(self.statement, [dict(row) for row in rows])
             return
-        sql, processors = self._for(connection)
-        values = [_converted(row, self.names, processors) for row in rows]
-        with _as_sqlalchemy_errors(connection, sql, values):
-            driver.executemany(sql, values)
+        compiled = self._rows.get(connection.dialect, self.names)
+        try:
+            values = [compiled.values(row) for row in rows]
+        except KeyError:
+            connection.execute(self.statement, [dict(row) for row in rows])
+            return
+        with _cursor(connection, compiled.sql, values) as cursor:
+            cursor.executemany(compiled.sql, values)
 
-    def _for(self, connection: Connection) -> tuple[str, _Processors]:
-        if self._prepared is None:
-            dialect = connection.dialect
-            quote = dialect.identifier_preparer.quote
-            sql = (
-                f"INSERT INTO {dialect.identifier_preparer.format_table(self.table)}"
-                f" ({', '.join(quote(name) for name in self.names)})"
-                f" VALUES ({', '.join('?' for _ in self.names)})"
-            )
-            self._prepared = sql, _processors(self.table, self.names, dialect)
-        return self._prepared
+
+#: The guard's parameters (the row's key, and the version and status it was read at).
+_GUARD = ("b_pk", "b_version", "b_status")
 
 
 class GuardedUpdate:
-    """``UPDATE table SET … WHERE id = ? AND version = ? AND status = ?``: the new values, if
-    nobody changed the row since it was read. ``run`` answers how many rows it changed."""
+    """``UPDATE table SET … WHERE id = :b_pk AND version = :b_version AND status = :b_status``:
+    the new values, if nobody changed the row since it was read. ``run`` answers how many rows
+    it changed (1, or 0 when the row moved on)."""
 
     def __init__(self, table: Table) -> None:
-        self.table = table
         self.statement = update(table).where(
             table.c.id == bindparam("b_pk"),
             table.c.version == bindparam("b_version"),
             # The status too: a hand-made UPDATE (an operator's SQL) may not bump the version.
             table.c.status == bindparam("b_status"),
         )
-        #: Per set of columns: the SQL and its columns' processors (a handful of shapes occur).
-        self._shapes: dict[tuple[str, ...], tuple[str, _Processors]] = {}
-        self._key_processors: _Processors | None = None
+        self._shapes = _Shapes(self.statement)
 
     def run(
         self,
@@ -131,39 +170,20 @@ class GuardedUpdate:
         expected_status: str,
         changes: Mapping[str, Any],
     ) -> int:
-        connection, driver = _driver_connection(session)
-        if driver is None:
-            parameters = {
-                **changes,
-                "b_pk": pk,
-                "b_version": expected_version,
-                "b_status": expected_status,
-            }
-            return connection.execute(self.statement, parameters).rowcount
-        names = tuple(changes)
-        shape = self._shapes.get(names)
-        if shape is None:
-            preparer = connection.dialect.identifier_preparer
-            assignments = ", ".join(f"{preparer.quote(name)} = ?" for name in names)
-            sql = (
-                f"UPDATE {preparer.format_table(self.table)} SET {assignments}"
-                " WHERE id = ? AND version = ? AND status = ?"
-            )
-            shape = self._shapes[names] = (sql, _processors(self.table, names, connection.dialect))
-        sql, processors = shape
-        if self._key_processors is None:
-            self._key_processors = _processors(
-                self.table, ("id", "version", "status"), connection.dialect
-            )
-        keys = {"id": pk, "version": expected_version, "status": expected_status}
-        values = _converted(changes, names, processors)
-        values += _converted(keys, ("id", "version", "status"), self._key_processors)
-        with _as_sqlalchemy_errors(connection, sql, values):
-            return int(driver.execute(sql, values).rowcount)
-
-
-def _is_int(column: Any) -> bool:
-    try:
-        return column.type.python_type is int
-    except NotImplementedError:
-        return False
+        parameters = {
+            **changes,
+            "b_pk": pk,
+            "b_version": expected_version,
+            "b_status": expected_status,
+        }
+        connection, direct = _direct(session)
+        compiled = self._shapes.get(connection.dialect, tuple(changes)) if direct else None
+        try:
+            values = compiled.values(parameters) if compiled is not None else None
+        except KeyError:
+            values = None
+        if compiled is None or values is None:
+            return int(connection.execute(self.statement, parameters).rowcount)
+        with _cursor(connection, compiled.sql, values) as cursor:
+            cursor.execute(compiled.sql, values)
+            return int(cursor.rowcount)
