@@ -12,6 +12,7 @@ import weakref
 from collections.abc import AsyncIterable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete
@@ -76,6 +77,12 @@ def parse_address(text: str | None) -> str | None:
     normalised; anything else → ``None``."""
     if text is None:
         return None
+    return _parsed_address(text)
+
+
+@lru_cache(maxsize=4096)
+def _parsed_address(text: str) -> str | None:
+    """Cached: the same few peers (a proxy, the shop's own servers) send most requests."""
     text = text.strip().strip('"')
     if text.startswith("["):
         closing = text.find("]")
