@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, MetaData, QueuePool, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError, UnboundExecutionError
+from sqlalchemy.exc import DisconnectionError, SQLAlchemyError, UnboundExecutionError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.util.concurrency import await_
 
 from .exceptions import PaymentConfigurationError
 
@@ -107,9 +108,25 @@ def create_engine_for(
 
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    return create_async_engine(
-        async_url, echo=echo, pool_size=pool_size, max_overflow=0, pool_pre_ping=pre_ping
-    )
+    if make_url(async_url).drivername != "postgresql+asyncpg":
+        return create_async_engine(
+            async_url, echo=echo, pool_size=pool_size, max_overflow=0, pool_pre_ping=pre_ping
+        )
+    engine = create_async_engine(async_url, echo=echo, pool_size=pool_size, max_overflow=0)
+    if pre_ping:
+        event.listen(engine.sync_engine, "checkout", ping_on_checkout)
+    return engine
+
+
+def ping_on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """``pool_pre_ping`` in one round trip (asyncpg): one simple query on the connection leaving
+    the pool, where SQLAlchemy's own ping makes three (BEGIN, the query, ROLLBACK), twice per
+    payment. A dead connection raises ``DisconnectionError``: the pool discards it and checks
+    out another (a fresh connection after a server restart), as with ``pool_pre_ping``."""
+    try:
+        await_(dbapi_connection.driver_connection.execute("SELECT 1"))
+    except Exception as error:
+        raise DisconnectionError(f"the pooled connection is dead: {error!r}") from error
 
 
 def create_sync_sqlite_engine(url: str, *, pool_size: int = 10) -> Engine:

@@ -141,7 +141,13 @@ class RowInsert:
             connection.execute(self.statement, [dict(row) for row in rows])
             return
         with _cursor(connection, compiled.sql, values) as cursor:
-            cursor.executemany(compiled.sql, values)
+            if connection.dialect.name == "sqlite":
+                cursor.executemany(compiled.sql, values)
+            else:
+                # asyncpg: its executemany costs more than a few runs of the prepared statement
+                # (the rows here are one to three: an event, its deliveries, the audit rows).
+                for row in values:
+                    cursor.execute(compiled.sql, row)
 
 
 #: The guard's parameters (the row's key, and the version and status it was read at).
