@@ -29,9 +29,11 @@ MIN_SECRET_LENGTH = 4
 #: never a piece of a longer run of digits.
 #: Digits may be spaced or dashed (``+258 84 333 0999``, ``84-333-0999``), as ``Msisdn`` accepts.
 _SEP = r"[\s\-().]*+"
+#: Not inside a word: the digits of an ID (a hex ConversationID such as ``…baf879820204bb4f``)
+#: are no phone number, and masking them would corrupt the provider's evidence.
 _MSISDN = re.compile(
-    rf"(?<![0-9])(?:(?:(?:\+|00){_SEP})?2{_SEP}5{_SEP}8{_SEP}(?P<full>8(?:{_SEP}[0-9]){{8}})"
-    rf"|(?P<local>8{_SEP}[2-7](?:{_SEP}[0-9]){{7}}))(?![0-9])"
+    rf"(?<![0-9A-Za-z_])(?:(?:(?:\+|00){_SEP})?2{_SEP}5{_SEP}8{_SEP}(?P<full>8(?:{_SEP}[0-9]){{8}})"
+    rf"|(?P<local>8{_SEP}[2-7](?:{_SEP}[0-9]){{7}}))(?![0-9A-Za-z_])"
 )
 _NOT_DIGIT = re.compile(r"[^0-9]")
 _BEARER = re.compile(r"\b(?P<scheme>bearer)\s+[A-Za-z0-9\-._~+/]+=*", re.IGNORECASE)

@@ -577,6 +577,21 @@ def test_sanitize_text_leaves_other_numbers_alone() -> None:
     assert sanitize_text(sanitize_text(f"x {FULL}")) == f"x {MASKED}"
 
 
+def test_digits_inside_an_id_are_not_a_phone_number() -> None:
+    """M-Pesa's IDs are evidence: a hex ConversationID whose digits happen to read like a phone
+    number (``879820204``) is kept whole, in text and in an audit body; a number beside
+    punctuation is still masked."""
+    conversation_id = "76a90673d6d6e428baf879820204bb4f"
+    assert sanitize_text(conversation_id) == conversation_id
+    assert sanitize({"input_QueryReference": conversation_id}) == {
+        "input_QueryReference": conversation_id
+    }
+    assert sanitize_text(f"AG_20180206_{FULL}") == f"AG_20180206_{FULL}"  # one word with digits
+    assert sanitize_text(f"({FULL}), tel:{FULL}; {FULL}.") == (
+        f"({MASKED}), tel:{MASKED}; {MASKED}."
+    )
+
+
 def test_sanitize_text_is_linear_on_hostile_input() -> None:
     # ~20k characters each: a few milliseconds when linear, many seconds if a regex backtracks.
     hostile = [

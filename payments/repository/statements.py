@@ -55,11 +55,23 @@ class _Compiled:
         return values
 
 
+#: ``Session.info`` key: the connection of the session's current transaction (see ``_direct``).
+_CURRENT = "payments_statements_connection"
+
+
 def _direct(session: Session) -> tuple[Connection, bool]:
-    """The session's connection (its transaction begun), and whether its driver is one of ours."""
+    """The session's connection (its transaction begun), and whether its driver is one of ours.
+    Kept for the rest of the transaction: ``Session.connection()`` costs more than a statement's
+    own Python on the driver, and a payment's transaction asks three or four times."""
+    transaction = session.get_transaction()
+    kept = session.info.get(_CURRENT)
+    if transaction is not None and kept is not None and kept[0] is transaction:
+        return kept[1], kept[2]
     connection = session.connection()
     dialect = connection.dialect
-    return connection, (dialect.name, dialect.driver) in _DIRECT_DRIVERS
+    direct = (dialect.name, dialect.driver) in _DIRECT_DRIVERS
+    session.info[_CURRENT] = (session.get_transaction(), connection, direct)
+    return connection, direct
 
 
 @contextmanager
