@@ -296,3 +296,37 @@ async def test_either_way_the_database_holds_the_same_values(database_url: str) 
     assert driver_row == core_row
     assert driver_row["metadata"] == {"order": 17, "note": "ção"}
     assert driver_row["amount"] == Decimal("1234.50") and driver_row["status"] == "completed"
+
+
+async def test_pending_orm_rows_go_in_before_the_drivers(database_url: str) -> None:
+    """As ``Session.execute`` autoflushes: a delivery written on the driver may reference an
+    event the session holds as a pending ORM object (the foreign key needs it there first)."""
+    database = ModuleDatabase(database_url)
+    await database.create_all(Base.metadata)
+    delivery = {
+        "event_id": "evt_pending",
+        "kind": "webhook",
+        "consumer": "https://shop.example/hooks",
+        "status": "pending",
+        "attempts": 0,
+        "next_attempt_at": MOMENT,
+        "last_attempt_at": None,
+        "delivered_at": None,
+        "last_status_code": None,
+        "last_error": None,
+        "created_at": MOMENT,
+    }
+
+    def write(session: Session) -> int:
+        session.add(
+            PaymentEvent(id="evt_pending", type="payment.completed", transaction_id="T-1", data={})
+        )
+        RowInsert(PaymentEventDelivery.__table__).many(session, [delivery])
+        session.commit()
+        return len(session.scalars(select(PaymentEventDelivery)).all())
+
+    try:
+        async with database.session() as db:
+            assert await run_db(db, write) == 1
+    finally:
+        await database.dispose()

@@ -63,6 +63,8 @@ def _direct(session: Session) -> tuple[Connection, bool]:
     """The session's connection (its transaction begun), and whether its driver is one of ours.
     Kept for the rest of the transaction: ``Session.connection()`` costs more than a statement's
     own Python on the driver, and a payment's transaction asks three or four times."""
+    if session.autoflush and (session.new or session.dirty or session.deleted):
+        session.flush()  # what Session.execute does first: pending ORM rows go in before ours
     transaction = session.get_transaction()
     kept = session.info.get(_CURRENT)
     if transaction is not None and kept is not None and kept[0] is transaction:
@@ -122,7 +124,7 @@ class RowInsert:
         """Insert one row; its new autoincrement key (``None`` for a table without one)."""
         connection, direct = _direct(session)
         if not direct:
-            result = connection.execute(self.statement, dict(row))
+            result = session.execute(self.statement, dict(row))
             return result.inserted_primary_key[0] if self.key else None
         dialect = connection.dialect
         # SQLite reports the new key itself; PostgreSQL returns it.
@@ -131,7 +133,7 @@ class RowInsert:
         try:
             values = compiled.values(row)
         except KeyError:
-            result = connection.execute(self.statement, dict(row))
+            result = session.execute(self.statement, dict(row))
             return result.inserted_primary_key[0] if self.key else None
         with _cursor(connection, compiled.sql, values) as cursor:
             cursor.execute(compiled.sql, values)
@@ -144,13 +146,13 @@ class RowInsert:
             return
         connection, direct = _direct(session)
         if not direct:
-            connection.execute(self.statement, [dict(row) for row in rows])
+            session.execute(self.statement, [dict(row) for row in rows])
             return
         compiled = self._rows.get(connection.dialect, self.names)
         try:
             values = [compiled.values(row) for row in rows]
         except KeyError:
-            connection.execute(self.statement, [dict(row) for row in rows])
+            session.execute(self.statement, [dict(row) for row in rows])
             return
         with _cursor(connection, compiled.sql, values) as cursor:
             if connection.dialect.name == "sqlite":
@@ -201,7 +203,8 @@ class GuardedUpdate:
         except KeyError:
             values = None
         if compiled is None or values is None:
-            return int(connection.execute(self.statement, parameters).rowcount)
+            result = session.execute(self.statement, parameters)
+            return int(result.rowcount)  # type: ignore[attr-defined]
         with _cursor(connection, compiled.sql, values) as cursor:
             cursor.execute(compiled.sql, values)
             return int(cursor.rowcount)
