@@ -17,8 +17,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from payments import repository as repo
 from payments.config import load_settings
 from payments.database import ModuleDatabase, create_sync_sqlite_engine, run_db
+from payments.deliveries import delivery_row
 from payments.events import EventSink, add_events
-from payments.lifecycle import EventType
+from payments.lifecycle import ConsumerKind, EventType
 from payments.models import (
     AuditAction,
     Base,
@@ -90,19 +91,7 @@ def _write_every_kind(session: Session, *, driver: bool) -> None:
         "data": {"amount": "1234.50", "flags": [True, None]},
         "created_at": MOMENT,
     }
-    delivery = {
-        "event_id": "evt_1",
-        "kind": "webhook",
-        "consumer": "https://shop.example/hooks",
-        "status": "pending",
-        "attempts": 0,
-        "next_attempt_at": MOMENT,
-        "last_attempt_at": None,
-        "delivered_at": None,
-        "last_status_code": None,
-        "last_error": None,
-        "created_at": MOMENT,
-    }
+    delivery = delivery_row("evt_1", ConsumerKind.WEBHOOK, "https://shop.example/hooks", MOMENT)
     changes = {
         "status": "completed",
         "provider_transaction_id": "ABC123",
@@ -303,19 +292,9 @@ async def test_pending_orm_rows_go_in_before_the_drivers(database_url: str) -> N
     event the session holds as a pending ORM object (the foreign key needs it there first)."""
     database = ModuleDatabase(database_url)
     await database.create_all(Base.metadata)
-    delivery = {
-        "event_id": "evt_pending",
-        "kind": "webhook",
-        "consumer": "https://shop.example/hooks",
-        "status": "pending",
-        "attempts": 0,
-        "next_attempt_at": MOMENT,
-        "last_attempt_at": None,
-        "delivered_at": None,
-        "last_status_code": None,
-        "last_error": None,
-        "created_at": MOMENT,
-    }
+    delivery = delivery_row(
+        "evt_pending", ConsumerKind.WEBHOOK, "https://shop.example/hooks", MOMENT
+    )
 
     def write(session: Session) -> int:
         session.add(
