@@ -309,3 +309,23 @@ async def test_pending_orm_rows_go_in_before_the_drivers(database_url: str) -> N
             assert await run_db(db, write) == 1
     finally:
         await database.dispose()
+
+
+def test_a_value_left_to_sqlalchemy_is_written_by_core(tmp_path: Path) -> None:
+    """An UPDATE without ``updated_at`` leaves it to the column's ``onupdate``: the driver's SQL
+    would lack the value, so Core runs the statement and SQLAlchemy fills it in."""
+    engine = _engine(tmp_path / "p.db")
+    payments = PaymentTransaction.__table__
+    try:
+        with sessionmaker(engine)() as session:
+            pk = RowInsert(payments).one(session, _payment_values("TXN-1"))
+            changed = GuardedUpdate(payments).run(
+                session, pk, 1, "processing", {"status": "completed", "version": 2}
+            )
+            session.commit()
+            row = session.execute(select(payments).where(payments.c.id == pk)).mappings().one()
+    finally:
+        engine.dispose()
+    assert changed == 1
+    assert row["status"] == "completed" and row["version"] == 2
+    assert row["updated_at"].replace(tzinfo=UTC) > MOMENT

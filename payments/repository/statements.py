@@ -46,13 +46,19 @@ class _Compiled:
         processors = tuple((i, process) for i, process in enumerate(found) if process is not None)
         return cls(compiled.string, order, processors)
 
-    def values(self, parameters: Mapping[str, Any]) -> list[Any]:
-        """The parameters in the SQL's order, converted (``KeyError`` if one is missing: say an
-        ``onupdate`` column the caller left to SQLAlchemy; the caller then lets Core run it)."""
-        values = [parameters[name] for name in self.order]
-        for index, process in self.processors:
-            values[index] = process(values[index])
-        return values
+    def values(self, *parameter_sets: Mapping[str, Any]) -> list[list[Any]] | None:
+        """Each set of parameters in the SQL's order, converted; ``None`` if one lacks a value
+        (say an ``onupdate`` column the caller left to SQLAlchemy: Core then runs it)."""
+        rows = []
+        for parameters in parameter_sets:
+            try:
+                values = [parameters[name] for name in self.order]
+            except KeyError:
+                return None
+            for index, process in self.processors:
+                values[index] = process(values[index])
+            rows.append(values)
+        return rows
 
 
 #: ``Session.info`` key: the connection of the session's current transaction (see ``_direct``).
@@ -123,20 +129,16 @@ class RowInsert:
     def one(self, session: Session, row: Mapping[str, Any]) -> Any:
         """Insert one row; its new autoincrement key (``None`` for a table without one)."""
         connection, direct = _direct(session)
-        if not direct:
-            result = session.execute(self.statement, dict(row))
-            return result.inserted_primary_key[0] if self.key else None
-        dialect = connection.dialect
         # SQLite reports the new key itself; PostgreSQL returns it.
-        returning = self.key is not None and dialect.name != "sqlite"
-        compiled = (self._row_with_key if returning else self._rows).get(dialect, self.names)
-        try:
-            values = compiled.values(row)
-        except KeyError:
+        returning = self.key is not None and connection.dialect.name != "sqlite"
+        shapes = self._row_with_key if returning else self._rows
+        compiled = shapes.get(connection.dialect, self.names) if direct else None
+        values = compiled.values(row) if compiled is not None else None
+        if compiled is None or values is None:
             result = session.execute(self.statement, dict(row))
             return result.inserted_primary_key[0] if self.key else None
         with _cursor(connection, compiled.sql, values) as cursor:
-            cursor.execute(compiled.sql, values)
+            cursor.execute(compiled.sql, values[0])
             if self.key is None:
                 return None
             return cursor.fetchone()[0] if returning else cursor.lastrowid
@@ -145,13 +147,9 @@ class RowInsert:
         if not rows:
             return
         connection, direct = _direct(session)
-        if not direct:
-            session.execute(self.statement, [dict(row) for row in rows])
-            return
-        compiled = self._rows.get(connection.dialect, self.names)
-        try:
-            values = [compiled.values(row) for row in rows]
-        except KeyError:
+        compiled = self._rows.get(connection.dialect, self.names) if direct else None
+        values = compiled.values(*rows) if compiled is not None else None
+        if compiled is None or values is None:
             session.execute(self.statement, [dict(row) for row in rows])
             return
         with _cursor(connection, compiled.sql, values) as cursor:
@@ -162,10 +160,6 @@ class RowInsert:
                 # (the rows here are one to three: an event, its deliveries, the audit rows).
                 for row in values:
                     cursor.execute(compiled.sql, row)
-
-
-#: The guard's parameters (the row's key, and the version and status it was read at).
-_GUARD = ("b_pk", "b_version", "b_status")
 
 
 class GuardedUpdate:
@@ -198,13 +192,10 @@ class GuardedUpdate:
         }
         connection, direct = _direct(session)
         compiled = self._shapes.get(connection.dialect, tuple(changes)) if direct else None
-        try:
-            values = compiled.values(parameters) if compiled is not None else None
-        except KeyError:
-            values = None
+        values = compiled.values(parameters) if compiled is not None else None
         if compiled is None or values is None:
             result = session.execute(self.statement, parameters)
             return int(result.rowcount)  # type: ignore[attr-defined]
         with _cursor(connection, compiled.sql, values) as cursor:
-            cursor.execute(compiled.sql, values)
+            cursor.execute(compiled.sql, values[0])
             return int(cursor.rowcount)
