@@ -17,7 +17,7 @@ sets both at once. Hosts swap them, the session and the service through
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
@@ -51,6 +51,7 @@ from .openapi import CALLBACK_RESPONSES, MONEY_RESPONSES, error_responses
 from .paging import MAX_CURSOR_LENGTH
 from .routing import PaymentRoute, reads_own_body
 from .schemas import (
+    NO_NUL_PATTERN,
     ApiDate,
     AuditTrailResponse,
     CustomerNameResponse,
@@ -92,6 +93,10 @@ __all__ = [
     "require_api_key",
     "validation_response",
 ]
+
+
+#: An id in the path (``TXN-…``, ``evt_…``); looked up as given, so any text without NUL.
+PathText = Annotated[str, Path(pattern=NO_NUL_PATTERN)]
 
 
 def _json(model: BaseModel) -> Response:
@@ -199,7 +204,7 @@ def create_payment_router(
         responses=error_responses(404, base=MONEY_RESPONSES),
     )
     async def reverse(
-        transaction_id: str,
+        transaction_id: PathText,
         db: Db,
         actor: Actor,
         payments: Service,
@@ -223,7 +228,9 @@ def create_payment_router(
         response_model=PaymentResponse,
         responses=error_responses(404, 409, 413, 502, 504),
     )
-    async def refresh(transaction_id: str, db: Db, actor: Actor, payments: Service) -> Response:
+    async def refresh(
+        transaction_id: PathText, db: Db, actor: Actor, payments: Service
+    ) -> Response:
         """Ask M-Pesa for the status now and apply it."""
         return _json(await payments.refresh(transaction_id, db, actor=actor))
 
@@ -233,7 +240,7 @@ def create_payment_router(
         responses=error_responses(400, 404, 409, 413),
     )
     async def resolve(
-        transaction_id: str, body: ResolveRequest, db: Db, actor: Actor, payments: Service
+        transaction_id: PathText, body: ResolveRequest, db: Db, actor: Actor, payments: Service
     ) -> Response:
         """An operator's decision, audited: settle a payment M-Pesa's answers cannot settle,
         or record the M-Pesa transaction ID a completed payment lacks (so it can be reversed)."""
@@ -252,7 +259,7 @@ def create_payment_router(
         "/status/{transaction_id}", response_model=PaymentResponse, responses=error_responses(404)
     )
     async def status(
-        transaction_id: str, request: Request, db: Db, actor: AnyActor, payments: Service
+        transaction_id: PathText, request: Request, db: Db, actor: AnyActor, payments: Service
     ) -> Response:
         """One payment. A customer sees only a payment they started (anyone else's is 404)."""
         owner = actor if role_of(request) == CUSTOMER else None
@@ -276,6 +283,7 @@ def create_payment_router(
             str | None,
             Query(
                 max_length=MAX_CURSOR_LENGTH,
+                pattern=NO_NUL_PATTERN,
                 description="A previous page's ``next_cursor``: the page after it (keyset"
                 " paging, as fast deep as near the top); ``page`` is then ignored.",
             ),
@@ -318,7 +326,7 @@ def create_payment_router(
     @router.get(
         "/audit/{transaction_id}", response_model=AuditTrailResponse, responses=error_responses(404)
     )
-    async def audit(transaction_id: str, db: Db, _: Actor, payments: Service) -> Response:
+    async def audit(transaction_id: PathText, db: Db, _: Actor, payments: Service) -> Response:
         return _json(await payments.audit(transaction_id, db))
 
     @router.get(
@@ -367,7 +375,7 @@ def create_payment_router(
         db: Db,
         payments: Service,
         # No NUL in the schema: the API refuses one (the database could not store it).
-        token: Annotated[str | None, Query(max_length=512, pattern=r"^[^\x00]*$")] = None,
+        token: Annotated[str | None, Query(max_length=512, pattern=NO_NUL_PATTERN)] = None,
     ) -> JSONResponse:
         """Result notifications: authenticated, stored (bounded) first, processed once."""
         status_code, answer = await NotificationProcessor(payments).receive_stream(
@@ -386,9 +394,11 @@ def create_payment_router(
         db: Db,
         _: Actor,
         payments: Service,
-        after: Annotated[str | None, Query(max_length=64, description="an event id")] = None,
+        after: Annotated[
+            str | None, Query(max_length=64, pattern=NO_NUL_PATTERN, description="an event id")
+        ] = None,
         event_type: Annotated[EventType | None, Query(alias="type")] = None,
-        transaction_id: Annotated[str | None, Query(max_length=64)] = None,
+        transaction_id: Annotated[str | None, Query(max_length=64, pattern=NO_NUL_PATTERN)] = None,
         limit: Annotated[int, Query(ge=1, le=100)] = 50,
     ) -> Response:
         """Events oldest first, after the event ``after`` (a cursor: pass the last id seen)."""
@@ -403,7 +413,7 @@ def create_payment_router(
         )
 
     @router.get("/events/{event_id}", response_model=EventResponse, responses=error_responses(404))
-    async def get_event(event_id: str, db: Db, _: Actor, payments: Service) -> Response:
+    async def get_event(event_id: PathText, db: Db, _: Actor, payments: Service) -> Response:
         """One event with its delivery state per consumer and every attempt."""
         return _json(await payments.get_event(event_id, db))
 
@@ -412,7 +422,7 @@ def create_payment_router(
         response_model=EventResponse,
         responses=error_responses(404, 413),
     )
-    async def redeliver_event(event_id: str, db: Db, _: Actor, payments: Service) -> Response:
+    async def redeliver_event(event_id: PathText, db: Db, _: Actor, payments: Service) -> Response:
         """Deliver the event again to every configured endpoint (the hooks are not run again)."""
         return _json(await payments.redeliver_event(event_id, db))
 

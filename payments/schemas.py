@@ -40,6 +40,13 @@ def _amount(value: Any) -> Decimal:
         raise ValueError(exc.message) from None
 
 
+#: Text a database can store and look up: no NUL character (PostgreSQL refuses it). The route
+#: class answers NUL in a path or query with 422 before validation; the pattern makes the
+#: OpenAPI document say so, so a schema-valid request is an accepted one.
+NO_NUL_PATTERN = r"^[^\x00]*$"
+PlainText = Annotated[str, Field(pattern=NO_NUL_PATTERN)]
+
+
 #: What ``parse_amount`` accepts, for the OpenAPI document (the deployment's
 #: PAYMENT_MIN_AMOUNT/PAYMENT_MAX_AMOUNT apply on top).
 AMOUNT_JSON_SCHEMA: dict[str, Any] = {
@@ -274,12 +281,12 @@ class PaymentListResponse(BaseModel):
 
 
 class PaymentFilters(BaseModel):
-    status: str | None = None
-    operation: str | None = None
+    status: PlainText | None = None
+    operation: PlainText | None = None
     phone_number: Msisdn | None = None
-    entity_type: str | None = None
-    entity_id: str | None = None
-    user_id: str | None = None
+    entity_type: PlainText | None = None
+    entity_id: PlainText | None = None
+    user_id: PlainText | None = None
     attention_required: bool | None = None
     from_date: ApiDate | None = None
     to_date: ApiDate | None = None

@@ -180,6 +180,42 @@ async def test_nul_in_a_path_or_query_is_422_not_a_storage_alarm(
     assert "Database unavailable" not in caplog.text
 
 
+def test_the_schema_of_every_path_and_query_text_excludes_nul(payment_api: PaymentApi) -> None:
+    """Schemathesis sent ``after=…%00…`` to the events list: schema-valid, yet refused with
+    422 by the route class. Every free-text parameter in a path or query now says, in its
+    pattern, that NUL is not accepted, and the pattern admits the ids the API issues."""
+    import re
+
+    document = payment_api.app.openapi()
+    checked = []
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            for parameter in operation.get("parameters", []):
+                if parameter["in"] not in ("path", "query"):
+                    continue
+                schema = parameter["schema"]
+                for variant in schema.get("anyOf", [schema]):
+                    if variant.get("type") != "string" or {"enum", "format"} & set(variant):
+                        continue
+                    where = (method, path, parameter["name"])
+                    assert "pattern" in variant, where
+                    pattern = re.compile(variant["pattern"])
+                    assert not pattern.search("a\x00b"), where
+                    checked.append(where)
+    assert ("get", "/api/payments/events", "after") in checked
+    assert ("get", "/api/payments/status/{transaction_id}", "transaction_id") in checked
+    texts = {
+        variant["pattern"]
+        for operations in document["paths"].values()
+        for operation in operations.values()
+        for parameter in operation.get("parameters", [])
+        for variant in parameter["schema"].get("anyOf", [parameter["schema"]])
+        if variant.get("type") == "string" and parameter["name"] in ("after", "transaction_id")
+    }
+    for issued in ("evt_0193a1b2c3d4e5f60718293a4b5c", "TXN-20261203172811-5230432A"):
+        assert all(re.search(pattern, issued) for pattern in texts), texts
+
+
 async def test_empty_idempotency_keys_are_refused(payment_api: PaymentApi) -> None:
     order = {"phone_number": "258841234567", "amount": 100}
     for key in ("", "   "):
