@@ -58,6 +58,9 @@ def isolated_settings(
     # Tests read a log file right after the call that wrote it: lines written on the caller's
     # thread (the default writer thread is tested on its own in test_logger.py).
     monkeypatch.setenv("PAYMENT_LOG_BACKGROUND", "false")
+    # An app started in the test process would freeze pytest's whole heap, once per app; the
+    # default is tested in a process of its own (test_host_contract.py).
+    monkeypatch.setenv("PAYMENT_GC_FREEZE", "false")
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()

@@ -4,6 +4,8 @@ the summary's directions, the command line's service loader and sessions)."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -268,6 +270,52 @@ def test_create_payment_router_without_host_auth_still_mounts() -> None:
     app = FastAPI()
     app.include_router(create_payment_router(), prefix="/api")
     assert "/api/payments/initiate" in app.openapi()["paths"]
+
+
+# --- the startup heap ----------------------------------------------------------------------------
+
+_FREEZE_PROBE = """
+import gc
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from payments.router import create_payment_router
+
+app = FastAPI()
+app.include_router(create_payment_router(), prefix="/api")
+with TestClient(app):
+    print(gc.get_freeze_count())
+print(gc.get_freeze_count())
+"""
+
+
+@pytest.mark.parametrize(("setting", "frozen"), [(None, True), ("false", False)])
+def test_a_host_app_freezes_its_startup_heap_unless_told_not_to(
+    tmp_path: Path, setting: str | None, frozen: bool
+) -> None:
+    """A host app (``FastAPI()`` + ``include_router``, default settings) moves the heap it
+    started with out of the garbage collector's scans when the app starts: full collections
+    walked it every few hundred payments. ``PAYMENT_GC_FREEZE=false`` leaves the heap alone."""
+    environment = {k: v for k, v in os.environ.items() if k != "PAYMENT_GC_FREEZE"}
+    environment["PAYMENT_DATABASE_URL"] = f"sqlite:///{tmp_path / 'payments.db'}"
+    environment["PAYMENT_DISPATCH_IN_APP"] = "false"
+    if setting is not None:
+        environment["PAYMENT_GC_FREEZE"] = setting
+    result = subprocess.run(
+        [sys.executable, "-c", _FREEZE_PROBE],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    during, after = (int(line) for line in result.stdout.split())
+    if frozen:
+        # The app, its routes and models, every module: tens of thousands of objects, still
+        # frozen after the app stopped (less what was freed since).
+        assert during > 10_000 and after > 10_000
+    else:
+        assert during == after == 0
 
 
 # --- the command line's service and database ---------------------------------------------------
