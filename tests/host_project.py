@@ -3,8 +3,8 @@ own Alembic history (head ``host_0001``: users and orders), its own bearer-token
 module's folder copied to ``app/payments/``.
 
 Used by the shop's end-to-end test and by the README snippet test (its ``python`` blocks and
-``cwd=host`` bash blocks run in this project; ``/work/notes/README_SNIPPETS.md`` lists what it
-provides, so README snippets can name ``SessionLocal``, ``get_db`` and ``get_current_user``).
+``cwd=host`` bash blocks run in this project, so README snippets can name ``SessionLocal``,
+``get_db`` and ``get_current_user``, which it provides).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Every fenced block of ``README.md`` and ``payments/README.md`` is run, extracted from the files
 (nothing copied here), so a README that stops working fails CI.
 
-The convention (also in ``/work/notes/README_SNIPPETS.md`` for the other engineers):
+The convention:
 
 - ``bash`` blocks run with ``bash -e -o pipefail`` under a timeout, ``python`` on the PATH being
   this interpreter, in a fresh copy of the repository (or, with ``cwd=host``, in the host
