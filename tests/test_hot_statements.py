@@ -4,6 +4,7 @@ statements that bypass SQLAlchemy, and SQLAlchemy still sees the rest."""
 
 from __future__ import annotations
 
+import gc
 import sqlite3
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, event, func, insert, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from payments import repository as repo
 from payments.config import load_settings
@@ -223,6 +224,40 @@ def test_the_drivers_errors_are_raised_as_sqlalchemys(tmp_path: Path) -> None:
                 insert_row.one(session, _payment_values("TXN-1"))
     finally:
         engine.dispose()
+
+
+async def test_a_payment_leaves_no_reference_cycle_through_its_session(database_url: str) -> None:
+    """The connection kept for a transaction must not make the session a reference cycle: with
+    1,000 payments in flight, such cycles (a session, its transaction, connection and event
+    dispatchers: about 45 objects each) lived into the oldest generation and only full
+    collections, which walk every object in flight, freed them."""
+    database = ModuleDatabase(database_url)
+    await database.create_all(Base.metadata)
+    service = PaymentService(load_settings(mpesa_environment="simulator"))
+
+    async def pay() -> None:
+        async with database.session() as db:
+            payment = await service.initiate_payment(
+                request=PaymentInitiateRequest(phone_number="841234567", amount="10"), db=db
+            )
+        assert payment.status == "completed"
+
+    try:
+        await pay()  # compiled statements and pooled connections, made once
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds is kept in gc.garbage
+        try:
+            for _ in range(3):
+                await pay()
+            gc.collect()
+            cycles = [o for o in gc.garbage if isinstance(o, Session | SessionTransaction)]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+    finally:
+        await service.aclose()
+        await database.dispose()
+    assert cycles == []
 
 
 async def test_a_replayed_key_gets_the_first_payment(database_url: str) -> None:

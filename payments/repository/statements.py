@@ -11,6 +11,7 @@ they are ordinary Core statements on the session.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -73,12 +74,14 @@ def _direct(session: Session) -> tuple[Connection, bool]:
         session.flush()  # what Session.execute does first: pending ORM rows go in before ours
     transaction = session.get_transaction()
     kept = session.info.get(_CURRENT)
-    if transaction is not None and kept is not None and kept[0] is transaction:
+    if transaction is not None and kept is not None and kept[0]() is transaction:
         return kept[1], kept[2]
     connection = session.connection()
     dialect = connection.dialect
     direct = (dialect.name, dialect.driver) in _DIRECT_DRIVERS
-    session.info[_CURRENT] = (session.get_transaction(), connection, direct)
+    # A weak reference: the transaction refers to the session, so a strong one would make every
+    # session a reference cycle, left for the garbage collector's full collections to free.
+    session.info[_CURRENT] = (weakref.ref(session.get_transaction()), connection, direct)
     return connection, direct
 
 
