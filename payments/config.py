@@ -92,9 +92,9 @@ class PaymentSettings(BaseSettings):
     # Performance: about 0.3-0.5 ms of CPU per payment, against errors after a server restart).
     payment_database_pre_ping: bool = True
 
-    # Freeze the startup heap out of the garbage collector's scans when the app starts (see
-    # README Performance: about a quarter of a millisecond of CPU per payment).
-    payment_gc_freeze: bool = True
+    # When the app starts: freeze the startup heap out of the garbage collector's scans, and
+    # collect the young generation less often (see README Performance).
+    payment_gc_tuning: bool = True
 
     # The host's PaymentService for the command line (``module:attr``, like ``--service``)
     payment_service: str | None = None

@@ -60,7 +60,7 @@ def isolated_settings(
     monkeypatch.setenv("PAYMENT_LOG_BACKGROUND", "false")
     # An app started in the test process would freeze pytest's whole heap, once per app; the
     # default is tested in a process of its own (test_host_contract.py).
-    monkeypatch.setenv("PAYMENT_GC_FREEZE", "false")
+    monkeypatch.setenv("PAYMENT_GC_TUNING", "false")
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()

@@ -272,9 +272,9 @@ def test_create_payment_router_without_host_auth_still_mounts() -> None:
     assert "/api/payments/initiate" in app.openapi()["paths"]
 
 
-# --- the startup heap ----------------------------------------------------------------------------
+# --- the garbage collector ----------------------------------------------------------------------
 
-_FREEZE_PROBE = """
+_GC_PROBE = """
 import gc
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -282,26 +282,33 @@ from payments.router import create_payment_router
 
 app = FastAPI()
 app.include_router(create_payment_router(), prefix="/api")
+print(gc.get_freeze_count(), gc.get_threshold()[0])
 with TestClient(app):
-    print(gc.get_freeze_count())
-print(gc.get_freeze_count())
+    print(gc.get_freeze_count(), gc.get_threshold()[0])
 """
 
 
-@pytest.mark.parametrize(("setting", "frozen"), [(None, True), ("false", False)])
-def test_a_host_app_freezes_its_startup_heap_unless_told_not_to(
-    tmp_path: Path, setting: str | None, frozen: bool
+@pytest.mark.parametrize(
+    ("setting", "young_threshold"), [(None, None), ("false", 700), ("true", 50_000)]
+)
+def test_a_host_app_tunes_the_garbage_collector_unless_told_not_to(
+    tmp_path: Path, setting: str | None, young_threshold: int | None
 ) -> None:
-    """A host app (``FastAPI()`` + ``include_router``, default settings) moves the heap it
-    started with out of the garbage collector's scans when the app starts: full collections
-    walked it every few hundred payments. ``PAYMENT_GC_FREEZE=false`` leaves the heap alone."""
-    environment = {k: v for k, v in os.environ.items() if k != "PAYMENT_GC_FREEZE"}
+    """A host app (``FastAPI()`` + ``include_router``, default settings) freezes the heap it
+    started with out of the garbage collector's scans when the app starts, and collects the
+    young generation every 10,000 allocations: full collections walked the startup heap and
+    every payment in flight every few hundred payments. A higher threshold the host set is kept;
+    ``PAYMENT_GC_TUNING=false`` leaves the collector alone."""
+    environment = {k: v for k, v in os.environ.items() if k != "PAYMENT_GC_TUNING"}
     environment["PAYMENT_DATABASE_URL"] = f"sqlite:///{tmp_path / 'payments.db'}"
     environment["PAYMENT_DISPATCH_IN_APP"] = "false"
+    probe = _GC_PROBE
     if setting is not None:
-        environment["PAYMENT_GC_FREEZE"] = setting
+        environment["PAYMENT_GC_TUNING"] = setting
+    if young_threshold == 50_000:  # the host tuned it itself, before the app started
+        probe = "import gc; gc.set_threshold(50_000, 10, 10)\n" + probe
     result = subprocess.run(
-        [sys.executable, "-c", _FREEZE_PROBE],
+        [sys.executable, "-c", probe],
         cwd=Path(__file__).resolve().parent.parent,
         env=environment,
         capture_output=True,
@@ -309,13 +316,14 @@ def test_a_host_app_freezes_its_startup_heap_unless_told_not_to(
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    during, after = (int(line) for line in result.stdout.split())
-    if frozen:
-        # The app, its routes and models, every module: tens of thousands of objects, still
-        # frozen after the app stopped (less what was freed since).
-        assert during > 10_000 and after > 10_000
+    before, started = ([int(n) for n in line.split()] for line in result.stdout.splitlines())
+    assert before == [0, young_threshold or 700]
+    if setting == "false":
+        assert started == [0, 700]
     else:
-        assert during == after == 0
+        # The app, its routes and models, every module: tens of thousands of objects.
+        assert started[0] > 10_000
+        assert started[1] == (young_threshold if young_threshold == 50_000 else 10_000)
 
 
 # --- the command line's service and database ---------------------------------------------------
