@@ -9,11 +9,12 @@ SQLite takes one writer at a time, and a writer that finds the file locked sleep
 handler (1, 2, 5, 10 ms and longer) while holding its pool connection. ``run_db(..., write=True)``
 therefore queues the write units of one process per engine, in memory and in order, so a burst of
 payments neither polls the lock nor exhausts the pool. Units of synchronous ``Session``s that
-queued up while one ran go to the worker thread together and run there one after another, each
-in its own transaction with its own commit, exactly as they would one hop at a time: one thread
-hop (and one wait for the GIL) per batch instead of per unit, which is what bounded a burst of
-payments. The queue only orders work; SQLite's own locking (and the busy timeout, across
-processes) still guarantees it.
+queued up while one ran go to the worker thread together and run there one after another: one
+thread hop (and one wait for the GIL) per batch instead of per unit, which is what bounded a
+burst of payments. The module's own sessions' units of a batch share one transaction, each in a
+savepoint, with one COMMIT before any caller hears of its unit (``group_commit.py``); a host's
+sessions commit each unit on its own. The queue only orders work; SQLite's own locking (and the
+busy timeout, across processes) still guarantees it.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.util.concurrency import await_
 
 from .exceptions import PaymentConfigurationError
+from .group_commit import run_in_one_transaction
 
 T = TypeVar("T")
 
@@ -378,7 +380,11 @@ class _WriteQueue:
 def _run_units(
     units: list[tuple[contextvars.Context, Session, Callable[[Session], Any]]],
 ) -> list[tuple[bool, Any]]:
-    """In the worker thread: each unit on its own, its result or its exception kept for it."""
+    """In the worker thread: each unit on its own, its result or its exception kept for it.
+    Several units of the module's own SQLite sessions share one transaction (``group_commit``)."""
+    engine = _one_module_engine(units)
+    if engine is not None:
+        return run_in_one_transaction(engine, units, _threaded_unit)
     outcomes: list[tuple[bool, Any]] = []
     for context, session, work in units:
         try:
@@ -386,6 +392,18 @@ def _run_units(
         except BaseException as exc:  # handed to the unit's caller, as to_thread would
             outcomes.append((False, exc))
     return outcomes
+
+
+def _one_module_engine(
+    units: list[tuple[contextvars.Context, Session, Callable[[Session], Any]]],
+) -> Engine | None:
+    """The engine of a batch that can share one transaction: two or more units, all of the
+    module's own sessions (which hold no connection between units) on one SQLite engine."""
+    if len(units) < 2 or not all(s.info.get(_RELEASE_AFTER_UNIT) for _, s, _ in units):
+        return None
+    engines = {_sqlite_engine_for_write(session) for _, session, _ in units}
+    engine = engines.pop() if len(engines) == 1 else None
+    return engine if engine is not None and engine.dialect.driver == "pysqlite" else None
 
 
 #: Per event loop, per SQLite engine: what orders write units (see the module docstring).

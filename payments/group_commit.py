@@ -1,0 +1,106 @@
+"""One SQLite transaction for a batch of the module's own write units: each unit in a savepoint,
+one COMMIT for all.
+
+``database.run_db(..., write=True)`` hands a worker thread the write units that queued up while
+the previous batch ran. Committed one by one, each unit paid SQLite's commit (the WAL frames of
+every page it touched, written again by the next unit) and SQLAlchemy's connection checkout,
+transaction and return to the pool: about a third of the worker thread's CPU in a burst.
+
+What a caller sees does not change: a unit's result or error reaches it only after the COMMIT,
+so nothing it was told is committed can be lost, and a unit that fails is rolled back to its
+savepoint alone. A failed COMMIT, or a transaction SQLite ended by itself (it rolls the whole
+transaction back on a full disk or an I/O error), fails every unit that ran in it, so no caller
+believes in rows that are not there.
+
+Only sessions the module made itself (``ModuleDatabase``) are batched: their units never hold a
+connection between them, so each can borrow the batch's connection for one unit. A host's
+sessions run one transaction per unit, as before.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+Unit = tuple[contextvars.Context, Session, Callable[[Session], Any]]
+Outcome = tuple[bool, Any]
+
+
+def run_in_one_transaction(
+    engine: Engine, units: list[Unit], run_unit: Callable[[Session, Callable[[Session], Any]], Any]
+) -> list[Outcome]:
+    """Run ``units`` (module sessions of ``engine``) in one transaction; each outcome is
+    ``(True, result)`` or ``(False, exception)``, in order. ``run_unit`` runs one unit as the
+    worker thread runs it alone (``database._threaded_unit``)."""
+    try:
+        with engine.connect() as connection:
+            driver = connection.connection.dbapi_connection
+            try:
+                # The write lock, taken once for the batch (a deferred BEGIN would take it at
+                # the first write, and a reader's snapshot could then be refused the upgrade).
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+                outcomes, ended = _units_in(connection, engine, units, run_unit)
+                if not ended:
+                    connection.commit()
+            except BaseException:
+                # A COMMIT SQLite refused (a deferred constraint) leaves the transaction open,
+                # and SQLAlchemy would return the connection to the pool that way.
+                if driver is not None and driver.in_transaction:
+                    driver.rollback()
+                raise
+    except BaseException as error:  # BEGIN or COMMIT failed: nothing of the batch is stored
+        return [(False, error)] * len(units)
+    if not ended:
+        return outcomes
+    # SQLite ended the transaction by itself: what ran in it is gone, and its callers are told
+    # so (a unit that failed keeps its own error); the units not yet run run alone.
+    gone = _transaction_ended()
+    told = [(False, value if not ok else gone) for ok, value in outcomes]
+    return told + [_alone(unit, run_unit) for unit in units[len(outcomes) :]]
+
+
+def _units_in(
+    connection: Connection,
+    engine: Engine,
+    units: list[Unit],
+    run_unit: Callable[[Session, Callable[[Session], Any]], Any],
+) -> tuple[list[Outcome], bool]:
+    """Run units on ``connection`` until one leaves its transaction ended: the outcomes so far,
+    and whether the transaction ended."""
+    driver = connection.connection.dbapi_connection
+    outcomes: list[Outcome] = []
+    for context, session, work in units:
+        mode = session.join_transaction_mode
+        session.bind = connection
+        session.join_transaction_mode = "create_savepoint"  # its commit releases a savepoint
+        try:
+            outcomes.append((True, context.run(run_unit, session, work)))
+        except BaseException as error:  # handed to the unit's caller
+            outcomes.append((False, error))
+        finally:
+            session.bind = engine
+            session.join_transaction_mode = mode
+        if driver is None or not driver.in_transaction:
+            return outcomes, True
+    return outcomes, False
+
+
+def _alone(unit: Unit, run_unit: Callable[[Session, Callable[[Session], Any]], Any]) -> Outcome:
+    context, session, work = unit
+    try:
+        return True, context.run(run_unit, session, work)
+    except BaseException as error:
+        return False, error
+
+
+def _transaction_ended() -> OperationalError:
+    return OperationalError(
+        "COMMIT",
+        None,
+        RuntimeError("SQLite rolled the write batch's transaction back; nothing of it was stored"),
+    )
