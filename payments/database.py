@@ -42,7 +42,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.util.concurrency import await_
 
 from .exceptions import PaymentConfigurationError
-from .group_commit import run_in_one_transaction
+from .group_commit import outcome_of, run_in_one_transaction
 
 T = TypeVar("T")
 
@@ -385,13 +385,7 @@ def _run_units(
     engine = _one_module_engine(units)
     if engine is not None:
         return run_in_one_transaction(engine, units, _threaded_unit)
-    outcomes: list[tuple[bool, Any]] = []
-    for context, session, work in units:
-        try:
-            outcomes.append((True, context.run(_threaded_unit, session, work)))
-        except BaseException as exc:  # handed to the unit's caller, as to_thread would
-            outcomes.append((False, exc))
-    return outcomes
+    return [outcome_of(unit, _threaded_unit) for unit in units]
 
 
 def _one_module_engine(

@@ -61,7 +61,7 @@ def run_in_one_transaction(
     # so (a unit that failed keeps its own error); the units not yet run run alone.
     gone = _transaction_ended()
     told = [(False, value if not ok else gone) for ok, value in outcomes]
-    return told + [_alone(unit, run_unit) for unit in units[len(outcomes) :]]
+    return told + [outcome_of(unit, run_unit) for unit in units[len(outcomes) :]]
 
 
 def _units_in(
@@ -74,14 +74,13 @@ def _units_in(
     and whether the transaction ended."""
     driver = connection.connection.dbapi_connection
     outcomes: list[Outcome] = []
-    for context, session, work in units:
+    for unit in units:
+        session = unit[1]
         mode = session.join_transaction_mode
         session.bind = connection
         session.join_transaction_mode = "create_savepoint"  # its commit releases a savepoint
         try:
-            outcomes.append((True, context.run(run_unit, session, work)))
-        except BaseException as error:  # handed to the unit's caller
-            outcomes.append((False, error))
+            outcomes.append(outcome_of(unit, run_unit))
         finally:
             session.bind = engine
             session.join_transaction_mode = mode
@@ -90,7 +89,9 @@ def _units_in(
     return outcomes, False
 
 
-def _alone(unit: Unit, run_unit: Callable[[Session, Callable[[Session], Any]], Any]) -> Outcome:
+def outcome_of(unit: Unit, run_unit: Callable[[Session, Callable[[Session], Any]], Any]) -> Outcome:
+    """Run one unit in its caller's context: ``(True, result)``, or ``(False, exception)`` to
+    hand to its caller (as ``asyncio.to_thread`` would)."""
     context, session, work = unit
     try:
         return True, context.run(run_unit, session, work)
