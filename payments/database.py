@@ -42,7 +42,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.util.concurrency import await_
 
 from .exceptions import PaymentConfigurationError
-from .group_commit import outcome_of, run_in_one_transaction
+from .group_commit import outcome_of, run_in_one_transaction, savepoints_on_the_driver
 
 T = TypeVar("T")
 
@@ -143,6 +143,7 @@ def create_sync_sqlite_engine(url: str, *, pool_size: int = 10) -> Engine:
         max_overflow=0,
     )
     event.listen(engine, "connect", _sqlite_pragmas)
+    savepoints_on_the_driver(engine)  # a savepoint per unit of a write batch (group_commit)
     return engine
 
 

@@ -99,6 +99,29 @@ def outcome_of(unit: Unit, run_unit: Callable[[Session, Callable[[Session], Any]
         return False, error
 
 
+def savepoints_on_the_driver(engine: Engine) -> None:
+    """Send ``engine``'s SAVEPOINT, RELEASE and ROLLBACK TO statements straight to the driver.
+
+    SQLAlchemy compiles a new clause object and runs its whole statement machinery for each of
+    them: 116 µs of CPU per savepoint and release, where the same two statements on the
+    ``sqlite3`` connection take 9 µs (each unit of a batch has one of each). The names are
+    SQLAlchemy's own (``sa_savepoint_N``), and ``sqlite3`` passes these statements through as
+    they are, as it did before."""
+    dialect = engine.dialect
+
+    def run(connection: Connection, statement: str) -> None:
+        connection.connection.driver_connection.execute(statement)  # type: ignore[union-attr]
+
+    # Per dialect instance: this engine's only (create_engine makes one per engine).
+    dialect.do_savepoint = lambda connection, name: run(connection, f"SAVEPOINT {name}")  # type: ignore[method-assign]
+    dialect.do_release_savepoint = lambda connection, name: run(  # type: ignore[method-assign]
+        connection, f"RELEASE SAVEPOINT {name}"
+    )
+    dialect.do_rollback_to_savepoint = lambda connection, name: run(  # type: ignore[method-assign]
+        connection, f"ROLLBACK TO SAVEPOINT {name}"
+    )
+
+
 def _transaction_ended() -> OperationalError:
     return OperationalError(
         "COMMIT",
