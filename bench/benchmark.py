@@ -873,7 +873,7 @@ def profiled(context: Context, name: str, args: list[str]) -> list[str]:
         return args
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     output = context.profile_dir / f"{name}.txt"
-    return [py_spy, "record", "-r", "250", "-f", "raw", "-o", str(output), "--", *args]
+    return [py_spy, "record", "--gil", "-r", "250", "-f", "raw", "-o", str(output), "--", *args]
 
 
 def build_host(context: Context, name: str, database_url: str) -> Path:
