@@ -66,6 +66,10 @@ class _SecretRegistry:
         self._pattern: re.Pattern[str] | None = None
         #: Length of the shortest registered form: shorter text cannot hold a secret.
         self.shortest = 1 << 30
+        #: Texts found to hold nothing to mask: the same messages, URLs, codes and statuses come
+        #: by on every payment. A new dict when a secret is registered, so a text checked
+        #: against the old secrets is never taken as clean of the new one.
+        self.clean_texts: dict[str, None] = {}
 
     def add(self, value: str) -> None:
         if not isinstance(value, str):
@@ -82,6 +86,7 @@ class _SecretRegistry:
             self.shortest = min(len(item) for item in self._values)
             ordered = sorted(self._values, key=len, reverse=True)
             self._pattern = re.compile("|".join(re.escape(item) for item in ordered))
+            self.clean_texts = {}
         _clean_key.cache_clear()  # a key cleaned before may hold the new secret
 
     def redact(self, text: str) -> str:
@@ -92,6 +97,10 @@ class _SecretRegistry:
 _secrets = _SecretRegistry()
 #: The shortest text a phone number takes (a bare ``84XXXXXXX``).
 _SHORTEST_NUMBER = 9
+#: ``_SecretRegistry.clean_texts``: at most this many texts (then it starts again), of at most
+#: this many characters each.
+_CLEAN_TEXTS = 4096
+_CLEAN_TEXT_LENGTH = 256
 
 
 def register_secret(value: str) -> None:
@@ -158,11 +167,20 @@ def sanitize_text(text: str) -> str:
         and ":" not in text
     ):
         return text
-    text = _secrets.redact(text)
-    text = _BEARER.sub(_bearer, text)
-    if _SECRET_KEY_WORD.search(text) is not None:
-        text = _mask_secret_pairs(text)
-    return _MSISDN.sub(_masked_msisdn, text)
+    known_clean = _secrets.clean_texts  # read once: add() may swap in a new one meanwhile
+    if text in known_clean:
+        return text
+    clean = _secrets.redact(text)
+    clean = _BEARER.sub(_bearer, clean)
+    if _SECRET_KEY_WORD.search(clean) is not None:
+        clean = _mask_secret_pairs(clean)
+    clean = _MSISDN.sub(_masked_msisdn, clean)
+    # Only texts with nothing masked are remembered: no phone number or secret is kept in memory.
+    if clean == text and len(text) <= _CLEAN_TEXT_LENGTH:
+        if len(known_clean) >= _CLEAN_TEXTS:
+            known_clean.clear()
+        known_clean[text] = None
+    return clean
 
 
 def sanitize(value: Any) -> Any:

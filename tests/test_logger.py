@@ -711,3 +711,26 @@ def test_a_forked_child_writes_its_lines_with_a_writer_of_its_own(tmp_path: Path
     text = written(tmp_path)
     assert "parent before the fork" in text
     assert f"child after the fork | phone={MASKED}" in text
+
+
+def test_a_text_found_clean_is_masked_once_a_secret_in_it_is_registered() -> None:
+    """``sanitize_text`` remembers texts with nothing to mask (the same messages and URLs come
+    by on every payment); registering a secret forgets them."""
+    text = "callback from partner-7f3a9c2e1b at 10:00"
+    assert sanitize_text(text) == text
+    assert sanitize_text(text) == text  # remembered
+    register_secret("partner-7f3a9c2e1b")
+    assert sanitize_text(text) == "callback from *** at 10:00"
+
+
+def test_texts_with_something_masked_are_not_remembered() -> None:
+    """Only clean texts are kept in memory: never a phone number or a secret."""
+    from payments import redaction
+
+    for _ in range(2):
+        assert redaction.sanitize_text("paid by 258841234567 at 10:00") == (
+            f"paid by {Msisdn('258841234567').masked} at 10:00"
+        )
+        assert redaction.sanitize_text("Authorization: Bearer abc.def.ghi") == "Authorization: ***"
+    remembered = " ".join(redaction._secrets.clean_texts)
+    assert "841234567" not in remembered and "abc.def" not in remembered
