@@ -107,19 +107,18 @@ def savepoints_on_the_driver(engine: Engine) -> None:
     ``sqlite3`` connection take 9 µs (each unit of a batch has one of each). The names are
     SQLAlchemy's own (``sa_savepoint_N``), and ``sqlite3`` passes these statements through as
     they are, as it did before."""
-    dialect = engine.dialect
 
-    def run(connection: Connection, statement: str) -> None:
-        connection.connection.driver_connection.execute(statement)  # type: ignore[union-attr]
+    def sent_as(template: str) -> Callable[[Connection, str], None]:
+        def send(connection: Connection, name: str) -> None:
+            connection.connection.driver_connection.execute(template.format(name))  # type: ignore[union-attr]
 
-    # Per dialect instance: this engine's only (create_engine makes one per engine).
-    dialect.do_savepoint = lambda connection, name: run(connection, f"SAVEPOINT {name}")  # type: ignore[method-assign]
-    dialect.do_release_savepoint = lambda connection, name: run(  # type: ignore[method-assign]
-        connection, f"RELEASE SAVEPOINT {name}"
-    )
-    dialect.do_rollback_to_savepoint = lambda connection, name: run(  # type: ignore[method-assign]
-        connection, f"ROLLBACK TO SAVEPOINT {name}"
-    )
+        return send
+
+    # On this engine's dialect instance only (create_engine makes one per engine).
+    dialect: Any = engine.dialect
+    dialect.do_savepoint = sent_as("SAVEPOINT {}")
+    dialect.do_release_savepoint = sent_as("RELEASE SAVEPOINT {}")
+    dialect.do_rollback_to_savepoint = sent_as("ROLLBACK TO SAVEPOINT {}")
 
 
 def _transaction_ended() -> OperationalError:

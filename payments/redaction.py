@@ -157,6 +157,7 @@ def sanitize_text(text: str) -> str:
 
     The order matters: literal secrets first (before phone masking could alter the digits in one),
     then bearer tokens and secret key/value pairs, then phone numbers. Each step is one linear scan.
+    A short text found to hold nothing to mask is remembered, and returned at once next time.
     """
     if not text or (
         # Most field values (codes, amounts, operation names) are short: too short for a phone
