@@ -284,6 +284,11 @@ def new_http_client() -> aiohttp.ClientSession:
     )
 
 
+def delivered_kinds(service: PaymentService) -> list[ConsumerKind]:
+    """What a dispatcher of ``service`` delivers: webhooks, and hook events if it has hooks."""
+    return [ConsumerKind.WEBHOOK] + ([ConsumerKind.HOOKS] if service.runs_hooks else [])
+
+
 async def dispatch_once(
     service: PaymentService,
     sessions: SessionSource,
@@ -299,7 +304,7 @@ async def dispatch_once(
     report = DispatchReport()
     own_http = http is None
     client = http or new_http_client()
-    kinds = [ConsumerKind.WEBHOOK] + ([ConsumerKind.HOOKS] if service.runs_hooks else [])
+    kinds = delivered_kinds(service)
     leases = {
         ConsumerKind.WEBHOOK: timedelta(seconds=settings.payment_webhook_timeout) + LEASE_MARGIN,
         ConsumerKind.HOOKS: timedelta(seconds=settings.payment_hook_lease_seconds),
@@ -383,7 +388,7 @@ async def dispatch_forever(
     until ``stop`` is set (or the task is cancelled)."""
     interval = interval or service.settings.payment_dispatch_interval
     stop = stop or asyncio.Event()
-    wakeup = events.wakeup_event()
+    wakeup = events.wakeup_event(delivered_kinds(service))
     last_prune: float | None = None
     async with new_http_client() as http:
         while not stop.is_set():

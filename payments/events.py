@@ -31,7 +31,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import timedelta
@@ -166,6 +166,8 @@ class WrittenEvent:
     id: str
     type: str
     has_hook: bool
+    #: The consumer kinds with a delivery of it due at once (a dispatcher may take it now).
+    due_now: frozenset[ConsumerKind] = frozenset()
 
 
 def transition_types(
@@ -229,6 +231,7 @@ def add_events(
     events: list[dict[str, Any]] = []
     deliveries: list[dict[str, Any]] = []
     written: list[WrittenEvent] = []
+    webhooks_due = frozenset({ConsumerKind.WEBHOOK} if sink.webhook_urls else ())
     for event_type in types:
         event_id = new_event_id()
         events.append(
@@ -241,15 +244,18 @@ def add_events(
             }
         )
         has_hook = hook_of(event_type, data) is not None
+        due_now = webhooks_due
         if has_hook:
             hold = sink.hook_lease or timedelta(0)
             deliveries.append(
                 delivery_row(event_id, ConsumerKind.HOOKS, HOOKS_CONSUMER, now + hold)
             )
+            if not hold:
+                due_now |= {ConsumerKind.HOOKS}
         deliveries += [
             delivery_row(event_id, ConsumerKind.WEBHOOK, url, now) for url in sink.webhook_urls
         ]
-        written.append(WrittenEvent(event_id, event_type.value, has_hook))
+        written.append(WrittenEvent(event_id, event_type.value, has_hook, due_now))
     _INSERT_EVENT.many(session, events)
     _INSERT_DELIVERY.many(session, deliveries)
     return written
@@ -286,20 +292,30 @@ async def call_hook(service: Any, name: str, args: Sequence[Any], event_id: str)
 
 # -- waking the dispatchers of this process ------------------------------------------------------
 
-_wakeups: weakref.WeakSet[asyncio.Event] = weakref.WeakSet()
+#: Each waiting dispatcher's event, and the consumer kinds it delivers.
+_wakeups: weakref.WeakKeyDictionary[asyncio.Event, frozenset[ConsumerKind]] = (
+    weakref.WeakKeyDictionary()
+)
+_EVERY_KIND = frozenset(ConsumerKind)
 
 
-def wakeup_event() -> asyncio.Event:
-    """An event set whenever this process commits events (a dispatcher waits on it)."""
+def wakeup_event(kinds: Iterable[ConsumerKind] = _EVERY_KIND) -> asyncio.Event:
+    """An event set whenever this process commits deliveries of one of ``kinds`` (a dispatcher
+    waits on it for the kinds it delivers)."""
     event = asyncio.Event()
-    _wakeups.add(event)
+    _wakeups[event] = frozenset(kinds)
     return event
 
 
-def notify() -> None:
-    """New events were committed: wake this process's dispatchers now, not at their next poll."""
-    for event in list(_wakeups):
+def notify(kinds: Iterable[ConsumerKind] = _EVERY_KIND) -> None:
+    """Deliveries of ``kinds`` were committed, due now: wake this process's dispatchers that
+    deliver them now, not at their next poll. A payment with nothing due (no webhook endpoint,
+    its hooks run by this process) wakes none: a pass that finds nothing costs a write unit."""
+    due = frozenset(kinds)
+    for event, delivered in list(_wakeups.items()):
+        if not due & delivered:
+            continue
         try:
             event.set()
         except RuntimeError:  # an event of another (closed) loop
-            _wakeups.discard(event)
+            _wakeups.pop(event, None)

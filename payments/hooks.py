@@ -12,7 +12,7 @@ from .database import DATABASE_ERRORS, DbSession, committing, run_db
 from .exceptions import PaymentError
 from .lifecycle import UNSUCCESSFUL
 from .logger import payment_logger
-from .models import AuditAction, PaymentOperation, PaymentStatus
+from .models import AuditAction, ConsumerKind, PaymentOperation, PaymentStatus
 from .outcomes import Outcome, error_for_record
 from .redaction import sanitize_text
 from .repository import PaymentRecord
@@ -75,11 +75,14 @@ class PaymentHooks(ServiceBase):
         outcome: Outcome,
         original: PaymentRecord | None,
     ) -> None:
-        """The transition's events are committed: wake this process's dispatchers (webhooks)
-        and run the hooks now, if this service has any (otherwise the host's dispatcher will)."""
+        """The transition's events are committed: wake this process's dispatchers for what is
+        due now, and run the hooks now, if this service has any (otherwise the host's dispatcher
+        will)."""
         if not written:
             return
-        events.notify()
+        due = frozenset[ConsumerKind]().union(*(event.due_now for event in written))
+        if due:
+            events.notify(due)
         if not self.runs_hooks:
             return
         for event in written:

@@ -642,6 +642,38 @@ async def test_the_router_runs_the_dispatcher_with_the_app(
     assert api.service.calls == [("completed", transaction_id, body["id"])]
 
 
+@pytest.mark.parametrize("service_class", [PaymentService, HookService])
+async def test_a_payment_with_nothing_due_does_not_wake_the_dispatcher(
+    payment_api_factory: Any, monkeypatch: pytest.MonkeyPatch, service_class: type
+) -> None:
+    """No webhook endpoint, and hooks (if any) run by the request itself: a pass would find
+    nothing, and cost a write unit per payment."""
+    passes: list[int] = []
+    real_pass = dispatch_once
+
+    async def counted_pass(*args: Any, **kwargs: Any) -> Any:
+        passes.append(1)
+        return await real_pass(*args, **kwargs)
+
+    monkeypatch.setattr("payments.dispatcher.dispatch_once", counted_pass)
+    api = await payment_api_factory(service_class=service_class)
+    async with api.app.router.lifespan_context(api.app):
+        for _ in range(100):
+            if passes:
+                break
+            await asyncio.sleep(0.01)
+        assert passes == [1]  # the first pass, at startup
+        for _ in range(3):
+            answer = await api.http.post(
+                "/api/payments/initiate", json={"phone_number": SUCCESS, "amount": "100.00"}
+            )
+            assert answer.json()["status"] == "completed"
+        await asyncio.sleep(0.3)  # well inside the poll interval (1 s)
+        assert passes == [1]
+    if service_class is HookService:
+        assert [call[0] for call in api.service.calls] == ["completed"] * 3
+
+
 async def test_payment_dispatch_in_app_false_leaves_delivery_to_the_cli(
     payment_api_factory: Any, receiver: Receiver
 ) -> None:
