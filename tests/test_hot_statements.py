@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import gc
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -29,6 +31,7 @@ from payments.models import (
     PaymentEventDelivery,
     PaymentTransaction,
 )
+from payments.repository import statements
 from payments.repository.record import with_defaults
 from payments.repository.statements import GuardedUpdate, RowInsert
 from payments.schemas import PaymentInitiateRequest
@@ -320,6 +323,66 @@ async def test_either_way_the_database_holds_the_same_values(database_url: str) 
     assert driver_row == core_row
     assert driver_row["metadata"] == {"order": 17, "note": "ção"}
     assert driver_row["amount"] == Decimal("1234.50") and driver_row["status"] == "completed"
+
+
+async def test_several_rows_are_one_statement_and_read_back_as_sqlalchemy_writes_them(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outcome's audit rows (and an event's deliveries) reach the driver as one statement:
+    on PostgreSQL each statement is a round trip. In order (their ids follow the rows), and
+    with the values SQLAlchemy Core writes."""
+    database = ModuleDatabase(database_url)
+    await database.create_all(Base.metadata)
+    audits = PaymentAuditLog.__table__
+    sent: list[str] = []
+
+    def write(session: Session) -> list[dict[str, Any]]:
+        pk = RowInsert(PaymentTransaction.__table__).one(session, _payment_values("TXN-M"))
+        rows = [
+            repo.audit_entry(pk, action, actor="tester", response_body=body)
+            | {"created_at": MOMENT}
+            for action, body in (
+                (AuditAction.API_REQUEST, {"url": "https://x", "ção": [1, None]}),
+                (AuditAction.API_RESPONSE, None),
+                (AuditAction.COMPLETED, {"amount": "1.50"}),
+            )
+        ]
+        real_cursor = statements._cursor
+
+        @contextmanager
+        def recording(*args: Any) -> Iterator[Any]:
+            with real_cursor(*args) as cursor:
+                yield Recorder(cursor)
+
+        class Recorder:
+            def __init__(self, cursor: Any) -> None:
+                self.cursor = cursor
+
+            def execute(self, sql: str, *args: Any) -> Any:
+                sent.append(" ".join(sql.split()[:3:2]))
+                return self.cursor.execute(sql, *args)
+
+            def executemany(self, sql: str, *args: Any) -> Any:
+                sent.append(" ".join(sql.split()[:3:2]))
+                return self.cursor.executemany(sql, *args)
+
+        monkeypatch.setattr(statements, "_cursor", recording)
+        RowInsert(audits).many(session, rows)
+        monkeypatch.undo()
+        session.execute(insert(audits), [row | {"actor": "core"} for row in rows])
+        session.commit()
+        stored = session.execute(select(audits).order_by(audits.c.id)).mappings().all()
+        return [{k: v for k, v in row.items() if k != "id"} for row in stored]
+
+    try:
+        async with database.session() as db:
+            stored = await run_db(db, write)
+    finally:
+        await database.dispose()
+    assert sent == ["INSERT payment_audit_logs"]
+    by_driver, by_core = stored[:3], stored[3:]
+    assert [row["action"] for row in by_driver] == ["api_request", "api_response", "completed"]
+    assert by_driver == [row | {"actor": "tester"} for row in by_core]
 
 
 async def test_pending_orm_rows_go_in_before_the_drivers(database_url: str) -> None:

@@ -11,6 +11,7 @@ they are ordinary Core statements on the session.
 
 from __future__ import annotations
 
+import re
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -128,6 +129,8 @@ class RowInsert:
         self._row_with_key = _Shapes(
             self.statement.returning(table.c[self.key]) if self.key else self.statement
         )
+        #: asyncpg: the one-row SQL's ``count``-row form, by (one-row SQL, count).
+        self._several_rows: dict[tuple[str, int], str | None] = {}
 
     def one(self, session: Session, row: Mapping[str, Any]) -> Any:
         """Insert one row; its new autoincrement key (``None`` for a table without one)."""
@@ -158,11 +161,45 @@ class RowInsert:
         with _cursor(connection, compiled.sql, values) as cursor:
             if connection.dialect.name == "sqlite":
                 cursor.executemany(compiled.sql, values)
-            else:
-                # asyncpg: its executemany costs more than a few runs of the prepared statement
-                # (the rows here are one to three: an event, its deliveries, the audit rows).
+                return
+            # asyncpg: a statement is a round trip, and its executemany costs more than a few
+            # runs of the prepared statement; the rows here are one to four (an outcome's audit
+            # rows, an event's deliveries), so they go as one INSERT of that many rows.
+            several = self._sql_for(compiled.sql, len(values)) if len(values) > 1 else None
+            if several is None:
                 for row in values:
                     cursor.execute(compiled.sql, row)
+            else:
+                cursor.execute(several, [value for row in values for value in row])
+
+    def _sql_for(self, one_row_sql: str, count: int) -> str | None:
+        key = (one_row_sql, count)
+        if key not in self._several_rows:
+            self._several_rows[key] = rows_sql(one_row_sql, count)
+        return self._several_rows[key]
+
+
+_PLACEHOLDER = re.compile(r"\$(\d+)")
+
+
+def rows_sql(one_row_sql: str, count: int) -> str | None:
+    """``INSERT … VALUES ($1, …, $k) [RETURNING …]`` as ``VALUES ($1, …, $k), ($k+1, …), …``
+    for ``count`` rows (PostgreSQL's numbered placeholders); ``None`` if the SQL is not that
+    shape."""
+    head, values_keyword, rest = one_row_sql.partition(" VALUES ")
+    row, returning_keyword, returning = rest.partition(" RETURNING ")
+    numbers = [int(n) for n in _PLACEHOLDER.findall(row)]
+    width = len(numbers)
+    if not values_keyword or not (row.startswith("(") and row.endswith(")")) or not width:
+        return None
+    if numbers != list(range(1, width + 1)) or ")" in row[:-1]:
+        return None  # not one plain row of placeholders (casts are ``$1::VARCHAR``, no parens)
+
+    def row_at(index: int) -> str:
+        return _PLACEHOLDER.sub(lambda m: f"${int(m.group(1)) + index * width}", row)
+
+    rows = ", ".join(row_at(index) for index in range(count))
+    return head + values_keyword + rows + returning_keyword + returning
 
 
 class GuardedUpdate:
