@@ -69,7 +69,7 @@ from .models import (
     utcnow,
 )
 from .repository import PaymentRecord
-from .repository.statements import RowInsert
+from .repository.statements import RowInsert, insert_together
 from .webhooks import iso, payload, sign, signing_key, webhook_headers
 
 __all__ = [
@@ -256,8 +256,7 @@ def add_events(
             delivery_row(event_id, ConsumerKind.WEBHOOK, url, now) for url in sink.webhook_urls
         ]
         written.append(WrittenEvent(event_id, event_type.value, has_hook, due_now))
-    _INSERT_EVENT.many(session, events)
-    _INSERT_DELIVERY.many(session, deliveries)
+    insert_together(session, (_INSERT_EVENT, events), (_INSERT_DELIVERY, deliveries))
     return written
 
 

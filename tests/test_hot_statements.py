@@ -325,6 +325,30 @@ async def test_either_way_the_database_holds_the_same_values(database_url: str) 
     assert driver_row["amount"] == Decimal("1234.50") and driver_row["status"] == "completed"
 
 
+def _record_statements(monkeypatch: pytest.MonkeyPatch, sent: list[str]) -> None:
+    """Each statement ``repository/statements.py`` hands its driver, as "VERB table"."""
+    real_cursor = statements._cursor
+
+    class Recorder:
+        def __init__(self, cursor: Any) -> None:
+            self.cursor = cursor
+
+        def execute(self, sql: str, *args: Any) -> Any:
+            sent.append(" ".join(sql.split()[:3:2]))
+            return self.cursor.execute(sql, *args)
+
+        def executemany(self, sql: str, *args: Any) -> Any:
+            sent.append(" ".join(sql.split()[:3:2]))
+            return self.cursor.executemany(sql, *args)
+
+    @contextmanager
+    def recording(*args: Any) -> Iterator[Any]:
+        with real_cursor(*args) as cursor:
+            yield Recorder(cursor)
+
+    monkeypatch.setattr(statements, "_cursor", recording)
+
+
 async def test_several_rows_are_one_statement_and_read_back_as_sqlalchemy_writes_them(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -347,26 +371,7 @@ async def test_several_rows_are_one_statement_and_read_back_as_sqlalchemy_writes
                 (AuditAction.COMPLETED, {"amount": "1.50"}),
             )
         ]
-        real_cursor = statements._cursor
-
-        @contextmanager
-        def recording(*args: Any) -> Iterator[Any]:
-            with real_cursor(*args) as cursor:
-                yield Recorder(cursor)
-
-        class Recorder:
-            def __init__(self, cursor: Any) -> None:
-                self.cursor = cursor
-
-            def execute(self, sql: str, *args: Any) -> Any:
-                sent.append(" ".join(sql.split()[:3:2]))
-                return self.cursor.execute(sql, *args)
-
-            def executemany(self, sql: str, *args: Any) -> Any:
-                sent.append(" ".join(sql.split()[:3:2]))
-                return self.cursor.executemany(sql, *args)
-
-        monkeypatch.setattr(statements, "_cursor", recording)
+        _record_statements(monkeypatch, sent)
         RowInsert(audits).many(session, rows)
         monkeypatch.undo()
         session.execute(insert(audits), [row | {"actor": "core"} for row in rows])
@@ -383,6 +388,46 @@ async def test_several_rows_are_one_statement_and_read_back_as_sqlalchemy_writes
     by_driver, by_core = stored[:3], stored[3:]
     assert [row["action"] for row in by_driver] == ["api_request", "api_response", "completed"]
     assert by_driver == [row | {"actor": "tester"} for row in by_core]
+
+
+async def test_an_event_and_its_deliveries_are_one_statement_on_postgresql(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deliveries reference their event (a foreign key): on PostgreSQL both go in one
+    statement, the event's INSERT in a WITH; on SQLite (no round trips) one after the other."""
+    database = ModuleDatabase(database_url)
+    await database.create_all(Base.metadata)
+    sent: list[str] = []
+    sink = EventSink(webhook_urls=("https://a.example/h", "https://b.example/h"))
+
+    def write(session: Session) -> tuple[str, list[tuple[str, str, str]]]:
+        pk = RowInsert(PaymentTransaction.__table__).one(session, _payment_values("T-E"))
+        record = repo.record_of(session, repo.get_by_id(session, pk))
+        _record_statements(monkeypatch, sent)
+        (written,) = add_events(session, record, [EventType.PAYMENT_COMPLETED], sink)
+        monkeypatch.undo()
+        session.commit()
+        stored = session.get(PaymentEvent, written.id)
+        assert stored is not None and stored.data["transaction_id"] == "T-E"
+        deliveries = session.scalars(
+            select(PaymentEventDelivery).order_by(PaymentEventDelivery.id)
+        ).all()
+        return written.id, [(d.event_id, d.kind, d.consumer) for d in deliveries]
+
+    try:
+        async with database.session() as db:
+            event_id, deliveries = await run_db(db, write)
+    finally:
+        await database.dispose()
+    assert deliveries == [
+        (event_id, "hooks", "hooks"),
+        (event_id, "webhook", "https://a.example/h"),
+        (event_id, "webhook", "https://b.example/h"),
+    ]
+    if database_url.startswith("postgresql"):
+        assert sent == ["WITH AS"]
+    else:
+        assert sent == ["INSERT payment_events", "INSERT payment_event_deliveries"]
 
 
 async def test_pending_orm_rows_go_in_before_the_drivers(database_url: str) -> None:

@@ -129,7 +129,8 @@ class RowInsert:
         self._row_with_key = _Shapes(
             self.statement.returning(table.c[self.key]) if self.key else self.statement
         )
-        #: asyncpg: the one-row SQL's ``count``-row form, by (one-row SQL, count).
+        #: asyncpg: the one-row SQL's ``count``-row form (``None``: not possible), by (one-row
+        #: SQL, count).
         self._several_rows: dict[tuple[str, int], str | None] = {}
 
     def one(self, session: Session, row: Mapping[str, Any]) -> Any:
@@ -165,18 +166,59 @@ class RowInsert:
             # asyncpg: a statement is a round trip, and its executemany costs more than a few
             # runs of the prepared statement; the rows here are one to four (an outcome's audit
             # rows, an event's deliveries), so they go as one INSERT of that many rows.
-            several = self._sql_for(compiled.sql, len(values)) if len(values) > 1 else None
-            if several is None:
+            one = self._one_statement(compiled, values)
+            if one is None:
                 for row in values:
                     cursor.execute(compiled.sql, row)
             else:
-                cursor.execute(several, [value for row in values for value in row])
+                cursor.execute(*one)
 
-    def _sql_for(self, one_row_sql: str, count: int) -> str | None:
-        key = (one_row_sql, count)
+    def _one_statement(
+        self, compiled: _Compiled, values: list[list[Any]]
+    ) -> tuple[str, list[Any]] | None:
+        """PostgreSQL: the SQL and parameters that insert every row of ``values`` at once."""
+        key = (compiled.sql, len(values))
         if key not in self._several_rows:
-            self._several_rows[key] = rows_sql(one_row_sql, count)
-        return self._several_rows[key]
+            self._several_rows[key] = (
+                compiled.sql if len(values) == 1 else rows_sql(compiled.sql, len(values))
+            )
+        sql = self._several_rows[key]
+        return (sql, [value for row in values for value in row]) if sql is not None else None
+
+    def _prepared(
+        self, connection: Connection, rows: Sequence[Mapping[str, Any]]
+    ) -> tuple[str, list[Any]] | None:
+        compiled = self._rows.get(connection.dialect, self.names)
+        values = compiled.values(*rows)
+        return self._one_statement(compiled, values) if values is not None else None
+
+
+def insert_together(
+    session: Session,
+    first: tuple[RowInsert, Sequence[Mapping[str, Any]]],
+    then: tuple[RowInsert, Sequence[Mapping[str, Any]]],
+) -> None:
+    """The rows of two tables (an event and its deliveries); ``then``'s rows may reference
+    ``first``'s. On asyncpg one statement, the first INSERT in a ``WITH`` (a round trip fewer;
+    a foreign key is checked at the end of the statement, after both)."""
+    (first_table, first_rows), (then_table, then_rows) = first, then
+    if first_rows and then_rows:
+        connection, direct = _direct(session)
+        if direct and connection.dialect.name != "sqlite":
+            parts = first_table._prepared(connection, first_rows)
+            rest = then_table._prepared(connection, then_rows)
+            if parts is not None and rest is not None:
+                head_sql, head_values = parts
+                head_sql = head_sql.partition(" RETURNING ")[0]
+                offset = len(head_values)
+                tail_sql = _PLACEHOLDER.sub(lambda m: f"${int(m.group(1)) + offset}", rest[0])
+                sql = f"WITH written AS ({head_sql}) {tail_sql}"
+                values = head_values + rest[1]
+                with _cursor(connection, sql, values) as cursor:
+                    cursor.execute(sql, values)
+                return
+    first_table.many(session, first_rows)
+    then_table.many(session, then_rows)
 
 
 _PLACEHOLDER = re.compile(r"\$(\d+)")
