@@ -1247,7 +1247,11 @@ def table(results: list[Result]) -> list[str]:
     for name in names:
         lines.append(f"| {name} | " + " | ".join(r.figures.get(name, "—") for r in results) + " |")
     verdicts = ["met" if not r.failures else "MISSED: " + "; ".join(r.failures) for r in results]
-    lines.append("| Targets | " + " | ".join(verdicts) + " |")
+    lines.append(
+        "| Other targets (none failed or lost, RSS, connections, correctness) | "
+        + " | ".join(verdicts)
+        + " |"
+    )
     return lines
 
 
@@ -1255,8 +1259,8 @@ def ratios(results: dict[str, Result]) -> tuple[list[str], list[str]]:
     """The issue's two ratios for each host configuration (and the demo, for comparison)."""
     lines = [
         "| | CPU per payment, burst (ours / pass-through) | Burst wall (ours / bare client) |"
-        " CPU per payment, C2B throughput (ours / pass-through) | Added median |",
-        "|---|---|---|---|---|",
+        " CPU per payment, C2B throughput (ours / pass-through) | Added median | Targets |",
+        "|---|---|---|---|---|---|",
     ]
     failures: list[str] = []
     floor, bare = results.get("passthrough"), results.get("bare")
@@ -1265,19 +1269,24 @@ def ratios(results: dict[str, Result]) -> tuple[list[str], list[str]]:
         if ours is None or "burst_cpu_ms" not in ours.numbers:
             continue
         checked = key != "demo"
+        missed: list[str] = []
         cell, cpu = _ratio_cell(ours, "burst_cpu_ms", floor, "burst_cpu_ms", "ms")
         cells = [cell]
         if checked and cpu is not None and cpu > TARGET_CPU_RATIO:
-            failures.append(f"{ours.label}: CPU {cpu:.2f}× the pass-through's")
+            missed.append(f"CPU {cpu:.2f}× the pass-through's")
         cell, wall = _ratio_cell(ours, "burst_wall", bare, "wall", "s")
         cells.append(cell)
         if checked and wall is not None and wall > TARGET_WALL_RATIO:
-            failures.append(f"{ours.label}: burst wall {wall:.2f}× the bare client's")
+            missed.append(f"burst wall {wall:.2f}× the bare client's")
         cells.append(_ratio_cell(ours, "c2b_cpu_ms", floor, "c2b_cpu_ms", "ms", bold=False)[0])
         added = ours.numbers.get("added_median")
         cells.append("—" if added is None else f"{added:.2f} ms")
         if checked and added is not None and added > TARGET_OVERHEAD_MEDIAN_MS:
-            failures.append(f"{ours.label}: added median {added:.2f} ms")
+            missed.append(f"added median {added:.2f} ms")
+        cells.append(
+            "for comparison" if not checked else "MISSED: " + "; ".join(missed) if missed else "met"
+        )
+        failures += [f"{ours.label}: {miss}" for miss in missed]
         lines.append(f"| {ours.label} | " + " | ".join(cells) + " |")
     return lines, failures
 
