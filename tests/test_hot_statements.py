@@ -327,7 +327,7 @@ async def test_either_way_the_database_holds_the_same_values(database_url: str) 
 
 def _record_statements(monkeypatch: pytest.MonkeyPatch, sent: list[str]) -> None:
     """Each statement ``repository/statements.py`` hands its driver, as "VERB table"."""
-    real_cursor = statements._cursor
+    real_cursor = statements._DriverCursor
 
     class Recorder:
         def __init__(self, cursor: Any) -> None:
@@ -346,7 +346,7 @@ def _record_statements(monkeypatch: pytest.MonkeyPatch, sent: list[str]) -> None
         with real_cursor(*args) as cursor:
             yield Recorder(cursor)
 
-    monkeypatch.setattr(statements, "_cursor", recording)
+    monkeypatch.setattr(statements, "_DriverCursor", recording)
 
 
 async def test_several_rows_are_one_statement_and_read_back_as_sqlalchemy_writes_them(

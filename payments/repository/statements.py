@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import re
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,20 +85,29 @@ def _direct(session: Session) -> tuple[Connection, bool]:
     return connection, direct
 
 
-@contextmanager
-def _cursor(connection: Connection, sql: str, values: Any) -> Iterator[Any]:
-    """A cursor of the connection's driver; its errors raised as SQLAlchemy raises them
-    (``IntegrityError`` for a key used before, ``OperationalError`` for a locked file, …)."""
-    dbapi_error = connection.dialect.loaded_dbapi.Error
-    cursor = connection.connection.cursor()
-    try:
-        yield cursor
-    except dbapi_error as error:
-        raise DBAPIError.instance(
-            sql, values, error, dbapi_error, dialect=connection.dialect
-        ) from error
-    finally:
-        cursor.close()
+class _DriverCursor:
+    """``with _DriverCursor(connection, sql, values) as cursor``: a cursor of the connection's
+    driver; its errors raised as SQLAlchemy raises them (``IntegrityError`` for a key used
+    before, ``OperationalError`` for a locked file, …). A class rather than a generator: it is
+    entered for every statement of a payment, and a generator's context manager costs more."""
+
+    __slots__ = ("connection", "cursor", "sql", "values")
+
+    def __init__(self, connection: Connection, sql: str, values: Any) -> None:
+        self.connection, self.sql, self.values = connection, sql, values
+
+    def __enter__(self) -> Any:
+        self.cursor = self.connection.connection.cursor()
+        return self.cursor
+
+    def __exit__(self, kind: Any, error: BaseException | None, traceback: Any) -> None:
+        self.cursor.close()
+        dialect = self.connection.dialect
+        dbapi_error = dialect.loaded_dbapi.Error
+        if isinstance(error, dbapi_error):
+            raise DBAPIError.instance(
+                self.sql, self.values, error, dbapi_error, dialect=dialect
+            ) from error
 
 
 class _Shapes:
@@ -144,7 +152,7 @@ class RowInsert:
         if compiled is None or values is None:
             result = session.execute(self.statement, dict(row))
             return result.inserted_primary_key[0] if self.key else None
-        with _cursor(connection, compiled.sql, values) as cursor:
+        with _DriverCursor(connection, compiled.sql, values) as cursor:
             cursor.execute(compiled.sql, values[0])
             if self.key is None:
                 return None
@@ -159,7 +167,7 @@ class RowInsert:
         if compiled is None or values is None:
             session.execute(self.statement, [dict(row) for row in rows])
             return
-        with _cursor(connection, compiled.sql, values) as cursor:
+        with _DriverCursor(connection, compiled.sql, values) as cursor:
             if connection.dialect.name == "sqlite":
                 cursor.executemany(compiled.sql, values)
                 return
@@ -214,7 +222,7 @@ def insert_together(
                 tail_sql = _PLACEHOLDER.sub(lambda m: f"${int(m.group(1)) + offset}", rest[0])
                 sql = f"WITH written AS ({head_sql}) {tail_sql}"
                 values = head_values + rest[1]
-                with _cursor(connection, sql, values) as cursor:
+                with _DriverCursor(connection, sql, values) as cursor:
                     cursor.execute(sql, values)
                 return
     first_table.many(session, first_rows)
@@ -278,6 +286,6 @@ class GuardedUpdate:
         if compiled is None or values is None:
             result = session.execute(self.statement, parameters)
             return int(result.rowcount)  # type: ignore[attr-defined]
-        with _cursor(connection, compiled.sql, values) as cursor:
+        with _DriverCursor(connection, compiled.sql, values) as cursor:
             cursor.execute(compiled.sql, values[0])
             return int(cursor.rowcount)
