@@ -557,10 +557,11 @@ async def phase_bare(simulator: str, settings: Settings) -> Result:
 
 
 def _of_bursts(values: list[float], unit: str) -> str:
-    """`` (median of 3: 4.10, 4.30, 5.02 s)`` when there was more than one burst."""
+    """`` (median of 3: 4.30, 5.02, 4.10 s)`` (in the order they ran) when there was more
+    than one burst."""
     if len(values) < 2:
         return ""
-    shown = ", ".join(f"{value:.2f}" for value in sorted(values))
+    shown = ", ".join(f"{value:.2f}" for value in values)
     return f" (median of {len(values)}: {shown} {unit})"
 
 
