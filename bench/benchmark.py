@@ -521,11 +521,15 @@ async def phase_bare(simulator: str, settings: Settings) -> Result:
     failed = 0
     await set_pin_delay(simulator, delay)
     try:
-        async with unlimited_session() as session:
-            for _ in range(settings.bursts):
+        for _ in range(settings.bursts):
+            # New customers each time: connections kept from the last burst could be closed by
+            # the server's keep-alive timeout just as a request goes out on them.
+            async with unlimited_session() as session:
                 gate = asyncio.Event()
 
-                async def pay(gate: asyncio.Event = gate) -> bool:
+                async def pay(
+                    gate: asyncio.Event = gate, session: aiohttp.ClientSession = session
+                ) -> bool:
                     fields = raw_c2b_fields()
                     await gate.wait()
                     try:
@@ -642,11 +646,15 @@ async def phase_burst(
     cpus: list[float] = []
     succeeded = 0
     try:
-        async with unlimited_session() as session:
-            for _ in range(settings.bursts):
+        for _ in range(settings.bursts):
+            # New customers each time: connections kept from the last burst could be closed by
+            # the server's keep-alive timeout just as a request goes out on them.
+            async with unlimited_session() as session:
                 gate = asyncio.Event()
 
-                async def pay(gate: asyncio.Event = gate) -> bool:
+                async def pay(
+                    gate: asyncio.Event = gate, session: aiohttp.ClientSession = session
+                ) -> bool:
                     body, headers, base = payment_body(), server.initiate_headers(), server.base
                     await gate.wait()
                     started = time.perf_counter()
