@@ -7,6 +7,9 @@ processor, so the rows are exactly what SQLAlchemy writes. That skips SQLAlchemy
 machinery (compiled-cache lookup, execution context, result set), which cost as much CPU per
 statement as SQLite itself. Errors are raised as SQLAlchemy raises them. On any other driver
 they are ordinary Core statements on the session.
+
+On PostgreSQL each statement is a round trip, so the rows of one table go as one INSERT of that
+many rows, and an event with its deliveries as one statement (``insert_together``).
 """
 
 from __future__ import annotations
