@@ -520,34 +520,22 @@ async def phase_bare(simulator: str, settings: Settings) -> Result:
     walls: list[float] = []
     failed = 0
     await set_pin_delay(simulator, delay)
+
+    async def pay(session: aiohttp.ClientSession, gate: asyncio.Event) -> bool:
+        fields = raw_c2b_fields()
+        await gate.wait()
+        try:
+            async with session.post(simulator + C2B_PATH, json=fields, headers=headers) as response:
+                answer = await response.json(content_type=None)
+                return answer.get("output_ResponseCode") == "INS-0"
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
     try:
         for _ in range(settings.bursts):
-            # New customers each time: connections kept from the last burst could be closed by
-            # the server's keep-alive timeout just as a request goes out on them.
-            async with unlimited_session() as session:
-                gate = asyncio.Event()
-
-                async def pay(
-                    gate: asyncio.Event = gate, session: aiohttp.ClientSession = session
-                ) -> bool:
-                    fields = raw_c2b_fields()
-                    await gate.wait()
-                    try:
-                        async with session.post(
-                            simulator + C2B_PATH, json=fields, headers=headers
-                        ) as response:
-                            answer = await response.json(content_type=None)
-                            return answer.get("output_ResponseCode") == "INS-0"
-                    except (aiohttp.ClientError, TimeoutError):
-                        return False
-
-                tasks = [asyncio.create_task(pay()) for _ in range(n)]
-                await asyncio.sleep(0.05)
-                started = time.perf_counter()
-                gate.set()
-                outcomes = await asyncio.gather(*tasks)
-                walls.append(time.perf_counter() - started)
-                failed += n - sum(outcomes)
+            wall, paid = await one_burst(n, pay)
+            walls.append(wall)
+            failed += n - paid
     finally:
         await set_pin_delay(simulator, 0.0)
     wall = statistics.median(walls)
@@ -567,6 +555,29 @@ def _of_bursts(values: list[float], unit: str) -> str:
         return ""
     shown = ", ".join(f"{value:.2f}" for value in values)
     return f" (median of {len(values)}: {shown} {unit})"
+
+
+async def one_burst(
+    n: int,
+    pay: Callable[[aiohttp.ClientSession, asyncio.Event], Awaitable[bool]],
+    at_start: Callable[[], None] = lambda: None,
+    at_end: Callable[[], None] = lambda: None,
+) -> tuple[float, int]:
+    """``n`` customers released at once (``pay`` waits for the gate), on new connections: kept
+    ones could be closed by the server's keep-alive timeout just as a request goes out on them.
+    The wall time, and how many paid; ``at_start`` runs just before the gate opens, ``at_end``
+    once every customer has an answer (before the connections close)."""
+    async with unlimited_session() as session:
+        gate = asyncio.Event()
+        tasks = [asyncio.create_task(pay(session, gate)) for _ in range(n)]
+        await asyncio.sleep(0.05)  # every task is waiting at the gate
+        at_start()
+        started = time.perf_counter()
+        gate.set()
+        paid = sum(await asyncio.gather(*tasks))
+        wall = time.perf_counter() - started
+        at_end()
+        return wall, paid
 
 
 async def phase_overhead(server: Server, simulator: str, samples: int, result: Result) -> None:
@@ -645,48 +656,46 @@ async def phase_burst(
     walls: list[float] = []
     cpus: list[float] = []
     succeeded = 0
+
+    async def pay(session: aiohttp.ClientSession, gate: asyncio.Event) -> bool:
+        body, headers, base = payment_body(), server.initiate_headers(), server.base
+        await gate.wait()
+        started = time.perf_counter()
+        try:
+            async with session.post(
+                base + "/api/payments/initiate", json=body, headers=headers
+            ) as response:
+                text = await response.text()
+                try:
+                    answer = json.loads(text)
+                except ValueError:
+                    answer = text
+                ok = server.paid(response.status, answer)
+                if not ok:
+                    failures.append(f"{response.status} {str(answer)[:200]}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            failures.append(f"{type(exc).__name__}: {exc}")
+            ok = False
+        latencies.append(time.perf_counter() - started)
+        return ok
+
+    cpu_before = 0.0
+
+    def at_start() -> None:
+        nonlocal cpu_before
+        if sampler is not None and not walls:
+            sampler.open_window()  # the peak over every burst
+        cpu_before = server.cpu_seconds()
+
+    def at_end() -> None:
+        cpus.append(server.cpu_seconds() - cpu_before)
+
     try:
         for _ in range(settings.bursts):
-            # New customers each time: connections kept from the last burst could be closed by
-            # the server's keep-alive timeout just as a request goes out on them.
-            async with unlimited_session() as session:
-                gate = asyncio.Event()
-
-                async def pay(
-                    gate: asyncio.Event = gate, session: aiohttp.ClientSession = session
-                ) -> bool:
-                    body, headers, base = payment_body(), server.initiate_headers(), server.base
-                    await gate.wait()
-                    started = time.perf_counter()
-                    try:
-                        async with session.post(
-                            base + "/api/payments/initiate", json=body, headers=headers
-                        ) as response:
-                            text = await response.text()
-                            try:
-                                answer = json.loads(text)
-                            except ValueError:
-                                answer = text
-                            ok = server.paid(response.status, answer)
-                            if not ok:
-                                failures.append(f"{response.status} {str(answer)[:200]}")
-                    except (aiohttp.ClientError, TimeoutError) as exc:
-                        failures.append(f"{type(exc).__name__}: {exc}")
-                        ok = False
-                    latencies.append(time.perf_counter() - started)
-                    return ok
-
-                cpu_before = server.cpu_seconds()
-                tasks = [asyncio.create_task(pay()) for _ in range(n)]
-                await asyncio.sleep(0.05)  # every task is waiting at the gate
-                if sampler is not None and not walls:
-                    sampler.open_window()  # the peak over every burst
-                started = time.perf_counter()
-                gate.set()
-                succeeded += sum(await asyncio.gather(*tasks))
-                walls.append(time.perf_counter() - started)
-                cpus.append(server.cpu_seconds() - cpu_before)
-            peak_rss_mb = server.peak_rss_mb()
+            wall, paid = await one_burst(n, pay, at_start, at_end)
+            walls.append(wall)
+            succeeded += paid
+        peak_rss_mb = server.peak_rss_mb()
     finally:
         await set_pin_delay(simulator, 0.0)
     payments = n * len(walls)
