@@ -1335,7 +1335,9 @@ def ratios(results: dict[str, Result]) -> tuple[list[str], list[str]]:
         if checked and added is not None and added > TARGET_OVERHEAD_MEDIAN_MS:
             missed.append(f"added median {added:.2f} ms")
         cells.append(
-            "for comparison" if not checked else "MISSED: " + "; ".join(missed) if missed else "met"
+            "for comparison"
+            if not checked
+            else ("MISSED: " + "; ".join(missed) if missed else "met")
         )
         failures += [f"{ours.label}: {miss}" for miss in missed]
         lines.append(f"| {ours.label} | " + " | ".join(cells) + " |")

@@ -105,6 +105,8 @@ class _DriverCursor:
 
     def __exit__(self, kind: Any, error: BaseException | None, traceback: Any) -> None:
         self.cursor.close()
+        if error is None:
+            return
         dialect = self.connection.dialect
         dbapi_error = dialect.loaded_dbapi.Error
         if isinstance(error, dbapi_error):
@@ -221,9 +223,7 @@ def insert_together(
             if parts is not None and rest is not None:
                 head_sql, head_values = parts
                 head_sql = head_sql.partition(" RETURNING ")[0]
-                offset = len(head_values)
-                tail_sql = _PLACEHOLDER.sub(lambda m: f"${int(m.group(1)) + offset}", rest[0])
-                sql = f"WITH written AS ({head_sql}) {tail_sql}"
+                sql = f"WITH written AS ({head_sql}) {_shifted(rest[0], len(head_values))}"
                 values = head_values + rest[1]
                 with _DriverCursor(connection, sql, values) as cursor:
                     cursor.execute(sql, values)
@@ -233,6 +233,11 @@ def insert_together(
 
 
 _PLACEHOLDER = re.compile(r"\$(\d+)")
+
+
+def _shifted(sql: str, by: int) -> str:
+    """``sql`` with each numbered placeholder ``$n`` as ``$(n + by)``."""
+    return _PLACEHOLDER.sub(lambda m: f"${int(m.group(1)) + by}", sql)
 
 
 def rows_sql(one_row_sql: str, count: int) -> str | None:
@@ -248,10 +253,7 @@ def rows_sql(one_row_sql: str, count: int) -> str | None:
     if numbers != list(range(1, width + 1)) or ")" in row[:-1]:
         return None  # not one plain row of placeholders (casts are ``$1::VARCHAR``, no parens)
 
-    def row_at(index: int) -> str:
-        return _PLACEHOLDER.sub(lambda m: f"${int(m.group(1)) + index * width}", row)
-
-    rows = ", ".join(row_at(index) for index in range(count))
+    rows = ", ".join(_shifted(row, index * width) for index in range(count))
     return head + values_keyword + rows + returning_keyword + returning
 
 
