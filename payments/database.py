@@ -445,10 +445,15 @@ def _write_lock(engine: Engine) -> asyncio.Lock:
 
 
 def committing(work: Callable[[Session], Any]) -> Callable[[Session], Any]:
+    """``work``, then the session's commit. A session that began no transaction (in a write
+    batch, the money path's statements run in the unit's savepoint, not the session's) has
+    nothing to commit; ``Session.commit`` would begin one to commit it (about 40 µs)."""
+
     def run(session: Session) -> Any:
         try:
             result = work(session)
-            session.commit()
+            if session.in_transaction():  # session.add() begins one, so pending rows count
+                session.commit()
             return result
         except BaseException:
             session.rollback()

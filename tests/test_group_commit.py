@@ -133,18 +133,70 @@ async def test_the_savepoints_of_a_batch_go_straight_to_the_driver(tmp_path: Pat
         )
         assert [type(result) for result in results] == [int, IntegrityError, int], results
         assert await _stored(database) == ["TXN-A", "TXN-C"]
-        keywords = [sql.split()[0].upper() for sql in seen_by_sqlite]
-        # SAVEPOINT per unit; RELEASE for the two stored, ROLLBACK TO for the refused one.
-        assert [k for k in keywords if k in {"SAVEPOINT", "RELEASE", "ROLLBACK"}] == [
-            *["SAVEPOINT", "RELEASE"],
-            *["SAVEPOINT", "ROLLBACK"],
-            *["SAVEPOINT", "RELEASE"],
-        ], keywords
+        savepoints = [
+            sql for sql in seen_by_sqlite if sql.startswith(("SAVEPOINT", "RELEASE", "ROLLBACK TO"))
+        ]
+        # One savepoint per unit, the batch's own: the money path's statements begin no
+        # transaction (nor savepoint) of the session's. The refused unit is rolled back to it.
+        assert savepoints == [
+            *["SAVEPOINT payments_unit", "RELEASE SAVEPOINT payments_unit"],
+            *["SAVEPOINT payments_unit", "ROLLBACK TO SAVEPOINT payments_unit"],
+            "RELEASE SAVEPOINT payments_unit",
+            *["SAVEPOINT payments_unit", "RELEASE SAVEPOINT payments_unit"],
+        ], seen_by_sqlite
         assert not [
             sql
             for sql in seen_by_sqlalchemy
             if sql.split()[0].upper() in {"SAVEPOINT", "RELEASE", "ROLLBACK"}
         ]
+    finally:
+        await database.dispose()
+
+
+def _orm_and_statements(transaction_id: str, fails: bool) -> Callable[[Session], Any]:
+    """A unit that mixes the module's statements (on the batch's connection) with ORM work (in
+    a savepoint the session begins inside the unit's), then fails if ``fails``."""
+
+    def work(session: Session) -> int:
+        pk = repo.insert_payment(session, _payment(transaction_id)).id
+        session.add(PaymentAuditLog(payment_id=pk, action=AuditAction.INITIATED.value))
+        repo.add_audit(session, pk, AuditAction.API_REQUEST)  # flushes the ORM row first
+        if fails:
+            raise RuntimeError("the unit gives up after its writes")
+        return pk
+
+    return committing(work)
+
+
+async def test_a_units_orm_work_and_statements_are_kept_or_undone_together(tmp_path: Path) -> None:
+    database, commits = await _database(tmp_path / "p.db")
+    try:
+        commits.clear()
+        kept, undone, also_kept = await _batch(
+            database,
+            _orm_and_statements("TXN-A", fails=False),
+            _orm_and_statements("TXN-B", fails=True),
+            _orm_and_statements("TXN-C", fails=False),
+        )
+        assert isinstance(kept, int) and isinstance(also_kept, int), (kept, also_kept)
+        assert isinstance(undone, RuntimeError), undone
+        assert commits == ["COMMIT"]
+        assert await _stored(database) == ["TXN-A", "TXN-C"]
+        async with database.session() as db:
+            audits = await run_db(
+                db,
+                lambda s: sorted(
+                    (pk, action)
+                    for pk, action in s.execute(
+                        select(PaymentAuditLog.payment_id, PaymentAuditLog.action)
+                    )
+                ),
+            )
+        assert audits == sorted(
+            (pk, action.value)
+            for pk in (kept, also_kept)
+            for action in (AuditAction.INITIATED, AuditAction.API_REQUEST)
+        )
     finally:
         await database.dispose()
 

@@ -68,6 +68,11 @@ class _Compiled:
 #: ``Session.info`` key: the connection of the session's current transaction (see ``_direct``).
 _CURRENT = "payments_statements_connection"
 
+#: ``Session.info`` key: the connection of the write batch the session's unit runs in, inside the
+#: unit's own savepoint (``group_commit``). The statements go to it without beginning the
+#: session's transaction, which would cost more than the statements themselves.
+BATCH_CONNECTION = "payments_batch_connection"
+
 
 def _direct(session: Session) -> tuple[Connection, bool]:
     """The session's connection (its transaction begun), and whether its driver is one of ours.
@@ -75,6 +80,9 @@ def _direct(session: Session) -> tuple[Connection, bool]:
     own Python on the driver, and a payment's transaction asks three or four times."""
     if session.autoflush and (session.new or session.dirty or session.deleted):
         session.flush()  # what Session.execute does first: pending ORM rows go in before ours
+    batch = session.info.get(BATCH_CONNECTION)
+    if batch is not None:
+        return batch, True
     transaction = session.get_transaction()
     kept = session.info.get(_CURRENT)
     if transaction is not None and kept is not None and kept[0]() is transaction:
