@@ -32,6 +32,11 @@ from .repository.statements import BATCH_CONNECTION
 #: Each unit's savepoint (one at a time: a unit's ends before the next one's begins).
 _UNIT_SAVEPOINT = "payments_unit"
 
+#: The savepoint statements as ``sqlite3`` is sent them, the unit's and SQLAlchemy's alike.
+_SAVEPOINT = "SAVEPOINT {}"
+_RELEASE = "RELEASE SAVEPOINT {}"
+_ROLLBACK_TO = "ROLLBACK TO SAVEPOINT {}"
+
 Unit = tuple[contextvars.Context, Session, Callable[[Session], Any]]
 Outcome = tuple[bool, Any]
 
@@ -88,7 +93,7 @@ def _units_in(
         # the session beginning a transaction of its own (SQLAlchemy's begin and commit of a
         # savepoint cost more CPU than the unit's statements). What a unit does through the ORM
         # still runs in a savepoint of the session's, inside this one.
-        driver.execute(f"SAVEPOINT {_UNIT_SAVEPOINT}")
+        driver.execute(_SAVEPOINT.format(_UNIT_SAVEPOINT))
         session.bind = connection
         session.join_transaction_mode = "create_savepoint"
         session.info[BATCH_CONNECTION] = connection
@@ -103,8 +108,8 @@ def _units_in(
             return outcomes, True
         try:
             if not outcome[0]:
-                driver.execute(f"ROLLBACK TO SAVEPOINT {_UNIT_SAVEPOINT}")
-            driver.execute(f"RELEASE SAVEPOINT {_UNIT_SAVEPOINT}")
+                driver.execute(_ROLLBACK_TO.format(_UNIT_SAVEPOINT))
+            driver.execute(_RELEASE.format(_UNIT_SAVEPOINT))
         except BaseException as error:
             # The unit's rows can no longer be told apart from the batch's: end the batch, so
             # every unit in it is told nothing of it was stored.
@@ -142,9 +147,9 @@ def savepoints_on_the_driver(engine: Engine) -> None:
 
     # On this engine's dialect instance only (create_engine makes one per engine).
     dialect: Any = engine.dialect
-    dialect.do_savepoint = sent_as("SAVEPOINT {}")
-    dialect.do_release_savepoint = sent_as("RELEASE SAVEPOINT {}")
-    dialect.do_rollback_to_savepoint = sent_as("ROLLBACK TO SAVEPOINT {}")
+    dialect.do_savepoint = sent_as(_SAVEPOINT)
+    dialect.do_release_savepoint = sent_as(_RELEASE)
+    dialect.do_rollback_to_savepoint = sent_as(_ROLLBACK_TO)
 
 
 def _transaction_ended() -> OperationalError:

@@ -169,9 +169,23 @@ def _orm_and_statements(transaction_id: str, fails: bool) -> Callable[[Session],
 
 
 async def test_a_units_orm_work_and_statements_are_kept_or_undone_together(tmp_path: Path) -> None:
-    database, commits = await _database(tmp_path / "p.db")
+    """The session's savepoint for its ORM work nests inside the unit's, and goes straight to
+    the driver too."""
+    database, _ = await _database(tmp_path / "p.db")
+    assert database.sync_engine is not None
+    seen_by_sqlite: list[str] = []  # this trace replaces _database's COMMIT trace
+    seen_by_sqlalchemy: list[str] = []
+
+    @event.listens_for(database.sync_engine, "connect")
+    def trace(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.set_trace_callback(seen_by_sqlite.append)
+
+    @event.listens_for(database.sync_engine, "before_cursor_execute")
+    def executed(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        seen_by_sqlalchemy.append(statement)
+
     try:
-        commits.clear()
+        database.sync_engine.dispose()  # new connections, traced from their start
         kept, undone, also_kept = await _batch(
             database,
             _orm_and_statements("TXN-A", fails=False),
@@ -180,7 +194,24 @@ async def test_a_units_orm_work_and_statements_are_kept_or_undone_together(tmp_p
         )
         assert isinstance(kept, int) and isinstance(also_kept, int), (kept, also_kept)
         assert isinstance(undone, RuntimeError), undone
-        assert commits == ["COMMIT"]
+        assert [sql for sql in seen_by_sqlite if sql.strip().upper() == "COMMIT"] == ["COMMIT"]
+        savepoints = [
+            sql.replace("sa_savepoint_", "sa_").split()[-1]
+            for sql in seen_by_sqlite
+            if sql.startswith(("SAVEPOINT", "RELEASE", "ROLLBACK TO"))
+        ]
+        # Per unit: the unit's savepoint, the session's inside it (begun by the ORM row's
+        # flush), released (or rolled back, for the unit that failed) innermost first.
+        assert [name.startswith("sa_") for name in savepoints] == [
+            *[False, True, True, False],
+            *[False, True, True, False, False],
+            *[False, True, True, False],
+        ], seen_by_sqlite
+        assert not [
+            sql
+            for sql in seen_by_sqlalchemy
+            if sql.split()[0].upper() in {"SAVEPOINT", "RELEASE", "ROLLBACK"}
+        ]
         assert await _stored(database) == ["TXN-A", "TXN-C"]
         async with database.session() as db:
             audits = await run_db(
