@@ -83,6 +83,7 @@ __all__ = [
     "EventType",
     "WrittenEvent",
     "add_events",
+    "event_rows",
     "call_hook",
     "claim_due",
     "current_event_id",
@@ -214,6 +215,19 @@ def hook_of(event_type: str, data: Mapping[str, Any]) -> str | None:
     }.get(EventType(event_type) if event_type else None)  # type: ignore[call-overload]
 
 
+@dataclass(frozen=True, slots=True)
+class EventRows:
+    """The rows of a transition's events and their deliveries, not yet written."""
+
+    events: list[dict[str, Any]]
+    deliveries: list[dict[str, Any]]
+    written: list[WrittenEvent]
+
+    def inserts(self) -> list[tuple[RowInsert, list[dict[str, Any]]]]:
+        """What writes them, in order (a delivery refers to its event)."""
+        return [(_INSERT_EVENT, self.events), (_INSERT_DELIVERY, self.deliveries)]
+
+
 def add_events(
     session: Session,
     record: PaymentRecord,
@@ -224,8 +238,22 @@ def add_events(
 ) -> list[WrittenEvent]:
     """Insert the events of ``record``'s transition and their deliveries (no commit: the
     caller's transaction commits them with the transition, or rolls them back with it)."""
+    rows = event_rows(record, types, sink, extra=extra)
+    if rows.events:
+        insert_together(session, *rows.inserts())
+    return rows.written
+
+
+def event_rows(
+    record: PaymentRecord,
+    types: Sequence[EventType],
+    sink: EventSink,
+    *,
+    extra: Mapping[str, Any] | None = None,
+) -> EventRows:
+    """The events of ``record``'s transition and their deliveries, for the caller to write."""
     if not types:
-        return []
+        return EventRows([], [], [])
     now = utcnow()
     data = snapshot(record) | dict(extra or {})
     events: list[dict[str, Any]] = []
@@ -256,8 +284,7 @@ def add_events(
             delivery_row(event_id, ConsumerKind.WEBHOOK, url, now) for url in sink.webhook_urls
         ]
         written.append(WrittenEvent(event_id, event_type.value, has_hook, due_now))
-    insert_together(session, (_INSERT_EVENT, events), (_INSERT_DELIVERY, deliveries))
-    return written
+    return EventRows(events, deliveries, written)
 
 
 # -- hooks ---------------------------------------------------------------------------------------

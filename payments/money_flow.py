@@ -158,17 +158,15 @@ class MoneyFlow(PaymentHooks):
         actor: str | None,
         client_ip: str | None,
     ) -> PaymentRecord:
-        record = repo.insert_payment(session, values)
-        repo.add_audit(
-            session,
-            record.id,
+        initiated = repo.audit_entry(
+            None,
             AuditAction.INITIATED,
-            status_after=record.status,
+            status_after=values["status"],
             request_body=sanitize(new.request_body),
             actor=actor,
             client_ip=client_ip,
         )
-        return record
+        return repo.insert_payment(session, values, initiated)
 
     async def _record_intent(
         self,

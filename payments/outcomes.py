@@ -438,20 +438,25 @@ def apply_outcome(
                 actor=actor,
             )
         )
-    repo.update_payment(session, record.id, current["version"], before, changes)
-    repo.add_audits(session, audits)
     updated = PaymentRecord.from_columns(
         {**current, **changes, "version": current["version"] + 1},
         record.original_transaction_id,
     )
-    original_record: PaymentRecord | None = None
-    if changed and updated.operation == PaymentOperation.REVERSAL and updated.status == S.COMPLETED:
-        original_record = _apply_reversal_to_original(session, updated, actor)
     types = events.transition_types(
         updated, status_before=before, attention_before=bool(current["attention_required"])
     )
-    written = events.add_events(session, updated, types, sink or events.EventSink())
-    return updated, before, original_record, written
+    version = current["version"]
+    if changed and updated.operation == PaymentOperation.REVERSAL and updated.status == S.COMPLETED:
+        repo.update_payment(session, record.id, version, before, changes, audits)
+        original_record = _apply_reversal_to_original(session, updated, actor)
+        written = events.add_events(session, updated, types, sink or events.EventSink())
+        return updated, before, original_record, written
+    # The common case: everything in one write, the unit's last (on PostgreSQL one statement).
+    rows = events.event_rows(updated, types, sink or events.EventSink())
+    repo.update_payment(
+        session, record.id, version, before, changes, audits, then=rows.inserts(), final=True
+    )
+    return updated, before, None, rows.written
 
 
 def _apply_reversal_to_original(

@@ -39,8 +39,7 @@ from fastapi import FastAPI
 from psycopg import sql
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
 from payments.config import get_settings
@@ -680,29 +679,56 @@ async def test_gateway_whose_database_disappears_answers_503_and_sends_nothing(
     assert (await simulator.calls())["c2b"] == 0
 
 
-class CommitFaults:
-    """Makes every commit after the first ``allowed`` ones fail, like a database that goes away
-    between the intent and the outcome."""
+class RefusedOutcomes:
+    """A database that refuses every write of an outcome (a trigger fails each UPDATE of a
+    payment) while still taking new payments: like a database that goes away between the intent
+    and the outcome. The failed attempts are counted by the sessions' rollbacks."""
 
-    def __init__(self, allowed: int) -> None:
-        self.allowed = allowed
-        self.commits = 0
+    _SQL = {
+        "postgresql": (
+            "CREATE FUNCTION refuse_outcome() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            " RAISE EXCEPTION 'disk I/O error (injected by the test)' USING ERRCODE = '58030';"
+            " END $$",
+            "CREATE TRIGGER refuse_outcome BEFORE UPDATE ON payment_transactions"
+            " FOR EACH ROW EXECUTE FUNCTION refuse_outcome()",
+        ),
+        "sqlite": (
+            "CREATE TRIGGER refuse_outcome BEFORE UPDATE ON payment_transactions"
+            " BEGIN SELECT RAISE(ABORT, 'disk I/O error (injected by the test)'); END",
+        ),
+    }
+    _UNDO = {
+        "postgresql": (
+            "DROP TRIGGER refuse_outcome ON payment_transactions",
+            "DROP FUNCTION refuse_outcome()",
+        ),
+        "sqlite": ("DROP TRIGGER refuse_outcome",),
+    }
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
         self.failed = 0
+
+    async def _run(self, statements: tuple[str, ...]) -> None:
+        async with self.engine.begin() as connection:
+            for statement in statements:
+                await connection.exec_driver_sql(statement)
+
+    async def start(self) -> None:
+        await self._run(self._SQL[self.engine.dialect.name])
+
+    async def stop(self) -> None:
+        await self._run(self._UNDO[self.engine.dialect.name])
 
     def session_class(self) -> type[Session]:
         faults = self
 
-        class FlakySession(Session):
-            def commit(self) -> None:
-                faults.commits += 1
-                if faults.commits > faults.allowed:
-                    faults.failed += 1
-                    raise OperationalError(
-                        "COMMIT", None, OSError("disk I/O error (injected by the test)")
-                    )
-                super().commit()
+        class CountingSession(Session):
+            def rollback(self) -> None:
+                faults.failed += 1
+                super().rollback()
 
-        return FlakySession
+        return CountingSession
 
 
 @pytest.fixture
@@ -731,14 +757,16 @@ async def test_database_failing_after_the_provider_answered_is_reported_and_reco
         PAYMENT_RETRY_BACKOFF_MAX="0.05",
     )
     service = PaymentService(get_settings(), db_retry_delays=(0.01, 0.01))
-    faults = CommitFaults(allowed=1)  # the intent commits; recording the outcome does not
     engine = session_factory.kw["bind"]
-    flaky = async_sessionmaker(
+    faults = RefusedOutcomes(engine)  # the intent is written; the outcome is not
+    counted = async_sessionmaker(
         engine, expire_on_commit=False, sync_session_class=faults.session_class()
     )
+    await faults.start()
     try:
-        async with api_over(service, flaky) as api:
+        async with api_over(service, counted) as api:
             response = await api.post("/api/payments/initiate", json=initiate_body(CUSTOMER))
+        await faults.stop()
         # M-Pesa may have the money: accepted with the recorded payment, not a retryable 503
         # (a client retrying without an idempotency key would charge twice).
         assert response.status_code == 202, response.text

@@ -4,6 +4,7 @@ statements that bypass SQLAlchemy, and SQLAlchemy still sees the rest."""
 
 from __future__ import annotations
 
+import base64
 import gc
 import re
 import sqlite3
@@ -20,7 +21,7 @@ from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from payments import repository as repo
 from payments.config import load_settings
-from payments.database import ModuleDatabase, create_sync_sqlite_engine, run_db
+from payments.database import ModuleDatabase, committing, create_sync_sqlite_engine, run_db
 from payments.deliveries import delivery_row
 from payments.events import EventSink, add_events
 from payments.lifecycle import ConsumerKind, EventType
@@ -477,3 +478,191 @@ def test_a_value_left_to_sqlalchemy_is_written_by_core(tmp_path: Path) -> None:
     assert changed == 1
     assert row["status"] == "completed" and row["version"] == 2
     assert row["updated_at"].replace(tzinfo=UTC) > MOMENT
+
+
+def _log_queries(database: ModuleDatabase, sent: list[str]) -> None:
+    """Every statement asyncpg sends on the database's connections, opened from now on."""
+    assert database.async_engine is not None
+
+    @event.listens_for(database.async_engine.sync_engine, "connect")
+    def log_queries(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.driver_connection.add_query_logger(
+            lambda logged: sent.append(logged.query)
+        )
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_payment_on_postgresql_is_two_statements_that_commit_themselves(
+    database_url: str,
+) -> None:
+    """Each statement is a round trip: the intent (the payment and its first audit row) is one
+    statement, the outcome (the UPDATE, its audit rows, the event and its delivery) another, and
+    neither needs BEGIN or COMMIT: a statement is atomic, and each is its unit's only write."""
+    database = ModuleDatabase(database_url)
+    await database.create_all(Base.metadata)
+    await database.dispose()
+    database = ModuleDatabase(database_url)
+    sent: list[str] = []
+    _log_queries(database, sent)
+    settings = load_settings(
+        mpesa_environment="simulator",
+        payment_webhook_urls="https://shop.example/hooks",
+        payment_webhook_secret="whsec_" + base64.b64encode(b"k" * 32).decode(),
+    )
+    service = PaymentService(settings)
+    try:
+        async with database.session() as db:
+            payment = await service.initiate_payment(
+                request=PaymentInitiateRequest(phone_number="841234567", amount="10"), db=db
+            )
+        written = [query for query in sent if query != "SELECT 1"]  # the checkout's ping
+        async with database.session() as db:
+            record = await run_db(db, lambda s: repo.get(s, payment.transaction_id))
+            assert record is not None
+            trail = await run_db(db, lambda s: repo.audit_trail(s, record.id))
+            events = await run_db(db, lambda s: s.scalars(select(PaymentEvent)).all())
+            deliveries = await run_db(
+                db,
+                lambda s: s.scalars(
+                    select(PaymentEventDelivery).order_by(PaymentEventDelivery.id)
+                ).all(),
+            )
+    finally:
+        await service.aclose()
+        await database.dispose()
+    assert [query.split(" AS (")[0] for query in written] == ["WITH parent", "WITH guarded"]
+    assert re.findall(r"INSERT INTO (\w+)", written[0]) == [
+        "payment_transactions",
+        "payment_audit_logs",
+    ]
+    assert re.findall(r"INSERT INTO (\w+)", written[1]) == [
+        "payment_audit_logs",
+        "payment_events",
+        "payment_event_deliveries",
+    ]
+    assert payment.status == "completed"
+    assert record.status == "completed" and record.version == 2 and record.provider_transaction_id
+    assert [a.action for a in trail] == ["initiated", "api_request", "api_response", "completed"]
+    assert trail[0].request_body == {"amount": "10.00", "phone_number": "2588412*****"}
+    assert trail[0].status_after == "processing" and trail[0].actor is None
+    assert [e.type for e in events] == ["payment.completed"]
+    assert [(d.event_id, d.consumer) for d in deliveries] == [
+        (events[0].id, "hooks"),
+        (events[0].id, "https://shop.example/hooks"),
+    ]
+
+
+def _outcome_rows(pk: int, event_id: str) -> list[tuple[RowInsert, list[dict[str, Any]]]]:
+    audits = [
+        repo.audit_entry(pk, AuditAction.API_RESPONSE, response_body={"code": "INS-0"}),
+        repo.audit_entry(pk, AuditAction.COMPLETED, status_before="processing"),
+    ]
+    event_row = {
+        "id": event_id,
+        "type": "payment.completed",
+        "transaction_id": "TXN-F",
+        "data": {"amount": "1234.50"},
+        "created_at": MOMENT,
+    }
+    delivery = delivery_row(event_id, ConsumerKind.WEBHOOK, "https://shop.example/hooks", MOMENT)
+    return [
+        (RowInsert(PaymentAuditLog.__table__), audits),
+        (RowInsert(PaymentEvent.__table__), [event_row]),
+        (RowInsert(PaymentEventDelivery.__table__), [delivery]),
+    ]
+
+
+async def test_a_final_update_writes_its_rows_only_if_the_row_had_not_moved_on(
+    database_url: str,
+) -> None:
+    """The guarded UPDATE and the rows that go with it (audit rows, an event, its delivery),
+    as a unit's last write: a stale version changes nothing and writes none of them."""
+    database = ModuleDatabase(database_url)
+    await database.create_all(Base.metadata)
+    payments = PaymentTransaction.__table__
+    changes = {"status": "completed", "updated_at": MOMENT, "version": 2}
+
+    def insert_payment(session: Session) -> int:
+        pk = RowInsert(payments).one_with(
+            session,
+            _payment_values("TXN-F"),
+            RowInsert(PaymentAuditLog.__table__),
+            [repo.audit_entry(None, AuditAction.INITIATED, status_after="processing")],
+            "transaction_id",
+        )
+        session.commit()
+        return int(pk)
+
+    def update(session: Session, version: int, event_id: str) -> int:
+        changed = GuardedUpdate(payments).run(
+            session,
+            pk,
+            version,
+            "processing",
+            changes,
+            then=_outcome_rows(pk, event_id),
+            final=True,
+        )
+        session.commit()
+        return changed
+
+    def stored(session: Session) -> tuple[Any, ...]:
+        return (
+            session.execute(select(payments.c.status, payments.c.version)).one(),
+            session.scalars(select(PaymentAuditLog.action).order_by(PaymentAuditLog.id)).all(),
+            session.scalars(select(PaymentEvent.id)).all(),
+            session.scalars(select(PaymentEventDelivery.event_id)).all(),
+        )
+
+    try:
+        async with database.session() as db:
+            pk = await run_db(db, insert_payment, write=True)
+            assert await run_db(db, lambda s: update(s, 7, "evt_stale"), write=True) == 0
+            after_stale = await run_db(db, stored)
+            assert await run_db(db, lambda s: update(s, 1, "evt_new"), write=True) == 1
+            after_update = await run_db(db, stored)
+    finally:
+        await database.dispose()
+    assert after_stale == (("processing", 1), ["initiated"], [], [])
+    assert after_update == (
+        ("completed", 2),
+        ["initiated", "api_response", "completed"],
+        ["evt_new"],
+        ["evt_new"],
+    )
+
+
+async def test_a_final_write_inside_a_begun_transaction_is_undone_with_it(
+    database_url: str,
+) -> None:
+    """When the unit has already sent a statement, the last write is one more statement of its
+    transaction: a failure after it takes it back."""
+    database = ModuleDatabase(database_url)
+    await database.create_all(Base.metadata)
+    payments = PaymentTransaction.__table__
+
+    def begun_then_failed(session: Session) -> None:
+        session.execute(select(func.count()).select_from(payments))  # begins the transaction
+        RowInsert(payments).one_with(
+            session,
+            _payment_values("TXN-U"),
+            RowInsert(PaymentAuditLog.__table__),
+            [repo.audit_entry(None, AuditAction.INITIATED)],
+            "transaction_id",
+        )
+        raise RuntimeError("after the last write")
+
+    def counts(session: Session) -> tuple[int | None, int | None]:
+        return (
+            session.scalar(select(func.count()).select_from(payments)),
+            session.scalar(select(func.count()).select_from(PaymentAuditLog)),
+        )
+
+    try:
+        async with database.session() as db:
+            with pytest.raises(RuntimeError):
+                await run_db(db, committing(begun_then_failed), write=True)
+            left = await run_db(db, counts)
+    finally:
+        await database.dispose()
+    assert left == (0, 0)

@@ -22,6 +22,7 @@ _AUDIT_LOGS = PaymentAuditLog.__table__
 # Built once: the hot path's statements (see statements.py).
 _INSERT_PAYMENT = RowInsert(_PAYMENTS)
 _INSERT_AUDIT = RowInsert(_AUDIT_LOGS)
+_AUDIT_PAYMENT = "transaction_id"  # the audit table's column of PaymentAuditLog.payment_id
 _GUARDED_UPDATE = GuardedUpdate(_PAYMENTS)
 _LOCK_PAYMENT = select(_PAYMENTS).where(_PAYMENTS.c.id == bindparam("b_pk")).with_for_update()
 
@@ -72,7 +73,7 @@ def record_of(session: Session, row: PaymentTransaction) -> PaymentRecord:
 
 
 def audit_entry(
-    payment_id: int,
+    payment_id: int | None,
     action: AuditAction,
     *,
     status_before: str | None = None,
@@ -85,9 +86,10 @@ def audit_entry(
     actor: str | None = None,
     client_ip: str | None = None,
 ) -> dict[str, Any]:
-    """One audit row's values (every column, so a batch of them is one INSERT)."""
+    """One audit row's values (every column, so a batch of them is one INSERT); ``payment_id``
+    ``None`` for a payment's first row, written with the payment (``insert_payment``)."""
     return {
-        "transaction_id": payment_id,  # the column of PaymentAuditLog.payment_id
+        _AUDIT_PAYMENT: payment_id,
         "action": action.value,
         "status_before": status_before,
         "status_after": status_after,
@@ -116,11 +118,17 @@ def add_note(session: Session, row: PaymentTransaction, action: AuditAction, **f
     add_audit(session, row.id, action, status_before=row.status, status_after=row.status, **fields)
 
 
-def insert_payment(session: Session, values: Mapping[str, Any]) -> PaymentRecord:
+def insert_payment(
+    session: Session, values: Mapping[str, Any], first_audit: Mapping[str, Any] | None = None
+) -> PaymentRecord:
     """Insert a payment from its column values (the model's defaults for those left out); the
-    hot path, so a plain INSERT."""
+    hot path, so a plain INSERT. ``first_audit`` (an ``audit_entry``, its payment id left to
+    this insert) is written with it, as the unit's last write: on PostgreSQL one statement."""
     row = with_defaults(values)
-    pk = _INSERT_PAYMENT.one(session, row)
+    if first_audit is None:
+        pk = _INSERT_PAYMENT.one(session, row)
+    else:
+        pk = _INSERT_PAYMENT.one_with(session, row, _INSERT_AUDIT, [first_audit], _AUDIT_PAYMENT)
     return PaymentRecord.from_columns(
         {**row, "id": pk}, transaction_id_of(session, row["original_id"])
     )
@@ -137,11 +145,23 @@ def update_payment(
     expected_version: int,
     expected_status: str,
     changes: Mapping[str, Any],
+    audits: Sequence[Mapping[str, Any]] = (),
+    *,
+    then: Sequence[tuple[RowInsert, Sequence[Mapping[str, Any]]]] = (),
+    final: bool = False,
 ) -> None:
-    """Write ``changes`` if nobody changed the payment since it was read (at
-    ``expected_version``, in ``expected_status``); else ``StaleDataError``."""
+    """Write ``changes`` and ``audits`` (then ``then``'s rows: events, deliveries) if nobody
+    changed the payment since it was read (at ``expected_version``, in ``expected_status``);
+    else ``StaleDataError``, nothing written. ``final``: the unit's last write (on PostgreSQL
+    all of it one statement)."""
     changed = _GUARDED_UPDATE.run(
-        session, pk, expected_version, expected_status, {**changes, "version": expected_version + 1}
+        session,
+        pk,
+        expected_version,
+        expected_status,
+        {**changes, "version": expected_version + 1},
+        then=[(_INSERT_AUDIT, audits), *then],
+        final=final,
     )
     if changed != 1:
         raise StaleDataError(f"payment {pk} changed concurrently")

@@ -9,7 +9,10 @@ statement as SQLite itself. Errors are raised as SQLAlchemy raises them. On any 
 they are ordinary Core statements on the session.
 
 On PostgreSQL each statement is a round trip, so the rows of one table go as one INSERT of that
-many rows, and an event with its deliveries as one statement (``insert_together``).
+many rows, and an event with its deliveries as one statement (``insert_together``). A unit's
+last write (a payment with its first audit row; an outcome's UPDATE with its audit rows, events
+and deliveries) is one statement too, and when nothing of the transaction has reached the server
+yet it goes alone and commits itself: no BEGIN and COMMIT round trips (``final=True``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import re
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Connection, Table, bindparam, insert, update
@@ -26,6 +30,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import ValuesBase
 from sqlalchemy.sql.elements import ClauseElement
+from sqlalchemy.util.concurrency import await_
 
 #: Drivers whose cursor takes SQLAlchemy's compiled SQL as it is (positional parameters).
 _DIRECT_DRIVERS = {("sqlite", "pysqlite"), ("postgresql", "asyncpg")}
@@ -171,6 +176,35 @@ class RowInsert:
                 return None
             return cursor.fetchone()[0] if returning else cursor.lastrowid
 
+    def one_with(
+        self,
+        session: Session,
+        row: Mapping[str, Any],
+        children: RowInsert,
+        child_rows: Sequence[Mapping[str, Any]],
+        key: str,
+    ) -> Any:
+        """Insert one row and ``child_rows`` whose column ``key`` is the new row's key (a
+        payment and its first audit row), as the unit's last write (see ``final``); the new
+        key. On asyncpg one statement; elsewhere ``one`` and ``many``."""
+        connection, direct = _direct(session)
+        if direct and self.key and child_rows and connection.dialect.name != "sqlite":
+            parent = self._row_with_key.get(connection.dialect, self.names)
+            parent_values = parent.values(row)
+            names = tuple(name for name in children.names if name != key)
+            child = children._rows.get(connection.dialect, names)
+            child_values = child.values(*child_rows)
+            if parent_values is not None and child_values is not None:
+                sql = _with_parent_sql(
+                    parent.sql, len(parent.order), child.sql, len(child_rows), self.key, key
+                )
+                if sql is not None:
+                    values = parent_values[0] + [v for values in child_values for v in values]
+                    return _final_value(connection, sql, values)
+        pk = self.one(session, row)
+        children.many(session, [{**child, key: pk} for child in child_rows])
+        return pk
+
     def many(self, session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows:
             return
@@ -265,6 +299,66 @@ def rows_sql(one_row_sql: str, count: int) -> str | None:
     return head + values_keyword + rows + returning_keyword + returning
 
 
+def _insert_parts(sql: str) -> tuple[str, str]:
+    """``INSERT INTO t (a, b) VALUES rows [RETURNING …]`` as ``INSERT INTO t (a, b)`` and
+    ``rows``."""
+    head, _, rest = sql.partition(" VALUES ")
+    return head, rest.partition(" RETURNING ")[0]
+
+
+@lru_cache(maxsize=256)
+def _with_parent_sql(
+    parent_sql: str, parent_width: int, child_sql: str, count: int, parent_key: str, key: str
+) -> str | None:
+    """PostgreSQL: the parent's INSERT (``RETURNING`` its key) in a ``WITH``, then ``count``
+    child rows whose ``key`` column is that key; the statement returns the key."""
+    several = child_sql if count == 1 else rows_sql(child_sql, count)
+    if several is None:
+        return None
+    head, rows = _insert_parts(several)
+    into, _, columns = head.partition(" (")
+    return (
+        f"WITH parent AS ({parent_sql}) {into} ({key}, {columns}"
+        f" SELECT parent.{parent_key}, v.* FROM parent, (VALUES {_shifted(rows, parent_width)})"
+        f" AS v RETURNING {key}"
+    )
+
+
+@lru_cache(maxsize=256)
+def _guarded_sql(update_sql: str, update_width: int, inserts: tuple[tuple[str, int], ...]) -> str:
+    """PostgreSQL: the guarded UPDATE in a ``WITH``, each INSERT (its SQL, its parameter count)
+    writing only if the UPDATE changed the row; the statement returns how many rows it changed."""
+    parts = [f"guarded AS ({update_sql} RETURNING 1)"]
+    offset = update_width
+    for index, (sql, width) in enumerate(inserts):
+        head, rows = _insert_parts(sql)
+        parts.append(
+            f"written_{index} AS ({head} SELECT * FROM (VALUES {_shifted(rows, offset)}) AS v"
+            " WHERE EXISTS (SELECT FROM guarded))"
+        )
+        offset += width
+    return "WITH " + ", ".join(parts) + " SELECT count(*) FROM guarded"
+
+
+def _final_value(connection: Connection, sql: str, values: list[Any]) -> Any:
+    """asyncpg: run the unit's last write, ``sql``, and return its one value. It goes to asyncpg
+    itself, not SQLAlchemy's cursor, which would first send BEGIN: when the transaction has sent
+    nothing yet, the statement commits by itself (a statement is atomic), and the session's
+    commit has nothing to send. Inside a begun transaction it is one more statement of it."""
+    try:
+        return await_(connection.connection.driver_connection.fetchval(sql, *values))
+    except Exception as error:
+        dialect = connection.dialect
+        dbapi_error = dialect.loaded_dbapi.Error
+        try:  # asyncpg's error as the adapter's DBAPI error (IntegrityError, …), as a cursor would
+            connection.connection.dbapi_connection._handle_exception(error)  # type: ignore[union-attr]
+        except dbapi_error as translated:
+            raise DBAPIError.instance(
+                sql, values, translated, dbapi_error, dialect=dialect
+            ) from error
+        raise
+
+
 class GuardedUpdate:
     """``UPDATE table SET … WHERE id = :b_pk AND version = :b_version AND status = :b_status``:
     the new values, if nobody changed the row since it was read. ``run`` answers how many rows
@@ -286,7 +380,13 @@ class GuardedUpdate:
         expected_version: int,
         expected_status: str,
         changes: Mapping[str, Any],
+        *,
+        then: Sequence[tuple[RowInsert, Sequence[Mapping[str, Any]]]] = (),
+        final: bool = False,
     ) -> int:
+        """``then``: rows written only if the row changed (its audit rows, events, deliveries).
+        ``final``: this is the unit's last write; on asyncpg it and ``then`` are one statement,
+        committed by itself when the transaction has sent nothing yet (``_final_value``)."""
         parameters = {
             **changes,
             "b_pk": pk,
@@ -298,7 +398,42 @@ class GuardedUpdate:
         values = compiled.values(parameters) if compiled is not None else None
         if compiled is None or values is None:
             result = session.execute(self.statement, parameters)
-            return int(result.rowcount)  # type: ignore[attr-defined]
-        with _DriverCursor(connection, compiled.sql, values) as cursor:
-            cursor.execute(compiled.sql, values[0])
+            changed = int(result.rowcount)  # type: ignore[attr-defined]
+        elif final and connection.dialect.name != "sqlite":
+            folded = self._folded(connection, compiled, values[0], then)
+            if folded is not None:
+                return int(_final_value(connection, *folded))
+            changed = self._run_on_cursor(connection, compiled.sql, values[0])
+        else:
+            changed = self._run_on_cursor(connection, compiled.sql, values[0])
+        if changed == 1:
+            for table, rows in then:
+                table.many(session, rows)
+        return changed
+
+    @staticmethod
+    def _run_on_cursor(connection: Connection, sql: str, values: list[Any]) -> int:
+        with _DriverCursor(connection, sql, values) as cursor:
+            cursor.execute(sql, values)
             return int(cursor.rowcount)
+
+    @staticmethod
+    def _folded(
+        connection: Connection,
+        compiled: _Compiled,
+        values: list[Any],
+        then: Sequence[tuple[RowInsert, Sequence[Mapping[str, Any]]]],
+    ) -> tuple[str, list[Any]] | None:
+        """The UPDATE and ``then``'s rows as one statement and its parameters (``None``: one
+        of the INSERTs cannot be written so)."""
+        inserts: list[tuple[str, int]] = []
+        all_values = list(values)
+        for table, rows in then:
+            if not rows:
+                continue
+            prepared = table._prepared(connection, rows)
+            if prepared is None:
+                return None
+            inserts.append((prepared[0], len(prepared[1])))
+            all_values += prepared[1]
+        return _guarded_sql(compiled.sql, len(values), tuple(inserts)), all_values
