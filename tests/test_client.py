@@ -26,6 +26,7 @@ from payments.mpesa.client import (
     should_retry,
 )
 from payments.mpesa.codes import ResponseCodeTable
+from payments.mpesa.transport import RequestNotWritten
 from payments.mpesa.values import Msisdn
 
 from .keys import rsa_key_pair
@@ -365,10 +366,14 @@ async def test_sent_but_unanswered_money_call_is_outcome_unknown(failure: Except
     assert info.value.exchanges[0].error
 
 
+@pytest.mark.parametrize(
+    "never_left",
+    [httpx.ConnectError("refused"), RequestNotWritten("Can not write request body (closing)")],
+)
 @respx.mock
-async def test_money_call_retries_only_when_the_request_never_left() -> None:
+async def test_money_call_retries_only_when_the_request_never_left(never_left: Exception) -> None:
     route = respx.post(f"{SANDBOX}:18352/ipg/v1x/c2bPayment/singleStage/").mock(
-        side_effect=[httpx.ConnectError("refused"), httpx.Response(201, json=OK_BODY)]
+        side_effect=[never_left, httpx.Response(201, json=OK_BODY)]
     )
     client, sleeps = make_client()
     async with client:

@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import httpx
 import pytest
 
-from payments.mpesa.transport import AiohttpTransport
+from payments.mpesa.operations import NEVER_SENT
+from payments.mpesa.transport import AiohttpTransport, RequestNotWritten
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -165,3 +166,46 @@ async def test_a_non_ascii_header_byte_never_loses_the_answer(transport: Aiohttp
     assert response.status_code == 201
     assert response.json() == {"output_ResponseCode": "INS-0"}
     assert (b"X-Gateway-Note", b"Transa\xe7\xe3o aceite") in response.headers.raw
+
+
+async def test_a_pooled_connection_found_closing_sends_nothing_and_says_so(
+    transport: AiohttpTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server closes an idle keep-alive connection just after the pool handed it out (a busy
+    event loop between the hand-out and the write): aiohttp refuses to write to the closing
+    connection, nothing reaches the server, and the error says the request never left
+    (``RequestNotWritten``, which a payment may send again on another connection)."""
+    received: list[bytes] = []
+    asked: list[int] = []
+
+    def closing_once_handed_out() -> bool:
+        asked.append(1)
+        return len(asked) > 1  # open when the pool checks it; closing at the write
+
+    async def keep_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                received.append(await read_request(reader))
+            except asyncio.IncompleteReadError:
+                break
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+        writer.close()
+
+    async for base in serve(keep_alive):
+        request = httpx.Request("POST", f"{base}/ipg/v1x/c2bPayment/singleStage/", json={"a": 1})
+        first = await transport.handle_async_request(request)
+        assert first.status_code == 200
+        connector = transport._client_session().connector
+        assert connector is not None
+        (pooled,) = [protocol for idle in connector._conns.values() for protocol, _ in idle]
+        socket_transport = pooled.transport
+        assert socket_transport is not None
+        monkeypatch.setattr(socket_transport, "is_closing", closing_once_handed_out)
+        with pytest.raises(RequestNotWritten) as info:
+            await transport.handle_async_request(
+                httpx.Request("POST", f"{base}/ipg/v1x/c2bPayment/singleStage/", json={"a": 2})
+            )
+        assert isinstance(info.value, NEVER_SENT)
+        monkeypatch.undo()
+    assert len(received) == 1

@@ -12,6 +12,8 @@ from enum import StrEnum
 
 import httpx
 
+from .transport import RequestNotWritten
+
 __all__ = [
     "NEVER_SENT",
     "OPERATIONS",
@@ -66,7 +68,7 @@ OPERATIONS: dict[Operation, OperationSpec] = {
 }
 
 #: Errors raised before a single byte of the request could reach the provider.
-NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, RequestNotWritten)
 
 
 def backoff_delay(attempt: int, base: float, cap: float, jitter: float) -> float:

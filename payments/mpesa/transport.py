@@ -6,9 +6,10 @@ connections in use (measured: 24.7 s of CPU for 1,000 concurrent requests, again
 aiohttp). This transport keeps httpx's API (auth, timeouts, MockTransport and respx in tests)
 over aiohttp's connection pool.
 
-Errors are mapped by what they prove, which the money-safety rules depend on: only a failure to
-*connect* becomes ``httpx.ConnectError``/``ConnectTimeout`` ("the request never left", safe to
-retry); a disconnect, reset or read timeout after connecting is a read-side error ("sent, outcome
+Errors are mapped by what they prove, which the money-safety rules depend on: a failure to
+*connect* becomes ``httpx.ConnectError``/``ConnectTimeout``, and a pooled connection found closing
+when the request was to be written becomes ``RequestNotWritten`` ("the request never left", safe
+to retry); a disconnect, reset or read timeout after that is a read-side error ("sent, outcome
 unknown").
 """
 
@@ -21,8 +22,27 @@ import aiohttp
 import httpx
 
 
+class RequestNotWritten(httpx.WriteError):
+    """The pooled connection was closing (its server had just closed it) when the request was to
+    be written, so not a byte of it left: safe to send again, on another connection."""
+
+
+def _nothing_written(exc: BaseException) -> bool:
+    """aiohttp writes the headers with the body (ours: one small JSON, one write) and, before
+    writing, refuses a closing transport: its "Can not write request body" caused by that
+    refusal proves that nothing was written. Any other write failure may follow written bytes."""
+    cause = exc.__cause__
+    return (
+        isinstance(exc, aiohttp.ClientOSError)
+        and isinstance(cause, aiohttp.ClientConnectionResetError)
+        and "closing transport" in str(cause)
+    )
+
+
 def _mapped(exc: BaseException, request: httpx.Request) -> httpx.TransportError | None:
     message = str(exc) or type(exc).__name__
+    if _nothing_written(exc):
+        return RequestNotWritten(f"{message} (the connection was closing)", request=request)
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return httpx.ConnectTimeout(message, request=request)
     if isinstance(exc, aiohttp.ClientConnectorError):  # refused, DNS, TLS handshake
