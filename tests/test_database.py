@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -13,8 +14,8 @@ from payments.config import load_settings
 from payments.database import (
     ModuleDatabase,
     create_engine_for,
+    discard_closed_on_checkout,
     normalize_database_url,
-    ping_on_checkout,
     run_db,
 )
 from payments.exceptions import PaymentConfigurationError
@@ -143,8 +144,8 @@ async def test_sqlite_write_units_that_queue_up_share_a_thread_hop_each_on_its_o
 def test_the_postgresql_pre_ping_is_a_setting_on_by_default(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Each pooled PostgreSQL connection is tested before use unless the host turns it off
-    (``PAYMENT_DATABASE_PRE_PING=false``: a round trip per checkout, see README Performance)."""
+    """Each pooled PostgreSQL connection is checked before use unless the host turns it off
+    (``PAYMENT_DATABASE_PRE_PING=false``, see README Performance)."""
     from payments.config import get_settings
     from payments.database import get_database
 
@@ -160,19 +161,27 @@ def test_the_postgresql_pre_ping_is_a_setting_on_by_default(
         try:
             engine = get_database().async_engine
             assert engine is not None
-            assert event.contains(engine.sync_engine, "checkout", ping_on_checkout) is expected
+            found = event.contains(engine.sync_engine, "checkout", discard_closed_on_checkout)
+            assert found is expected
         finally:
             get_database.cache_clear()
             get_settings.cache_clear()
 
 
 async def test_a_dead_postgresql_connection_is_replaced_before_use(database_url: str) -> None:
-    """The pre-ping (one round trip) finds a pooled connection the server closed, say by a
-    restart, and the pool hands out a fresh one; without it, the request fails."""
+    """A pooled connection the server closed while it sat in the pool (a restart, here
+    ``pg_terminate_backend``) is found closed when it leaves the pool, without a round trip,
+    and the pool hands out a fresh one; without the check, the request fails."""
     if not database_url.startswith("postgresql"):
-        pytest.skip("the pre-ping is PostgreSQL's")
+        pytest.skip("the check is PostgreSQL's")
+    sent: list[str] = []
+
+    def log_queries(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.driver_connection.add_query_logger(lambda q: sent.append(q.query))
+
     for pre_ping in (True, False):
         engine = create_engine_for(database_url, pool_size=1, pre_ping=pre_ping)
+        event.listen(engine.sync_engine, "connect", log_queries)
         try:
             async with engine.connect() as connection:
                 backend = await connection.scalar(text("SELECT pg_backend_pid()"))
@@ -182,10 +191,15 @@ async def test_a_dead_postgresql_connection_is_replaced_before_use(database_url:
                     await killer.execute(text(f"SELECT pg_terminate_backend({backend})"))
             finally:
                 await killer_engine.dispose()
+            await asyncio.sleep(0.2)  # the connection sits in the pool; the server has closed it
+            sent.clear()
             if pre_ping:
                 async with engine.connect() as connection:
                     fresh = await connection.scalar(text("SELECT pg_backend_pid()"))
                 assert fresh != backend
+                # the check itself sent nothing: only the fresh connection's own transaction
+                own = ("BEGIN;", "SELECT pg_backend_pid()", "ROLLBACK;")
+                assert [q for q in sent if q not in own] == []
             else:
                 with pytest.raises(Exception):  # noqa: B017 - the driver's "connection closed"
                     async with engine.connect() as connection:
