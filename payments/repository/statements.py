@@ -120,12 +120,16 @@ class _DriverCursor:
         self.cursor.close()
         if error is None:
             return
-        dialect = self.connection.dialect
-        dbapi_error = dialect.loaded_dbapi.Error
-        if isinstance(error, dbapi_error):
-            raise DBAPIError.instance(
-                self.sql, self.values, error, dbapi_error, dialect=dialect
-            ) from error
+        if isinstance(error, self.connection.dialect.loaded_dbapi.Error):
+            raise _as_sqlalchemy_error(self.connection, self.sql, self.values, error) from error
+
+
+def _as_sqlalchemy_error(
+    connection: Connection, sql: str, values: Any, error: BaseException
+) -> DBAPIError:
+    """A DBAPI error of the connection's driver as SQLAlchemy raises it."""
+    dialect = connection.dialect
+    return DBAPIError.instance(sql, values, error, dialect.loaded_dbapi.Error, dialect=dialect)
 
 
 class _Shapes:
@@ -194,13 +198,13 @@ class RowInsert:
             names = tuple(name for name in children.names if name != key)
             child = children._rows.get(connection.dialect, names)
             child_values = child.values(*child_rows)
-            if parent_values is not None and child_values is not None:
-                sql = _with_parent_sql(
-                    parent.sql, len(parent.order), child.sql, len(child_rows), self.key, key
-                )
-                if sql is not None:
-                    values = parent_values[0] + [v for values in child_values for v in values]
-                    return _final_value(connection, sql, values)
+            children_insert = (
+                children._one_statement(child, child_values) if child_values is not None else None
+            )
+            if parent_values is not None and children_insert is not None:
+                child_sql, flat_child_values = children_insert
+                sql = _with_parent_sql(parent.sql, len(parent.order), child_sql, self.key, key)
+                return _final_value(connection, sql, parent_values[0] + flat_child_values)
         pk = self.one(session, row)
         children.many(session, [{**child, key: pk} for child in child_rows])
         return pk
@@ -308,14 +312,12 @@ def _insert_parts(sql: str) -> tuple[str, str]:
 
 @lru_cache(maxsize=256)
 def _with_parent_sql(
-    parent_sql: str, parent_width: int, child_sql: str, count: int, parent_key: str, key: str
-) -> str | None:
-    """PostgreSQL: the parent's INSERT (``RETURNING`` its key) in a ``WITH``, then ``count``
-    child rows whose ``key`` column is that key; the statement returns the key."""
-    several = child_sql if count == 1 else rows_sql(child_sql, count)
-    if several is None:
-        return None
-    head, rows = _insert_parts(several)
+    parent_sql: str, parent_width: int, child_sql: str, parent_key: str, key: str
+) -> str:
+    """PostgreSQL: the parent's INSERT (``RETURNING`` its key) in a ``WITH``, then the child
+    rows' INSERT (without their ``key`` column) taking that key as ``key``; the statement
+    returns the key."""
+    head, rows = _insert_parts(child_sql)
     into, _, columns = head.partition(" (")
     return (
         f"WITH parent AS ({parent_sql}) {into} ({key}, {columns}"
@@ -348,14 +350,10 @@ def _final_value(connection: Connection, sql: str, values: list[Any]) -> Any:
     try:
         return await_(connection.connection.driver_connection.fetchval(sql, *values))
     except Exception as error:
-        dialect = connection.dialect
-        dbapi_error = dialect.loaded_dbapi.Error
         try:  # asyncpg's error as the adapter's DBAPI error (IntegrityError, …), as a cursor would
             connection.connection.dbapi_connection._handle_exception(error)  # type: ignore[union-attr]
-        except dbapi_error as translated:
-            raise DBAPIError.instance(
-                sql, values, translated, dbapi_error, dialect=dialect
-            ) from error
+        except connection.dialect.loaded_dbapi.Error as translated:
+            raise _as_sqlalchemy_error(connection, sql, values, translated) from error
         raise
 
 
@@ -399,23 +397,21 @@ class GuardedUpdate:
         if compiled is None or values is None:
             result = session.execute(self.statement, parameters)
             changed = int(result.rowcount)  # type: ignore[attr-defined]
-        elif final and connection.dialect.name != "sqlite":
-            folded = self._folded(connection, compiled, values[0], then)
+        else:
+            folded = (
+                self._folded(connection, compiled, values[0], then)
+                if final and connection.dialect.name != "sqlite"
+                else None
+            )
             if folded is not None:
                 return int(_final_value(connection, *folded))
-            changed = self._run_on_cursor(connection, compiled.sql, values[0])
-        else:
-            changed = self._run_on_cursor(connection, compiled.sql, values[0])
+            with _DriverCursor(connection, compiled.sql, values) as cursor:
+                cursor.execute(compiled.sql, values[0])
+                changed = int(cursor.rowcount)
         if changed == 1:
             for table, rows in then:
                 table.many(session, rows)
         return changed
-
-    @staticmethod
-    def _run_on_cursor(connection: Connection, sql: str, values: list[Any]) -> int:
-        with _DriverCursor(connection, sql, values) as cursor:
-            cursor.execute(sql, values)
-            return int(cursor.rowcount)
 
     @staticmethod
     def _folded(
